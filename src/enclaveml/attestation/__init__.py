@@ -1,0 +1,1 @@
+"""Attestation: evidence, verification, appraisal policy and RA-TLS."""
