@@ -146,7 +146,7 @@ def _decode_envelope(blob: bytes) -> Evidence:
     if not isinstance(data, bytes) or not isinstance(aux, bytes):
         raise EvidenceError("evidence envelope fields 'data' and 'aux' must be byte strings")
     try:
-        tee_type = TeeType(tee)
+        tee_type = TeeType(str(tee))
     except ValueError as exc:
         raise EvidenceError(f"evidence envelope names an unknown TEE type {tee!r}") from exc
     return Evidence(tee_type, data, aux)
