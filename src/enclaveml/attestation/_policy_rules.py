@@ -1,0 +1,259 @@
+"""The leaf appraisal rules: each checks one property of verified claims."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+from typing import Any
+
+from enclaveml.attestation._policy_base import Policy
+from enclaveml.attestation.claims import Claims, SgxClaims, SnpClaims, SnpTcb
+from enclaveml.attestation.evidence import TeeType
+from enclaveml.errors import ConfigurationError, PolicyRejectedError
+
+
+class MeasurementAllowlist(Policy):
+    """The primary measurement (MRENCLAVE / MRTD / SNP MEASUREMENT / simulated) must be listed."""
+
+    type_name = "measurement"
+
+    def __init__(self, values: Iterable[bytes | str]) -> None:
+        self.values = tuple(_to_bytes(v, "measurement") for v in values)
+        if not self.values:
+            raise ConfigurationError("measurement rule needs at least one allowed value")
+
+    def _check(self, claims: Claims) -> None:
+        if not any(hmac.compare_digest(claims.measurement, v) for v in self.values):
+            raise PolicyRejectedError(
+                self.type_name,
+                f"{claims.measurement_name}={claims.measurement.hex()}",
+                f"one of [{', '.join(v.hex() for v in self.values)}]",
+            )
+
+    def _params(self) -> dict[str, Any]:
+        return {"values": [v.hex() for v in self.values]}
+
+
+class SgxSigner(Policy):
+    """SGX only: enclave signer (MRSIGNER), product id and a minimum security version."""
+
+    type_name = "sgx_signer"
+
+    def __init__(self, mrsigner: bytes | str, isv_prod_id: int, min_isv_svn: int = 0) -> None:
+        self.mrsigner = _to_bytes(mrsigner, "mrsigner", size=32)
+        self.isv_prod_id = _to_int(isv_prod_id, "isv_prod_id", 0xFFFF)
+        self.min_isv_svn = _to_int(min_isv_svn, "min_isv_svn", 0xFFFF)
+
+    def _check(self, claims: Claims) -> None:
+        if not isinstance(claims, SgxClaims):
+            raise PolicyRejectedError(self.type_name, f"tee={claims.tee.value}", "SGX evidence")
+        if not hmac.compare_digest(claims.mrsigner, self.mrsigner):
+            raise PolicyRejectedError(
+                self.type_name, f"mrsigner={claims.mrsigner.hex()}", self.mrsigner.hex()
+            )
+        if claims.isv_prod_id != self.isv_prod_id:
+            raise PolicyRejectedError(
+                self.type_name, f"isv_prod_id={claims.isv_prod_id}", str(self.isv_prod_id)
+            )
+        if claims.isv_svn < self.min_isv_svn:
+            raise PolicyRejectedError(self.type_name, f"isv_svn={claims.isv_svn}", f">= {self.min_isv_svn}")
+
+    def _params(self) -> dict[str, Any]:
+        return {
+            "mrsigner": self.mrsigner.hex(),
+            "isv_prod_id": self.isv_prod_id,
+            "min_isv_svn": self.min_isv_svn,
+        }
+
+
+class DebugMode(Policy):
+    """Debug TEEs (whose memory the host can read) are rejected unless ``allow`` is true."""
+
+    type_name = "debug"
+
+    def __init__(self, allow: bool = False) -> None:
+        if not isinstance(allow, bool):
+            raise ConfigurationError("debug.allow must be true or false")
+        self.allow = allow
+
+    def _check(self, claims: Claims) -> None:
+        if claims.debug and not self.allow:
+            raise PolicyRejectedError(self.type_name, "debug=true", "a production (non-debug) TEE")
+
+    def _params(self) -> dict[str, Any]:
+        return {"allow": self.allow}
+
+
+class TcbStatus(Policy):
+    """SGX/TDX: the platform's TCB status must be accepted and no rejected advisory may apply."""
+
+    type_name = "tcb_status"
+
+    def __init__(
+        self, accepted: Iterable[str] = ("UpToDate",), rejected_advisories: Iterable[str] = ()
+    ) -> None:
+        self.accepted = tuple(accepted)
+        self.rejected_advisories = tuple(rejected_advisories)
+        if not self.accepted:
+            raise ConfigurationError("tcb_status rule needs at least one accepted status")
+
+    def _check(self, claims: Claims) -> None:
+        if claims.tcb_status is None:
+            raise PolicyRejectedError(
+                self.type_name,
+                f"no TCB status ({claims.tee.value} evidence)",
+                f"status in {list(self.accepted)}",
+                detail="SEV-SNP has no TCB status; use an 'snp_min_tcb' rule for it",
+            )
+        if claims.tcb_status not in self.accepted:
+            raise PolicyRejectedError(
+                self.type_name,
+                f"tcb_status={claims.tcb_status} advisories={list(claims.advisory_ids)}",
+                f"status in {list(self.accepted)}",
+            )
+        hit = sorted(set(claims.advisory_ids) & set(self.rejected_advisories))
+        if hit:
+            raise PolicyRejectedError(self.type_name, f"advisories {hit}", "none of the rejected advisories")
+
+    def _params(self) -> dict[str, Any]:
+        return {"accepted": list(self.accepted), "rejected_advisories": list(self.rejected_advisories)}
+
+
+class SnpMinimumTcb(Policy):
+    """SEV-SNP only: every component of the reported TCB must be at least the given version."""
+
+    type_name = "snp_min_tcb"
+
+    def __init__(self, bootloader: int = 0, tee: int = 0, snp: int = 0, microcode: int = 0) -> None:
+        self.minimum = SnpTcb(
+            _to_int(bootloader, "bootloader", 255),
+            _to_int(tee, "tee", 255),
+            _to_int(snp, "snp", 255),
+            _to_int(microcode, "microcode", 255),
+        )
+
+    def _check(self, claims: Claims) -> None:
+        if not isinstance(claims, SnpClaims):
+            raise PolicyRejectedError(self.type_name, f"tee={claims.tee.value}", "SEV-SNP evidence")
+        if not claims.reported_tcb.at_least(self.minimum):
+            raise PolicyRejectedError(
+                self.type_name, f"reported_tcb {claims.reported_tcb}", f">= {self.minimum}"
+            )
+
+    def _params(self) -> dict[str, Any]:
+        m = self.minimum
+        return {"bootloader": m.bootloader, "tee": m.tee, "snp": m.snp, "microcode": m.microcode}
+
+
+class ReportDataEquals(Policy):
+    """Report data must equal the expected value (shorter values are zero-padded to 64 bytes)."""
+
+    type_name = "report_data"
+
+    def __init__(self, value: bytes | str) -> None:
+        raw = _to_bytes(value, "report_data")
+        if len(raw) > 64:
+            raise ConfigurationError("report_data rule value is longer than 64 bytes")
+        self.value = raw.ljust(64, b"\x00")
+
+    def _check(self, claims: Claims) -> None:
+        if not hmac.compare_digest(claims.report_data, self.value):
+            raise PolicyRejectedError(
+                self.type_name, f"report_data={claims.report_data.hex()}", self.value.hex()
+            )
+
+    def _params(self) -> dict[str, Any]:
+        return {"value": self.value.hex()}
+
+
+class ClaimEquals(Policy):
+    """A TEE-specific claim (e.g. ``host_data``, ``mr_config_id``, ``rtmr3``) must equal a value."""
+
+    type_name = "claim"
+
+    def __init__(self, name: str, value: bytes | str | int) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError("claim rule needs a claim name")
+        self.name = name
+        self.value: bytes | int = value if isinstance(value, int) else _to_bytes(value, name)
+
+    def _check(self, claims: Claims) -> None:
+        observed = _claim_value(claims, self.name)
+        if observed is None:
+            raise PolicyRejectedError(
+                self.type_name,
+                f"no claim {self.name!r} in {claims.tee.value} evidence",
+                f"{self.name}={_show(self.value)}",
+            )
+        equal = (
+            hmac.compare_digest(observed, self.value)
+            if isinstance(observed, bytes) and isinstance(self.value, bytes)
+            else observed == self.value
+        )
+        if not equal:
+            raise PolicyRejectedError(self.type_name, f"{self.name}={_show(observed)}", _show(self.value))
+
+    def _params(self) -> dict[str, Any]:
+        return {"name": self.name, "value": _show(self.value)}
+
+
+class TeeTypes(Policy):
+    """The evidence must come from one of the listed TEE types."""
+
+    type_name = "tee"
+
+    def __init__(self, allowed: Iterable[str | TeeType]) -> None:
+        try:
+            self.allowed = tuple(TeeType(t) for t in allowed)
+        except ValueError as exc:
+            raise ConfigurationError(f"unknown TEE type in tee rule: {exc}") from exc
+        if not self.allowed:
+            raise ConfigurationError("tee rule needs at least one allowed TEE type")
+
+    def _check(self, claims: Claims) -> None:
+        if claims.tee not in self.allowed:
+            raise PolicyRejectedError(
+                self.type_name, f"tee={claims.tee.value}", f"one of {[t.value for t in self.allowed]}"
+            )
+
+    def _params(self) -> dict[str, Any]:
+        return {"allowed": [t.value for t in self.allowed]}
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def _to_bytes(value: bytes | str, what: str, *, size: int | None = None) -> bytes:
+    if isinstance(value, str):
+        try:
+            raw = bytes.fromhex(value)
+        except ValueError as exc:
+            raise ConfigurationError(f"{what} must be hex, got {value!r}") from exc
+    elif isinstance(value, bytes):
+        raw = value
+    else:
+        raise ConfigurationError(f"{what} must be bytes or a hex string")
+    if size is not None and len(raw) != size:
+        raise ConfigurationError(f"{what} must be {size} bytes, got {len(raw)}")
+    if not raw:
+        raise ConfigurationError(f"{what} must not be empty")
+    return raw
+
+
+def _to_int(value: Any, what: str, maximum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
+        raise ConfigurationError(f"{what} must be an integer in 0..{maximum}")
+    return value
+
+
+def _claim_value(claims: Claims, name: str) -> bytes | int | None:
+    if name.startswith("rtmr") and name[4:].isdigit() and hasattr(claims, "rtmr"):
+        index = int(name[4:])
+        rtmr: tuple[bytes, ...] = claims.rtmr
+        return rtmr[index] if index < len(rtmr) else None
+    value = getattr(claims, name, None)
+    return value if isinstance(value, bytes | int) and not isinstance(value, bool) else None
+
+
+def _show(value: bytes | int) -> str:
+    return value.hex() if isinstance(value, bytes) else str(value)

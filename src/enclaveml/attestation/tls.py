@@ -1,0 +1,140 @@
+"""TLS plumbing for RA-TLS: server contexts with in-memory keys, and attested, pinned clients.
+
+Server side: :func:`server_ssl_context` loads an RA-TLS certificate and its private key into
+an ``ssl.SSLContext`` without writing the key to disk (Linux ``memfd``: the "file" lives
+only in this process's memory). :func:`in_memory_key_files` gives the same for libraries
+that insist on file names (uvicorn).
+
+Client side: :func:`attest_server` opens a TLS connection, takes the server's certificate,
+verifies it as RA-TLS evidence against a policy, and returns an :class:`AttestedServer`
+whose ``ssl_context`` trusts exactly that certificate (and so exactly the attested key) and
+nothing else. Its ``client()`` / ``async_client()`` give httpx clients pinned the same way,
+so no request body can go to a server that was not verified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from enclaveml.attestation._policy_base import Policy
+from enclaveml.attestation._time import Instant
+from enclaveml.attestation.ratls import RatlsCertificate, VerifiedPeer, verify_ratls_certificate
+from enclaveml.attestation.verifier import Verifier
+from enclaveml.errors import AttestationError, ConfigurationError
+
+__all__ = [
+    "AttestedServer",
+    "attest_server",
+    "fetch_peer_certificate",
+    "in_memory_key_files",
+    "pinned_ssl_context",
+    "server_ssl_context",
+]
+
+
+@contextlib.contextmanager
+def in_memory_key_files(certificate_pem: bytes, private_key_pem: bytes) -> Iterator[tuple[str, str]]:
+    """Yield (certfile, keyfile) paths backed by anonymous memory files, closed on exit."""
+    fds: list[int] = []
+    try:
+        paths = []
+        for name, data in (("ratls-cert", certificate_pem), ("ratls-key", private_key_pem)):
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            fds.append(fd)
+            os.write(fd, data)
+            paths.append(f"/proc/self/fd/{fd}")
+        yield paths[0], paths[1]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def server_ssl_context(ratls: RatlsCertificate) -> ssl.SSLContext:
+    """A TLS 1.2+ server context presenting ``ratls``; the key never touches the file system."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    with in_memory_key_files(ratls.certificate_pem, ratls.private_key_pem()) as (certfile, keyfile):
+        context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+def pinned_ssl_context(certificate_der: bytes) -> ssl.SSLContext:
+    """A client context that trusts exactly one certificate and nothing else.
+
+    Host names are not checked: an RA-TLS server is identified by its attested key, not by
+    DNS. Every certificate that validates under this context was signed by that key.
+    """
+    pem = x509.load_der_x509_certificate(certificate_der).public_bytes(serialization.Encoding.PEM)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=pem.decode())
+    return context
+
+
+def fetch_peer_certificate(host: str, port: int, *, timeout: float = 10.0) -> bytes:
+    """Connect once and return the DER certificate the server presents (not yet trusted)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    # The certificate is verified as RA-TLS evidence right after this, not by a CA.
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as sock,
+            context.wrap_socket(sock, server_hostname=host) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError) as exc:
+        raise AttestationError(f"cannot fetch the TLS certificate of {host}:{port}: {exc}") from exc
+    if not der:
+        raise AttestationError(f"{host}:{port} presented no certificate")
+    return der
+
+
+@dataclass(frozen=True)
+class AttestedServer:
+    """A server whose RA-TLS certificate was verified and appraised; talk to it only through this."""
+
+    base_url: str
+    peer: VerifiedPeer
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        return pinned_ssl_context(self.peer.certificate_der)
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        """An httpx client bound to ``base_url`` that trusts only the attested certificate."""
+        return httpx.Client(base_url=self.base_url, verify=self.ssl_context, **kwargs)
+
+    def async_client(self, **kwargs: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base_url, verify=self.ssl_context, **kwargs)
+
+
+def attest_server(
+    url: str,
+    *,
+    verifier: Verifier,
+    policy: Policy,
+    now: Instant = None,
+    timeout: float = 10.0,
+) -> AttestedServer:
+    """Fetch the RA-TLS certificate of ``https://host:port``, verify and appraise it, and pin it."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigurationError(f"RA-TLS servers are reached over https://host:port, got {url!r}")
+    port = parts.port or 443
+    der = fetch_peer_certificate(parts.hostname, port, timeout=timeout)
+    peer = verify_ratls_certificate(der, verifier=verifier, policy=policy, now=now)
+    return AttestedServer(f"https://{parts.hostname}:{port}", peer)
