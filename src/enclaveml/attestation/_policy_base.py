@@ -22,11 +22,11 @@ class Policy(ABC):
         """Appraise ``claims``; ``allow_simulation`` is set only by :class:`UnsafeAllowSimulation`."""
         if claims.simulated and not allow_simulation:
             raise PolicyRejectedError(
-                self.type_name,
+                "simulation",
                 "simulated evidence",
                 "evidence from a hardware TEE",
-                detail="simulation protects nothing; only a policy wrapped in 'unsafe_allow_simulation' "
-                "accepts it",
+                detail=f"refused by rule '{self.type_name}': simulation protects nothing; only a policy "
+                "wrapped in 'unsafe_allow_simulation' accepts it",
             )
         self._check(claims)
 
