@@ -88,10 +88,11 @@ class Evidence:
         """Decode the CBOR envelope, a raw DCAP quote, a raw SEV-SNP report, or hex text of either."""
         if not blob:
             raise EvidenceError("evidence is empty")
-        raw = _maybe_unhex(blob)
-        detected = _detect_raw(raw)
-        if detected is not None:
-            return cls(detected, raw)
+        # Binary artefacts are the hot path (a verifier decodes every quote): try them first.
+        for raw in (blob, _maybe_unhex(blob)):
+            detected = _detect_raw(raw)
+            if detected is not None:
+                return cls(detected, raw)
         return _decode_envelope(blob)
 
 
