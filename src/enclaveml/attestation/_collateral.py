@@ -1,0 +1,446 @@
+"""Intel DCAP verification collateral: what it is, where it comes from, and when it is valid.
+
+This module owns :class:`Collateral` (a dcap-qvl ``QuoteCollateralV3`` plus what we derive
+from it once: TEE type, FMSPC, PCK CA and validity window), the small
+:class:`CollateralSource` interface the DCAP verifier asks for collateral, and two sources:
+:class:`LocalCollateral` (dcap-qvl collateral JSON files) and :class:`PccsCollateral`
+(a PCCS or Intel PCS over HTTP, with an on-disk cache).
+
+Collateral file format (dcap-qvl ``QuoteCollateralV3`` JSON), one object with the keys
+``tcb_info`` / ``qe_identity`` (the exact signed JSON text as served by Intel),
+``tcb_info_signature`` / ``qe_identity_signature`` (hex, 64-byte r||s), ``root_ca_crl`` /
+``pck_crl`` (hex of DER CRLs) and ``tcb_info_issuer_chain`` / ``qe_identity_issuer_chain`` /
+``pck_crl_issuer_chain`` (PEM).
+
+Validity (the same edges dcap-qvl enforces): TCB info and QE identity are valid from
+``issueDate`` through ``nextUpdate`` inclusive; each CRL is valid strictly before its
+``nextUpdate`` (its ``thisUpdate`` is not enforced).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import unquote, urlencode
+
+import dcap_qvl  # type: ignore[import-untyped, unused-ignore]
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from enclaveml.attestation._time import to_datetime
+from enclaveml.attestation.evidence import TeeType
+from enclaveml.errors import CollateralError, CollateralExpiredError, ConfigurationError
+
+__all__ = ["Collateral", "CollateralSource", "LocalCollateral", "PccsCollateral", "ValidityPeriod"]
+
+_log = logging.getLogger(__name__)
+_FMSPC_RE = re.compile(r"^[0-9A-Fa-f]{12}$")
+_PCK_CAS = {"Intel SGX PCK Processor CA": "processor", "Intel SGX PCK Platform CA": "platform"}
+_QE_IDS = {"QE": TeeType.SGX, "TD_QE": TeeType.TDX}
+
+
+def utc_text(unix: int) -> str:
+    """Unix seconds as ISO 8601 UTC with a ``Z``, the way Intel writes collateral dates."""
+    try:
+        return to_datetime(unix).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):  # beyond year 9999: still say which second
+        return f"unix time {unix}"
+
+
+@dataclass(frozen=True, slots=True)
+class ValidityPeriod:
+    """When one collateral item is valid: ``not_before`` .. ``not_after``, both inclusive seconds.
+
+    ``not_before`` is None where dcap-qvl enforces no start (CRL ``thisUpdate``).
+    """
+
+    item: str
+    not_before: int | None
+    not_after: int
+
+    def contains(self, now: int) -> bool:
+        return (self.not_before is None or self.not_before <= now) and now <= self.not_after
+
+    def __str__(self) -> str:
+        if self.not_before is None:
+            return f"{self.item} valid until {utc_text(self.not_after)}"
+        return f"{self.item} valid {utc_text(self.not_before)}..{utc_text(self.not_after)}"
+
+
+class Collateral:
+    """One set of DCAP collateral for a (TEE, FMSPC, PCK CA), parsed once when it is loaded.
+
+    Verifying many quotes against the same collateral then costs nothing beyond dcap-qvl's own
+    checks: the JSON and CRL parsing happens here, not per verification. ``qvl`` is what
+    dcap-qvl takes; ``tee``, ``fmspc`` (upper case) and ``ca`` ("processor"/"platform") say
+    which platforms it serves; ``periods`` and ``expiry_datetime`` (the last valid second)
+    say when.
+    """
+
+    __slots__ = ("_end", "_start", "ca", "expiry_datetime", "fmspc", "issued", "periods", "qvl", "tee")
+
+    def __init__(self, qvl: dcap_qvl.QuoteCollateralV3) -> None:
+        self.qvl = qvl
+        tcb, tcb_period = _json_period(qvl.tcb_info, "tcb_info")
+        qe, qe_period = _json_period(qvl.qe_identity, "qe_identity")
+        # TCB info v2 (SGX only) has no "id"; v3 names the TEE.
+        tcb_id = tcb.get("id", "SGX")
+        if tcb_id not in ("SGX", "TDX") or _QE_IDS.get(str(qe.get("id"))) is not TeeType(tcb_id.lower()):
+            raise CollateralError(f"collateral mixes TCB info '{tcb_id}' with QE identity '{qe.get('id')}'")
+        self.tee = TeeType(tcb_id.lower())
+        fmspc = tcb.get("fmspc")
+        if not isinstance(fmspc, str) or not _FMSPC_RE.match(fmspc):
+            raise CollateralError(f"collateral tcb_info has an invalid fmspc {fmspc!r}")
+        self.fmspc = fmspc.upper()
+        pck_crl, pck_period = _crl_period(qvl.pck_crl, "pck_crl")
+        names = pck_crl.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ca = _PCK_CAS.get(str(names[0].value)) if names else None
+        if ca is None:
+            raise CollateralError(
+                f"collateral pck_crl is not from an Intel PCK CA: {pck_crl.issuer.rfc4514_string()}"
+            )
+        self.ca = ca
+        self.periods = (tcb_period, qe_period, pck_period, _crl_period(qvl.root_ca_crl, "root_ca_crl")[1])
+        self.issued = max(tcb_period.not_before or 0, qe_period.not_before or 0)
+        self._start = max(p.not_before for p in self.periods if p.not_before is not None)
+        self._end = min(p.not_after for p in self.periods)
+        self.expiry_datetime = to_datetime(self._end)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Collateral:
+        """Load dcap-qvl ``QuoteCollateralV3`` JSON."""
+        try:
+            raw = text.decode() if isinstance(text, bytes) else text
+            return cls(dcap_qvl.QuoteCollateralV3.from_json(raw))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CollateralError(f"malformed DCAP collateral JSON: {exc}") from exc
+
+    def to_json(self) -> str:
+        return str(self.qvl.to_json())
+
+    @property
+    def expiry(self) -> int:
+        """The last second (Unix, inclusive) at which every item is still valid."""
+        return self._end
+
+    def valid_at(self, now: int) -> bool:
+        return self._start <= now <= self._end
+
+    def check_valid_at(self, now: int) -> None:
+        """Raise CollateralExpiredError naming the first item not valid at ``now``."""
+        if self._start <= now <= self._end:
+            return
+        bad = next(p for p in self.periods if not p.contains(now))
+        raise CollateralExpiredError(
+            f"collateral not valid at {utc_text(now)}: {bad}; fetch collateral valid at that time "
+            "or verify at a time inside its window"
+        )
+
+    def __repr__(self) -> str:
+        return f"Collateral({self.tee.value}/{self.fmspc}/{self.ca}, valid until {utc_text(self._end)})"
+
+
+@runtime_checkable
+class CollateralSource(Protocol):
+    """Supplies the collateral for a quote's TEE type, platform FMSPC and PCK CA."""
+
+    def get(self, *, tee: TeeType, fmspc: str, ca: str, now: int) -> Collateral:
+        """Return collateral for this platform, preferably valid at ``now``; raise CollateralError."""
+        ...
+
+
+def _json_period(text: str, item: str) -> tuple[dict[str, Any], ValidityPeriod]:
+    try:
+        obj = json.loads(text)
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+        start, end = (datetime.fromisoformat(str(obj.get(k))) for k in ("issueDate", "nextUpdate"))
+        if start.tzinfo is None or end.tzinfo is None:
+            raise ValueError("issueDate/nextUpdate without a time zone")
+    except ValueError as exc:
+        raise CollateralError(f"collateral {item} is malformed: {exc}") from exc
+    return obj, ValidityPeriod(item, int(start.timestamp()), int(end.timestamp()))
+
+
+def _crl_period(der: bytes, item: str) -> tuple[x509.CertificateRevocationList, ValidityPeriod]:
+    try:
+        crl = x509.load_der_x509_crl(der)
+    except ValueError as exc:
+        raise CollateralError(f"collateral {item} is not a DER CRL: {exc}") from exc
+    if crl.next_update_utc is None:
+        raise CollateralError(f"collateral {item} has no nextUpdate")
+    # dcap-qvl rejects now == nextUpdate, so the last valid second is one before it.
+    return crl, ValidityPeriod(item, None, int(crl.next_update_utc.timestamp()) - 1)
+
+
+def _normalise(tee: TeeType, fmspc: str, ca: str) -> tuple[TeeType, str, str]:
+    if tee not in (TeeType.SGX, TeeType.TDX):
+        raise CollateralError(f"DCAP collateral exists only for SGX and TDX, not {tee.value}")
+    if not _FMSPC_RE.match(fmspc):
+        raise CollateralError(f"invalid FMSPC {fmspc!r} (expected 12 hex digits)")
+    if ca not in ("processor", "platform"):
+        raise CollateralError(f"invalid PCK CA {ca!r} (expected 'processor' or 'platform')")
+    return tee, fmspc.upper(), ca
+
+
+def _pick(candidates: list[Collateral], now: int) -> Collateral:
+    # Prefer the newest collateral valid at `now`; otherwise the one that ends last, so the
+    # verifier's error names the window the operator actually has.
+    valid = [c for c in candidates if c.valid_at(now)]
+    if valid:
+        return max(valid, key=lambda c: c.issued)
+    return max(candidates, key=lambda c: c.expiry)
+
+
+class LocalCollateral:
+    """Collateral from one dcap-qvl collateral JSON file or a directory of them (``*.json``).
+
+    Files are loaded and checked once, at construction; they are indexed by the TEE type and
+    FMSPC inside each file's ``tcb_info`` and the PCK CA that issued its ``pck_crl``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._path = Path(path)
+        if self._path.is_dir():
+            files = sorted(p for p in self._path.glob("*.json") if p.is_file())
+            if not files:
+                raise CollateralError(f"no collateral files (*.json) in {self._path}")
+        elif self._path.is_file():
+            files = [self._path]
+        else:
+            raise CollateralError(f"collateral path {self._path} does not exist")
+        self._index: dict[tuple[TeeType, str, str], list[Collateral]] = {}
+        for file in files:
+            try:
+                collateral = Collateral.from_json(file.read_bytes())
+            except (OSError, CollateralError) as exc:
+                raise CollateralError(f"collateral file {file}: {exc}") from exc
+            self._index.setdefault((collateral.tee, collateral.fmspc, collateral.ca), []).append(collateral)
+
+    def get(self, *, tee: TeeType, fmspc: str, ca: str, now: int) -> Collateral:
+        candidates = self._index.get((tee, fmspc.upper(), ca))
+        if candidates is not None and len(candidates) == 1:  # the common case, on every verification
+            return candidates[0]
+        key = _normalise(tee, fmspc, ca)
+        if not candidates:
+            have = ", ".join(f"{t.value}/{f}/{c}" for t, f, c in sorted(self._index)) or "none"
+            raise CollateralError(
+                f"no DCAP collateral for {key[0].value} FMSPC {key[1]} (PCK {key[2]} CA) in {self._path}; "
+                f"it has: {have}"
+            )
+        return _pick(candidates, now)
+
+
+class PccsCollateral:
+    """Collateral fetched from a PCCS or Intel PCS (v4 API), cached on disk under ``cache_dir``.
+
+    A cached set is reused without asking the server while it is valid at ``now`` and younger
+    than ``max_age`` seconds (Intel publishes TCB recoveries before ``nextUpdate``, so we
+    re-check daily by default). When a fetch fails, a cached set still valid at ``now`` is
+    used, a warning logged, and the server left alone for ``retry_after`` seconds so that
+    verifications do not each wait on a dead server; otherwise CollateralError names the URL
+    and the failure.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        cache_dir: str | os.PathLike[str],
+        client: httpx.Client | None = None,
+        api_key: str | None = None,
+        root_ca_crl_url: str | None = None,
+        max_age: float = 24 * 3600.0,
+        retry_after: float = 300.0,
+        timeout: float = 30.0,
+    ) -> None:
+        if not base_url.startswith(("https://", "http://")):
+            raise ConfigurationError(f"PCCS URL must start with https:// or http://, got {base_url!r}")
+        self._base = base_url.rstrip("/")
+        self._root_crl_url = root_ca_crl_url or f"{self._base}/sgx/certification/v4/rootcacrl"
+        self._cache_dir = Path(cache_dir)
+        self._owns_client = client is None
+        self._client = client if client is not None else httpx.Client(timeout=timeout)
+        self._headers = {"Ocp-Apim-Subscription-Key": api_key} if api_key else {}
+        self._max_age = max_age
+        self._retry_after = retry_after
+        self._quiet_until: dict[tuple[TeeType, str, str], float] = {}
+        # Plain dicts: each update is a single atomic store under the GIL.
+        self._memory: dict[tuple[TeeType, str, str], tuple[Collateral, float]] = {}
+
+    def close(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._owns_client:
+            self._client.close()
+
+    def __enter__(self) -> PccsCollateral:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def get(self, *, tee: TeeType, fmspc: str, ca: str, now: int) -> Collateral:
+        key = _normalise(tee, fmspc, ca)
+        entry = self._memory.get(key) or self._load(key)
+        cached, fetched_at = entry if entry is not None and entry[0].valid_at(now) else (None, 0.0)
+        wall = time.time()
+        if cached is not None and (wall - fetched_at < self._max_age or wall < self._quiet_until.get(key, 0)):
+            return cached
+        try:
+            fresh = self._fetch(*key)
+        except CollateralError as exc:
+            if cached is None:
+                raise
+            self._quiet_until[key] = wall + self._retry_after
+            _log.warning("using cached DCAP collateral for %s: %s", "/".join(map(str, key)), exc)
+            return cached
+        self._store(key, fresh, wall)
+        # A just-published set may start after `now` (clock skew); the cached one still serves.
+        return fresh if cached is None or fresh.valid_at(now) else cached
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    def _fetch(self, tee: TeeType, fmspc: str, ca: str) -> Collateral:
+        api = f"{self._base}/{tee.value}/certification/v4"
+        tcb_url = f"{api}/tcb"
+        tcb = self._request(tcb_url, {"fmspc": fmspc})
+        tcb_info, tcb_sig = _signed_json(tcb, "tcbInfo", tcb_url)
+        qe_url = f"{api}/qe/identity"
+        qe = self._request(qe_url, None)
+        qe_identity, qe_sig = _signed_json(qe, "enclaveIdentity", qe_url)
+        crl_url = f"{self._base}/sgx/certification/v4/pckcrl"
+        pck = self._request(crl_url, {"ca": ca, "encoding": "der"})
+        root = self._request(self._root_crl_url, None)
+        try:
+            qvl = dcap_qvl.QuoteCollateralV3(
+                _issuer_chain(pck, crl_url, "SGX-PCK-CRL-Issuer-Chain"),
+                _crl_der(root.content, self._root_crl_url),
+                _crl_der(pck.content, crl_url),
+                _issuer_chain(tcb, tcb_url, "TCB-Info-Issuer-Chain", "SGX-TCB-Info-Issuer-Chain"),
+                tcb_info,
+                tcb_sig,
+                _issuer_chain(qe, qe_url, "SGX-Enclave-Identity-Issuer-Chain"),
+                qe_identity,
+                qe_sig,
+            )
+            collateral = Collateral(qvl)
+        except (ValueError, TypeError, CollateralError) as exc:
+            raise CollateralError(f"collateral from {self._base} is unusable: {exc}") from exc
+        if (collateral.tee, collateral.fmspc, collateral.ca) != (tee, fmspc, ca):
+            raise CollateralError(
+                f"{self._base} returned collateral for {collateral.tee.value}/{collateral.fmspc}/"
+                f"{collateral.ca}, not the requested {tee.value}/{fmspc}/{ca}"
+            )
+        return collateral
+
+    def _request(self, url: str, params: dict[str, str] | None) -> httpx.Response:
+        shown = f"{url}?{urlencode(params)}" if params else url
+        try:
+            response = self._client.get(url, params=params, headers=self._headers)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is no HTTPError
+            raise CollateralError(f"could not fetch DCAP collateral from {shown}: {exc}") from exc
+        if response.status_code != 200:
+            # Intel PCS explains refusals in its Error-Code / Error-Message headers.
+            detail = " ".join(filter(None, map(response.headers.get, ("Error-Code", "Error-Message"))))
+            raise CollateralError(
+                f"{shown} answered HTTP {response.status_code}{f' ({detail})' if detail else ''}; "
+                "check the PCCS URL and that it has collateral for this platform"
+            )
+        return response
+
+    # -- disk cache: one JSON file per (tee, FMSPC, CA): {"fetched_at": unix, "collateral": text}
+
+    def _cache_file(self, key: tuple[TeeType, str, str]) -> Path:
+        return self._cache_dir / f"{key[0].value}-{key[1]}-{key[2]}.json"
+
+    def _load(self, key: tuple[TeeType, str, str]) -> tuple[Collateral, float] | None:
+        path = self._cache_file(key)
+        try:
+            entry = json.loads(path.read_bytes())
+            loaded = (Collateral.from_json(entry["collateral"]), float(entry["fetched_at"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, CollateralError) as exc:
+            # A damaged cache entry is only a missed optimisation; the next fetch replaces it.
+            _log.warning("ignoring unreadable DCAP collateral cache file %s: %s", path, exc)
+            return None
+        self._memory[key] = loaded
+        return loaded
+
+    def _store(self, key: tuple[TeeType, str, str], collateral: Collateral, fetched_at: float) -> None:
+        self._memory[key] = (collateral, fetched_at)
+        path = self._cache_file(key)
+        payload = json.dumps({"fetched_at": fetched_at, "collateral": collateral.to_json()}).encode()
+        try:
+            self._cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # mkstemp creates the file 0600; os.replace makes the new entry appear atomically.
+            fd, tmp = tempfile.mkstemp(dir=self._cache_dir, prefix=".tmp-", suffix=".json")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(payload)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            _log.warning("could not cache DCAP collateral in %s: %s", path, exc)
+
+
+def _signed_json(response: httpx.Response, key: str, url: str) -> tuple[str, bytes]:
+    """Return the verbatim text of ``body[key]`` and ``body["signature"]`` as bytes.
+
+    Intel signs the exact bytes of the inner object, so it is cut out of the body text
+    rather than re-serialised (``json.dumps`` would change them).
+    """
+    text = response.text
+    try:
+        body = json.loads(text)
+        signature = bytes.fromhex(body["signature"])
+        key_at = re.search(rf'"{key}"\s*:\s*', text)
+        if key_at is None or not isinstance(body[key], dict):
+            raise ValueError(f"no '{key}' object")
+        inner, end = json.JSONDecoder().raw_decode(text, key_at.end())
+        if inner != body[key]:
+            raise ValueError(f"'{key}' appears more than once")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CollateralError(f"{url} did not return a signed '{key}' JSON document: {exc}") from exc
+    return text[key_at.end() : end], signature
+
+
+def _issuer_chain(response: httpx.Response, url: str, *names: str) -> str:
+    for name in names:
+        value = response.headers.get(name)
+        if value:
+            pem = unquote(value)
+            if "-----BEGIN CERTIFICATE-----" in pem:
+                return pem
+            raise CollateralError(f"{url}: header {name} is not a URL-encoded PEM certificate chain")
+    raise CollateralError(f"{url}: response lacks the issuer chain header {names[0]}")
+
+
+def _crl_der(body: bytes, url: str) -> bytes:
+    """Accept a CRL as DER, PEM or hex text (PCCS versions differ) and return DER."""
+    data = body
+    try:
+        # Only text forms may be stripped: whitespace byte values are legal inside DER.
+        if not data.startswith(b"\x30"):
+            text = data.strip()
+            if text.startswith(b"-----BEGIN"):
+                return x509.load_pem_x509_crl(text).public_bytes(Encoding.DER)
+            data = bytes.fromhex(text.decode("ascii"))
+        x509.load_der_x509_crl(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CollateralError(f"{url} did not return a CRL (DER, PEM or hex): {exc}") from exc
+    return data
