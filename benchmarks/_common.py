@@ -31,7 +31,11 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
     payload = {
         "benchmark": name,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
         **results,
     }
     path = RESULTS / f"{name}.json"

@@ -53,7 +53,11 @@ def measure(case: str, seconds: float) -> dict[str, float]:
         bare_rates.append(rate(bare, min_seconds=seconds / 3))
         full_rates.append(rate(full, min_seconds=seconds / 3))
     bare_rate, full_rate = max(bare_rates), max(full_rates)
-    return {"bare_dcap_qvl_per_s": bare_rate, "enclaveml_full_path_per_s": full_rate, "ratio": full_rate / bare_rate}
+    return {
+        "bare_dcap_qvl_per_s": bare_rate,
+        "enclaveml_full_path_per_s": full_rate,
+        "ratio": full_rate / bare_rate,
+    }
 
 
 def main() -> int:
@@ -64,8 +68,8 @@ def main() -> int:
     path = write_results("attestation", {"goal_ratio": 0.9, "cases": results})
     for case, r in results.items():
         print(
-            f"{case}: bare {r['bare_dcap_qvl_per_s']:.0f}/s, enclaveml {r['enclaveml_full_path_per_s']:.0f}/s, "
-            f"ratio {r['ratio']:.3f}"
+            f"{case}: bare {r['bare_dcap_qvl_per_s']:.0f}/s, "
+            f"enclaveml {r['enclaveml_full_path_per_s']:.0f}/s, ratio {r['ratio']:.3f}"
         )
     print(f"results: {path}")
     return 0 if all(r["ratio"] >= 0.9 for r in results.values()) else 1

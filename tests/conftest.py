@@ -13,7 +13,9 @@ VECTORS = Path(__file__).parent / "vectors" / "data"
 
 
 @pytest.fixture(autouse=True)
-def _isolated_simulation_key(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_simulation_key(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Never touch the developer's real simulation key from a test."""
     monkeypatch.setenv("ENCLAVEML_SIMULATION_KEY", str(tmp_path_factory.mktemp("simkey") / "key.pem"))
 

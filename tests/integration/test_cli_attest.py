@@ -41,7 +41,9 @@ def test_sgx_vector_prints_expected_claims_and_names_rejecting_rule() -> None:
     assert out["verdict"] == {
         "accepted": False,
         "rule": "tcb_status",
-        "observed": "tcb_status=ConfigurationAndSWHardeningNeeded advisories=['INTEL-SA-00289', 'INTEL-SA-00615']",
+        "observed": (
+            "tcb_status=ConfigurationAndSWHardeningNeeded advisories=['INTEL-SA-00289', 'INTEL-SA-00615']"
+        ),
         "expected": "status in ['UpToDate']",
     }
 
@@ -110,7 +112,9 @@ def test_collect_and_verify_simulation(tmp_path: Path, monkeypatch: pytest.Monke
     key = tmp_path / "sim.pem"
     monkeypatch.setenv("ENCLAVEML_SIMULATION_KEY", str(key))
     evidence = tmp_path / "evidence.cbor"
-    result = runner.invoke(app, ["attest", "collect", "-o", str(evidence), "--tee", "simulation", "--report-data", "ab" * 8])
+    result = runner.invoke(
+        app, ["attest", "collect", "-o", str(evidence), "--tee", "simulation", "--report-data", "ab" * 8]
+    )
     assert result.exit_code == 0, result.output
     assert "protects nothing" in result.stderr
     # Without the key, simulation evidence cannot be verified at all.

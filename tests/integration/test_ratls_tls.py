@@ -6,6 +6,7 @@ import http.server
 import ssl
 import threading
 from collections.abc import Iterator
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -19,7 +20,7 @@ from enclaveml.errors import AttestationError, BindingError, PolicyRejectedError
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    received: list[bytes] = []
+    received: ClassVar[list[bytes]] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -70,7 +71,10 @@ def test_pinned_client_refuses_a_different_server(
     # A second, equally valid RA-TLS server with another key: the pinned client must refuse it.
     other, other_url = _serve(server_ssl_context(create_ratls_certificate(sim_provider)))
     try:
-        with attested.client() as client, pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        with (
+            attested.client() as client,
+            pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"),
+        ):
             client.post(f"{other_url}/infer", content=b"secret-input")
     finally:
         other.shutdown()

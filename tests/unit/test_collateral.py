@@ -18,14 +18,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enclaveml.attestation._collateral import (
-    Collateral,
-    CollateralSource,
-    LocalCollateral,
-    PccsCollateral,
-    _signed_json,
-)
+from enclaveml.attestation._collateral import Collateral, CollateralSource, LocalCollateral
 from enclaveml.attestation._dcap import DcapVerifier
+from enclaveml.attestation._pccs import PccsCollateral, _signed_json
 from enclaveml.attestation.evidence import Evidence, TeeType
 from enclaveml.errors import CollateralError, CollateralExpiredError, ConfigurationError
 from tests.vectors._dcap_helpers import (

@@ -32,7 +32,9 @@ def test_envelope_round_trip_with_aux() -> None:
     assert "report" not in repr(evidence)
 
 
-@pytest.mark.parametrize("blob", [b"", b"garbage", b"\xa1\x61v\x02", b"\xa3\x61v\x01\x63tee\x64nope\x64data\x41x"])
+@pytest.mark.parametrize(
+    "blob", [b"", b"garbage", b"\xa1\x61v\x02", b"\xa3\x61v\x01\x63tee\x64nope\x64data\x41x"]
+)
 def test_garbage_is_an_evidence_error(blob: bytes) -> None:
     with pytest.raises(EvidenceError):
         Evidence.from_bytes(blob)

@@ -94,7 +94,9 @@ def snp(tcb: SnpTcb = SnpTcb(3, 0, 8, 115), **overrides: object) -> SnpClaims:
 
 
 def sim(measurement: bytes = b"\x33" * 48) -> SimulatedClaims:
-    return SimulatedClaims(tee=TeeType.SIMULATION, measurement=measurement, report_data=b"\x00" * 64, debug=False)
+    return SimulatedClaims(
+        tee=TeeType.SIMULATION, measurement=measurement, report_data=b"\x00" * 64, debug=False
+    )
 
 
 def rejects(policy: Policy, claims: Claims, rule: str) -> PolicyRejectedError:
@@ -125,8 +127,11 @@ def test_all_of_needs_every_rule() -> None:
 def test_any_of_needs_one_rule_and_reports_all_failures() -> None:
     policy = AnyOf(MeasurementAllowlist([b"\x01" * 32]), MeasurementAllowlist([MRENCLAVE]))
     policy.check(sgx())
-    err = rejects(AnyOf(MeasurementAllowlist([b"\x01" * 32]), TcbStatus()), sgx(tcb_status="OutOfDate"), "any_of")
-    assert "measurement" in err.observed and "tcb_status" in err.observed
+    err = rejects(
+        AnyOf(MeasurementAllowlist([b"\x01" * 32]), TcbStatus()), sgx(tcb_status="OutOfDate"), "any_of"
+    )
+    assert "measurement" in err.observed
+    assert "tcb_status" in err.observed
 
 
 def test_composites_refuse_non_policies() -> None:
@@ -206,7 +211,9 @@ def test_tcb_status_accepted_and_advisories() -> None:
     assert "SWHardeningNeeded" in err.observed
     relaxed = TcbStatus(accepted=["UpToDate", "SWHardeningNeeded"], rejected_advisories=["INTEL-SA-00615"])
     relaxed.check(sgx(tcb_status="SWHardeningNeeded", advisory_ids=("INTEL-SA-00289",)))
-    err = rejects(relaxed, sgx(tcb_status="SWHardeningNeeded", advisory_ids=("INTEL-SA-00615",)), "tcb_status")
+    err = rejects(
+        relaxed, sgx(tcb_status="SWHardeningNeeded", advisory_ids=("INTEL-SA-00615",)), "tcb_status"
+    )
     assert "INTEL-SA-00615" in err.observed
     err = rejects(TcbStatus(), snp(), "tcb_status")
     assert "snp_min_tcb" in str(err)

@@ -24,10 +24,14 @@ from enclaveml.errors import BindingError, ConfigurationError, PolicyRejectedErr
 REPORT = bytes(range(64))
 
 
-def test_round_trip_claims(sim_provider: SimulationProvider, sim_verifier: SimulationVerifier, sim_policy) -> None:
+def test_round_trip_claims(
+    sim_provider: SimulationProvider, sim_verifier: SimulationVerifier, sim_policy
+) -> None:
     evidence = sim_provider.collect(REPORT)
     assert evidence.tee is TeeType.SIMULATION
-    claims = appraise_evidence(evidence, verifier=sim_verifier, policy=sim_policy, expected_report_data=REPORT)
+    claims = appraise_evidence(
+        evidence, verifier=sim_verifier, policy=sim_policy, expected_report_data=REPORT
+    )
     assert claims.simulated
     assert claims.measurement == sim_provider.measurement
     assert claims.report_data == REPORT
@@ -42,7 +46,10 @@ def test_default_policy_rejects_simulation(sim_provider: SimulationProvider, sim
 def test_binding_mismatch(sim_provider: SimulationProvider, sim_verifier, sim_policy) -> None:
     with pytest.raises(BindingError):
         appraise_evidence(
-            sim_provider.collect(REPORT), verifier=sim_verifier, policy=sim_policy, expected_report_data=bytes(64)
+            sim_provider.collect(REPORT),
+            verifier=sim_verifier,
+            policy=sim_policy,
+            expected_report_data=bytes(64),
         )
 
 
@@ -52,7 +59,9 @@ def test_only_the_configured_key_verifies(sim_provider: SimulationProvider) -> N
         SimulationVerifier(SimulationKey.generate().public_key()).verify(evidence)
 
 
-def test_every_byte_flip_is_rejected(sim_provider: SimulationProvider, sim_verifier: SimulationVerifier) -> None:
+def test_every_byte_flip_is_rejected(
+    sim_provider: SimulationProvider, sim_verifier: SimulationVerifier
+) -> None:
     data = sim_provider.collect(REPORT).data
     for i in range(len(data)):
         tampered = bytearray(data)
@@ -67,7 +76,9 @@ def test_garbage_is_rejected(sim_verifier: SimulationVerifier) -> None:
             sim_verifier.verify(Evidence(TeeType.SIMULATION, blob))
 
 
-def test_future_issue_time_is_rejected(sim_provider: SimulationProvider, sim_verifier: SimulationVerifier) -> None:
+def test_future_issue_time_is_rejected(
+    sim_provider: SimulationProvider, sim_verifier: SimulationVerifier
+) -> None:
     evidence = sim_provider.collect(REPORT)
     with pytest.raises(VerificationError, match="future"):
         sim_verifier.verify(evidence, now=1_000_000)

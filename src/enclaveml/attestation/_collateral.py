@@ -3,8 +3,9 @@
 This module owns :class:`Collateral` (a dcap-qvl ``QuoteCollateralV3`` plus what we derive
 from it once: TEE type, FMSPC, PCK CA and validity window), the small
 :class:`CollateralSource` interface the DCAP verifier asks for collateral, and two sources:
-:class:`LocalCollateral` (dcap-qvl collateral JSON files) and :class:`PccsCollateral`
-(a PCCS or Intel PCS over HTTP, with an on-disk cache).
+:class:`LocalCollateral` (dcap-qvl collateral JSON files) here, and
+:class:`~enclaveml.attestation._pccs.PccsCollateral` (a PCCS or Intel PCS over HTTP, with an
+on-disk cache) in ``_pccs.py``.
 
 Collateral file format (dcap-qvl ``QuoteCollateralV3`` JSON), one object with the keys
 ``tcb_info`` / ``qe_identity`` (the exact signed JSON text as served by Intel),
@@ -23,25 +24,20 @@ import json
 import logging
 import os
 import re
-import tempfile
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import unquote, urlencode
 
-import dcap_qvl  # type: ignore[import-untyped, unused-ignore]
-import httpx
+import dcap_qvl
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from enclaveml.attestation._time import to_datetime
 from enclaveml.attestation.evidence import TeeType
-from enclaveml.errors import CollateralError, CollateralExpiredError, ConfigurationError
+from enclaveml.errors import CollateralError, CollateralExpiredError
 
-__all__ = ["Collateral", "CollateralSource", "LocalCollateral", "PccsCollateral", "ValidityPeriod"]
+__all__ = ["Collateral", "CollateralSource", "LocalCollateral", "ValidityPeriod", "utc_text"]
 
 _log = logging.getLogger(__name__)
 _FMSPC_RE = re.compile(r"^[0-9A-Fa-f]{12}$")
@@ -239,208 +235,3 @@ class LocalCollateral:
                 f"it has: {have}"
             )
         return _pick(candidates, now)
-
-
-class PccsCollateral:
-    """Collateral fetched from a PCCS or Intel PCS (v4 API), cached on disk under ``cache_dir``.
-
-    A cached set is reused without asking the server while it is valid at ``now`` and younger
-    than ``max_age`` seconds (Intel publishes TCB recoveries before ``nextUpdate``, so we
-    re-check daily by default). When a fetch fails, a cached set still valid at ``now`` is
-    used, a warning logged, and the server left alone for ``retry_after`` seconds so that
-    verifications do not each wait on a dead server; otherwise CollateralError names the URL
-    and the failure.
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        cache_dir: str | os.PathLike[str],
-        client: httpx.Client | None = None,
-        api_key: str | None = None,
-        root_ca_crl_url: str | None = None,
-        max_age: float = 24 * 3600.0,
-        retry_after: float = 300.0,
-        timeout: float = 30.0,
-    ) -> None:
-        if not base_url.startswith(("https://", "http://")):
-            raise ConfigurationError(f"PCCS URL must start with https:// or http://, got {base_url!r}")
-        self._base = base_url.rstrip("/")
-        self._root_crl_url = root_ca_crl_url or f"{self._base}/sgx/certification/v4/rootcacrl"
-        self._cache_dir = Path(cache_dir)
-        self._owns_client = client is None
-        self._client = client if client is not None else httpx.Client(timeout=timeout)
-        self._headers = {"Ocp-Apim-Subscription-Key": api_key} if api_key else {}
-        self._max_age = max_age
-        self._retry_after = retry_after
-        self._quiet_until: dict[tuple[TeeType, str, str], float] = {}
-        # Plain dicts: each update is a single atomic store under the GIL.
-        self._memory: dict[tuple[TeeType, str, str], tuple[Collateral, float]] = {}
-
-    def close(self) -> None:
-        """Close the HTTP client if this object created it."""
-        if self._owns_client:
-            self._client.close()
-
-    def __enter__(self) -> PccsCollateral:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def get(self, *, tee: TeeType, fmspc: str, ca: str, now: int) -> Collateral:
-        key = _normalise(tee, fmspc, ca)
-        entry = self._memory.get(key) or self._load(key)
-        cached, fetched_at = entry if entry is not None and entry[0].valid_at(now) else (None, 0.0)
-        wall = time.time()
-        if cached is not None and (wall - fetched_at < self._max_age or wall < self._quiet_until.get(key, 0)):
-            return cached
-        try:
-            fresh = self._fetch(*key)
-        except CollateralError as exc:
-            if cached is None:
-                raise
-            self._quiet_until[key] = wall + self._retry_after
-            _log.warning("using cached DCAP collateral for %s: %s", "/".join(map(str, key)), exc)
-            return cached
-        self._store(key, fresh, wall)
-        # A just-published set may start after `now` (clock skew); the cached one still serves.
-        return fresh if cached is None or fresh.valid_at(now) else cached
-
-    # -- HTTP -----------------------------------------------------------------------------
-
-    def _fetch(self, tee: TeeType, fmspc: str, ca: str) -> Collateral:
-        api = f"{self._base}/{tee.value}/certification/v4"
-        tcb_url = f"{api}/tcb"
-        tcb = self._request(tcb_url, {"fmspc": fmspc})
-        tcb_info, tcb_sig = _signed_json(tcb, "tcbInfo", tcb_url)
-        qe_url = f"{api}/qe/identity"
-        qe = self._request(qe_url, None)
-        qe_identity, qe_sig = _signed_json(qe, "enclaveIdentity", qe_url)
-        crl_url = f"{self._base}/sgx/certification/v4/pckcrl"
-        pck = self._request(crl_url, {"ca": ca, "encoding": "der"})
-        root = self._request(self._root_crl_url, None)
-        try:
-            qvl = dcap_qvl.QuoteCollateralV3(
-                _issuer_chain(pck, crl_url, "SGX-PCK-CRL-Issuer-Chain"),
-                _crl_der(root.content, self._root_crl_url),
-                _crl_der(pck.content, crl_url),
-                _issuer_chain(tcb, tcb_url, "TCB-Info-Issuer-Chain", "SGX-TCB-Info-Issuer-Chain"),
-                tcb_info,
-                tcb_sig,
-                _issuer_chain(qe, qe_url, "SGX-Enclave-Identity-Issuer-Chain"),
-                qe_identity,
-                qe_sig,
-            )
-            collateral = Collateral(qvl)
-        except (ValueError, TypeError, CollateralError) as exc:
-            raise CollateralError(f"collateral from {self._base} is unusable: {exc}") from exc
-        if (collateral.tee, collateral.fmspc, collateral.ca) != (tee, fmspc, ca):
-            raise CollateralError(
-                f"{self._base} returned collateral for {collateral.tee.value}/{collateral.fmspc}/"
-                f"{collateral.ca}, not the requested {tee.value}/{fmspc}/{ca}"
-            )
-        return collateral
-
-    def _request(self, url: str, params: dict[str, str] | None) -> httpx.Response:
-        shown = f"{url}?{urlencode(params)}" if params else url
-        try:
-            response = self._client.get(url, params=params, headers=self._headers)
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is no HTTPError
-            raise CollateralError(f"could not fetch DCAP collateral from {shown}: {exc}") from exc
-        if response.status_code != 200:
-            # Intel PCS explains refusals in its Error-Code / Error-Message headers.
-            detail = " ".join(filter(None, map(response.headers.get, ("Error-Code", "Error-Message"))))
-            raise CollateralError(
-                f"{shown} answered HTTP {response.status_code}{f' ({detail})' if detail else ''}; "
-                "check the PCCS URL and that it has collateral for this platform"
-            )
-        return response
-
-    # -- disk cache: one JSON file per (tee, FMSPC, CA): {"fetched_at": unix, "collateral": text}
-
-    def _cache_file(self, key: tuple[TeeType, str, str]) -> Path:
-        return self._cache_dir / f"{key[0].value}-{key[1]}-{key[2]}.json"
-
-    def _load(self, key: tuple[TeeType, str, str]) -> tuple[Collateral, float] | None:
-        path = self._cache_file(key)
-        try:
-            entry = json.loads(path.read_bytes())
-            loaded = (Collateral.from_json(entry["collateral"]), float(entry["fetched_at"]))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError, CollateralError) as exc:
-            # A damaged cache entry is only a missed optimisation; the next fetch replaces it.
-            _log.warning("ignoring unreadable DCAP collateral cache file %s: %s", path, exc)
-            return None
-        self._memory[key] = loaded
-        return loaded
-
-    def _store(self, key: tuple[TeeType, str, str], collateral: Collateral, fetched_at: float) -> None:
-        self._memory[key] = (collateral, fetched_at)
-        path = self._cache_file(key)
-        payload = json.dumps({"fetched_at": fetched_at, "collateral": collateral.to_json()}).encode()
-        try:
-            self._cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # mkstemp creates the file 0600; os.replace makes the new entry appear atomically.
-            fd, tmp = tempfile.mkstemp(dir=self._cache_dir, prefix=".tmp-", suffix=".json")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(payload)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        except OSError as exc:
-            _log.warning("could not cache DCAP collateral in %s: %s", path, exc)
-
-
-def _signed_json(response: httpx.Response, key: str, url: str) -> tuple[str, bytes]:
-    """Return the verbatim text of ``body[key]`` and ``body["signature"]`` as bytes.
-
-    Intel signs the exact bytes of the inner object, so it is cut out of the body text
-    rather than re-serialised (``json.dumps`` would change them).
-    """
-    text = response.text
-    try:
-        body = json.loads(text)
-        signature = bytes.fromhex(body["signature"])
-        key_at = re.search(rf'"{key}"\s*:\s*', text)
-        if key_at is None or not isinstance(body[key], dict):
-            raise ValueError(f"no '{key}' object")
-        inner, end = json.JSONDecoder().raw_decode(text, key_at.end())
-        if inner != body[key]:
-            raise ValueError(f"'{key}' appears more than once")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CollateralError(f"{url} did not return a signed '{key}' JSON document: {exc}") from exc
-    return text[key_at.end() : end], signature
-
-
-def _issuer_chain(response: httpx.Response, url: str, *names: str) -> str:
-    for name in names:
-        value = response.headers.get(name)
-        if value:
-            pem = unquote(value)
-            if "-----BEGIN CERTIFICATE-----" in pem:
-                return pem
-            raise CollateralError(f"{url}: header {name} is not a URL-encoded PEM certificate chain")
-    raise CollateralError(f"{url}: response lacks the issuer chain header {names[0]}")
-
-
-def _crl_der(body: bytes, url: str) -> bytes:
-    """Accept a CRL as DER, PEM or hex text (PCCS versions differ) and return DER."""
-    data = body
-    try:
-        # Only text forms may be stripped: whitespace byte values are legal inside DER.
-        if not data.startswith(b"\x30"):
-            text = data.strip()
-            if text.startswith(b"-----BEGIN"):
-                return x509.load_pem_x509_crl(text).public_bytes(Encoding.DER)
-            data = bytes.fromhex(text.decode("ascii"))
-        x509.load_der_x509_crl(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CollateralError(f"{url} did not return a CRL (DER, PEM or hex): {exc}") from exc
-    return data

@@ -31,7 +31,7 @@ import struct
 import threading
 from typing import Any
 
-import dcap_qvl  # type: ignore[import-untyped, unused-ignore]
+import dcap_qvl
 from cryptography import x509
 
 from enclaveml.attestation._collateral import Collateral, CollateralSource, utc_text

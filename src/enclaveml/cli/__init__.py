@@ -7,7 +7,7 @@ import logging
 import typer
 
 from enclaveml import __version__
-from enclaveml.cli import attest, demo
+from enclaveml.cli import attest
 
 app = typer.Typer(
     name="enclaveml",
@@ -16,7 +16,20 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(attest.app, name="attest")
-app.command("demo")(demo.demo)
+
+
+@app.command("demo")
+def demo(quiet: bool = typer.Option(False, help="Only print the final verdict.")) -> None:
+    """Show a simulated workload attesting end to end (collect, verify, appraise, RA-TLS)."""
+    # Imported on use: the demo is built on the simulation backend, which nothing else loads.
+    from enclaveml.cli._console import console
+    from enclaveml.cli.demo import run_demo
+
+    console.quiet = quiet
+    try:
+        run_demo()
+    finally:
+        console.quiet = False
 
 
 @app.callback()

@@ -8,14 +8,14 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from enclaveml.attestation.simulation import SIMULATION_WARNING
-
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
 def simulation_banner(target: Console = err_console) -> None:
     """Print the warning that must accompany every use of the simulation TEE."""
+    from enclaveml.attestation.simulation import SIMULATION_WARNING  # only loaded when simulation is in use
+
     target.print(Panel(f"[bold]{SIMULATION_WARNING}[/bold]", title="SIMULATION MODE", style="bold red"))
 
 

@@ -16,13 +16,20 @@ import typer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from enclaveml.attestation._collateral import LocalCollateral, PccsCollateral
-from enclaveml.attestation._dcap import DcapVerifier
-from enclaveml.attestation._snp import SnpVerifier
-from enclaveml.attestation.evidence import REPORT_DATA_SIZE, Evidence, TeeType
-from enclaveml.attestation.policy import default_policy, load_policy
-from enclaveml.attestation.providers import PROVIDER_NAMES, provider_by_name
-from enclaveml.attestation.verifier import EvidenceVerifier
+from enclaveml.attestation import (
+    DcapVerifier,
+    Evidence,
+    EvidenceVerifier,
+    LocalCollateral,
+    PccsCollateral,
+    SnpVerifier,
+    TeeType,
+    default_policy,
+    load_policy,
+    provider_by_name,
+)
+from enclaveml.attestation.evidence import REPORT_DATA_SIZE
+from enclaveml.attestation.providers import PROVIDER_NAMES
 from enclaveml.cli._console import claims_table, console, err_console, simulation_banner
 from enclaveml.errors import (
     AttestationError,

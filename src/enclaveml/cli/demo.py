@@ -12,9 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
 
-import typer
 from rich.table import Table
 
 from enclaveml.attestation.appraisal import appraise_evidence
@@ -115,15 +113,3 @@ def run_demo() -> None:
         f"verdict: [bold green]ACCEPTED[/bold green] (simulated) in {time.perf_counter() - started:.2f} s. "
         "Secrets: the simulation key and the TLS private key lived only in this process's memory."
     )
-
-
-def demo(
-    quiet: Annotated[bool, typer.Option(help="Only print the final verdict.")] = False,
-) -> None:
-    """Show a simulated workload attesting end to end (collect, verify, appraise, RA-TLS)."""
-    if quiet:
-        console.quiet = True
-    try:
-        run_demo()
-    finally:
-        console.quiet = False

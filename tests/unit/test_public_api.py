@@ -1,0 +1,39 @@
+"""The curated public API: exactly the intended names, and simulation only by explicit import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import enclaveml
+import enclaveml.attestation as attestation
+
+
+def test_top_level_names() -> None:
+    assert sorted(enclaveml.__all__) == ["EnclaveMLError", "__version__"]
+
+
+def test_attestation_names_are_exactly_the_intended_ones() -> None:
+    assert set(attestation.__all__) == {
+        "AllOf", "AnyOf", "AttestedServer", "ClaimEquals", "Claims", "Collateral", "CollateralSource",
+        "DcapVerifier", "DebugMode", "Evidence", "EvidenceProvider", "EvidenceVerifier", "GramineProvider",
+        "LocalCollateral", "MeasurementAllowlist", "PccsCollateral", "Policy", "RatlsCertificate",
+        "ReportDataEquals", "SgxClaims", "SgxSigner", "SimulatedClaims", "SnpClaims", "SnpMinimumTcb",
+        "SnpTcb", "SnpVerifier", "TcbStatus", "TdxClaims", "TeeType", "TeeTypes", "TsmProvider",
+        "UnsafeAllowSimulation", "VerifiedPeer", "Verifier", "appraise_evidence", "attest_server",
+        "create_ratls_certificate", "default_policy", "detect", "dump_policy", "load_policy",
+        "pinned_ssl_context", "policy_from_dict", "provider_by_name", "server_ssl_context",
+        "verify_ratls_certificate",
+    }  # fmt: skip
+    for name in attestation.__all__:
+        assert getattr(attestation, name) is not None
+    assert not [n for n in attestation.__all__ if n.startswith("_")]
+
+
+def test_importing_the_package_and_cli_does_not_load_simulation() -> None:
+    code = (
+        "import sys, enclaveml.attestation, enclaveml.cli; "
+        "print('enclaveml.attestation.simulation' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
