@@ -18,8 +18,14 @@ original kept as ``__cause__``.
     │   │   └── CollateralExpiredError  `now` lies outside the collateral's validity window
     │   ├── PolicyRejectedError     verified claims do not satisfy the appraisal policy
     │   └── BindingError            evidence is not bound to the expected key / nonce
-    └── CryptoError
-        └── DecryptionError         authentication failed; says nothing more (no oracle)
+    ├── CryptoError
+    │   └── DecryptionError         authentication failed; says nothing more (no oracle)
+    └── KeyBrokerError              the key broker refused or failed a request
+        ├── KeyNotFoundError        no such key (or version)
+        ├── KeyDisabledError        the key exists but is disabled
+        ├── KeyReleaseDeniedError   attestation, binding, nonce or policy check failed: no key
+        ├── AuthorizationError      missing/invalid admin token or scope
+        └── StorageError            the broker's database failed or is inconsistent
 
 Messages say what failed and what to do. They never contain key material or plaintext.
 """
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 __all__ = [
     "AttestationError",
+    "AuthorizationError",
     "BindingError",
     "CollateralError",
     "CollateralExpiredError",
@@ -36,7 +43,12 @@ __all__ = [
     "DecryptionError",
     "EnclaveMLError",
     "EvidenceError",
+    "KeyBrokerError",
+    "KeyDisabledError",
+    "KeyNotFoundError",
+    "KeyReleaseDeniedError",
     "PolicyRejectedError",
+    "StorageError",
     "TEENotAvailableError",
     "VerificationError",
 ]
@@ -102,3 +114,37 @@ class CryptoError(EnclaveMLError):
 
 class DecryptionError(CryptoError):
     """Decryption or authentication failed. Deliberately says nothing else."""
+
+
+class KeyBrokerError(EnclaveMLError):
+    """The key broker refused or failed a request."""
+
+
+class KeyNotFoundError(KeyBrokerError):
+    """The named key (or key version) does not exist."""
+
+
+class KeyDisabledError(KeyBrokerError):
+    """The key exists but is disabled: nothing is wrapped or released with it."""
+
+
+class KeyReleaseDeniedError(KeyBrokerError):
+    """Key release refused: nonce, evidence, binding or policy check failed. No key material was sent.
+
+    ``rule`` names the check that failed (a policy rule name, or ``nonce`` / ``binding`` /
+    ``evidence``), ``observed`` what was seen.
+    """
+
+    def __init__(self, message: str, *, rule: str = "", observed: str = "", expected: str = "") -> None:
+        self.rule = rule
+        self.observed = observed
+        self.expected = expected
+        super().__init__(message)
+
+
+class AuthorizationError(KeyBrokerError):
+    """The admin request lacks a valid bearer token with the required scope."""
+
+
+class StorageError(KeyBrokerError):
+    """The broker's storage failed or holds inconsistent data."""

@@ -1,0 +1,1 @@
+"""Cryptographic recipes: key handles, data-key wrapping, and the sealed-file format."""
