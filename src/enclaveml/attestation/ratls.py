@@ -46,11 +46,15 @@ __all__ = [
     "LEGACY_GRAMINE_OID",
     "RATLS_ENDORSEMENTS_OID",
     "RATLS_EVIDENCE_OID",
+    "KeyBinding",
     "RatlsCertificate",
     "VerifiedPeer",
+    "bind_public_key",
     "create_ratls_certificate",
     "parse_legacy_quote",
     "ratls_report_data",
+    "spki_der",
+    "verify_key_binding",
     "verify_ratls_certificate",
 ]
 
@@ -102,7 +106,8 @@ class VerifiedPeer:
         return hashlib.sha256(self.certificate_der).hexdigest()
 
 
-def _spki_der(public_key: Any) -> bytes:
+def spki_der(public_key: Any) -> bytes:
+    """DER SubjectPublicKeyInfo of a public key: what RA-TLS hashes."""
     return bytes(
         public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
@@ -111,6 +116,67 @@ def _spki_der(public_key: Any) -> bytes:
 def ratls_report_data(claims_bytes: bytes) -> bytes:
     """The report data that binds encoded RA-TLS claims: SHA-256(claims) followed by 32 zeros."""
     return hashlib.sha256(claims_bytes).digest() + bytes(32)
+
+
+@dataclass(frozen=True)
+class KeyBinding:
+    """Fresh evidence binding a public key (and optionally a nonce), in the RA-TLS encoding.
+
+    ``evidence`` is the value of the 2.23.133.5.4.9 extension (``#6.TAG([evidence, claims])``);
+    ``endorsements`` that of 2.23.133.5.4.2, or ``None``. Servers hand these out both inside
+    their certificate and, for per-request freshness, from ``GET /attestation?nonce=...``.
+    """
+
+    evidence: bytes
+    endorsements: bytes | None
+    raw: Evidence
+
+
+def bind_public_key(
+    provider: EvidenceProvider, public_key: Any, *, nonce: bytes | None = None, hash_alg: str = "sha-256"
+) -> KeyBinding:
+    """Collect fresh evidence whose report data commits to ``public_key`` (its SPKI) and ``nonce``."""
+    if hash_alg not in _HASH_IDS:
+        raise ConfigurationError(f"hash_alg must be one of {sorted(_HASH_IDS)}")
+    alg_id = _HASH_IDS[hash_alg]
+    pubkey_hash = bytes(cbor2.dumps([alg_id, _HASHES[alg_id](spki_der(public_key)).digest()]))
+    claims: dict[str, bytes] = {"pubkey-hash": pubkey_hash}
+    if nonce is not None:
+        claims["nonce"] = bytes(nonce)
+    claims_bytes = bytes(cbor2.dumps(claims, canonical=True))
+    evidence = provider.collect(ratls_report_data(claims_bytes))
+    tag = _TAG_BY_TEE[evidence.tee]
+    encoded = bytes(cbor2.dumps(cbor2.CBORTag(tag, [evidence.data, claims_bytes])))
+    endorsements = bytes(cbor2.dumps(cbor2.CBORTag(tag, evidence.aux))) if evidence.aux else None
+    return KeyBinding(encoded, endorsements, evidence)
+
+
+def verify_key_binding(
+    evidence: bytes,
+    *,
+    public_key_spki: bytes,
+    verifier: Verifier,
+    policy: Policy,
+    nonce: bytes | None = None,
+    endorsements: bytes | None = None,
+    now: Instant = None,
+) -> tuple[Claims, bytes | None]:
+    """Verify an RA-TLS evidence value against a public key (SPKI DER) and optional nonce.
+
+    Returns the appraised claims and the nonce the evidence carries. Raises BindingError when
+    the evidence binds another key or nonce, VerificationError / PolicyRejectedError otherwise.
+    """
+    aux = _decode_endorsements(endorsements) if endorsements else b""
+    decoded, claims_bytes = _decode_evidence_extension(evidence, aux)
+    got_nonce = _check_claims(claims_bytes, public_key_spki, nonce)
+    claims = appraise_evidence(
+        decoded,
+        verifier=verifier,
+        policy=policy,
+        expected_report_data=ratls_report_data(claims_bytes),
+        now=now,
+    )
+    return claims, got_nonce
 
 
 def create_ratls_certificate(
@@ -124,18 +190,8 @@ def create_ratls_certificate(
     validity: dt.timedelta = dt.timedelta(days=1),
 ) -> RatlsCertificate:
     """Generate (or use) a key, bind its SPKI into fresh evidence, and self-sign a certificate."""
-    if hash_alg not in _HASH_IDS:
-        raise ConfigurationError(f"hash_alg must be one of {sorted(_HASH_IDS)}")
     private_key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
-    alg_id = _HASH_IDS[hash_alg]
-    pubkey_hash = bytes(cbor2.dumps([alg_id, _HASHES[alg_id](_spki_der(private_key.public_key())).digest()]))
-    claims: dict[str, bytes] = {"pubkey-hash": pubkey_hash}
-    if nonce is not None:
-        claims["nonce"] = bytes(nonce)
-    claims_bytes = bytes(cbor2.dumps(claims, canonical=True))
-    evidence = provider.collect(ratls_report_data(claims_bytes))
-    tag = _TAG_BY_TEE[evidence.tee]
-    evidence_ext = bytes(cbor2.dumps(cbor2.CBORTag(tag, [evidence.data, claims_bytes])))
+    binding = bind_public_key(provider, private_key.public_key(), nonce=nonce, hash_alg=hash_alg)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
     builder = (
@@ -148,15 +204,14 @@ def create_ratls_certificate(
         .not_valid_after(now + validity)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
         # Non-critical on purpose: OpenSSL and mbedTLS refuse certificates with unknown critical extensions.
-        .add_extension(x509.UnrecognizedExtension(RATLS_EVIDENCE_OID, evidence_ext), critical=False)
+        .add_extension(x509.UnrecognizedExtension(RATLS_EVIDENCE_OID, binding.evidence), critical=False)
     )
-    if evidence.aux:
-        endorsements = bytes(cbor2.dumps(cbor2.CBORTag(tag, evidence.aux)))
+    if binding.endorsements is not None:
         builder = builder.add_extension(
-            x509.UnrecognizedExtension(RATLS_ENDORSEMENTS_OID, endorsements), critical=False
+            x509.UnrecognizedExtension(RATLS_ENDORSEMENTS_OID, binding.endorsements), critical=False
         )
     certificate = builder.sign(private_key, hashes.SHA256())
-    return RatlsCertificate(certificate, private_key, evidence)
+    return RatlsCertificate(certificate, private_key, binding.raw)
 
 
 def verify_ratls_certificate(
@@ -176,23 +231,18 @@ def verify_ratls_certificate(
     cert = _load_certificate(certificate)
     now_unix = to_unix(now)
     _check_certificate(cert, now_unix)
-    spki = _spki_der(cert.public_key())
+    spki = spki_der(cert.public_key())
     extensions = {ext.oid: ext.value for ext in cert.extensions}
     standard = extensions.get(RATLS_EVIDENCE_OID)
     if isinstance(standard, x509.UnrecognizedExtension):
         endorsements = extensions.get(RATLS_ENDORSEMENTS_OID)
-        aux = (
-            _decode_endorsements(endorsements)
-            if isinstance(endorsements, x509.UnrecognizedExtension)
-            else b""
-        )
-        evidence, claims_bytes = _decode_evidence_extension(standard.value, aux)
-        got_nonce = _check_claims(claims_bytes, spki, nonce)
-        verified = appraise_evidence(
-            evidence,
+        verified, got_nonce = verify_key_binding(
+            standard.value,
+            public_key_spki=spki,
             verifier=verifier,
             policy=policy,
-            expected_report_data=ratls_report_data(claims_bytes),
+            nonce=nonce,
+            endorsements=endorsements.value if isinstance(endorsements, x509.UnrecognizedExtension) else None,
             now=now_unix,
         )
         return VerifiedPeer(cert.public_bytes(serialization.Encoding.DER), verified, False, got_nonce)
@@ -272,8 +322,8 @@ def _decode_evidence_extension(value: bytes, aux: bytes) -> tuple[Evidence, byte
     raise VerificationError(f"unsupported RA-TLS evidence CBOR tag {tagged.tag}")
 
 
-def _decode_endorsements(ext: x509.UnrecognizedExtension) -> bytes:
-    value = _decode_tagged(ext.value, "endorsements").value
+def _decode_endorsements(encoded: bytes) -> bytes:
+    value = _decode_tagged(encoded, "endorsements").value
     if not isinstance(value, bytes):
         raise VerificationError("RA-TLS endorsements must be a byte string")
     return value
