@@ -108,10 +108,13 @@ class UnsafeAllowSimulation(Policy):
 
     def __init__(self, policy: Policy) -> None:
         self.policy = _require_policy(policy)
+        self._warned = False
         _log.warning("policy %s accepts SIMULATION evidence, which protects nothing", self.type_name)
 
     def check(self, claims: Claims, *, allow_simulation: bool = False) -> None:
-        if claims.simulated:
+        if claims.simulated and not self._warned:
+            # Once per policy object: loud enough to be seen, not a line per key release.
+            self._warned = True
             _log.warning("accepting SIMULATED evidence under an unsafe policy; it protects nothing")
         self.policy.check(claims, allow_simulation=True)
 

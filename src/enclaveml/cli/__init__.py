@@ -7,7 +7,7 @@ import logging
 import typer
 
 from enclaveml import __version__
-from enclaveml.cli import attest
+from enclaveml.cli import attest, kbs, seal
 
 app = typer.Typer(
     name="enclaveml",
@@ -16,6 +16,9 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(attest.app, name="attest")
+app.add_typer(kbs.app, name="kbs")
+app.command("seal")(seal.seal)
+app.command("unseal")(seal.unseal)
 
 
 @app.command("demo")

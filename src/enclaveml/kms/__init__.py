@@ -1,0 +1,1 @@
+"""The key broker: server (storage, service, HTTPS app) and clients."""

@@ -1,0 +1,225 @@
+"""SqliteKeyStore on real SQLite files: schema, pragmas, atomicity, nonces, tokens, audit chain."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from enclaveml.errors import KeyNotFoundError, StorageError
+from enclaveml.kms._audit import AuditEvent
+from enclaveml.kms._schema import SCHEMA_VERSION
+from enclaveml.kms._storage import KeyExistsError, KeyStore, NonceStatus, SqliteKeyStore
+
+POLICY = '{"type":"measurement","values":["00"]}'
+
+
+def _event(name: str = "key.create", key_id: str | None = "k") -> AuditEvent:
+    return AuditEvent(1000.0, name, "ok", key_id=key_id)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteKeyStore]:
+    s = SqliteKeyStore(tmp_path / "db" / "kbs.sqlite")
+    yield s
+    s.close()
+
+
+def _raw(store: SqliteKeyStore) -> sqlite3.Connection:
+    return sqlite3.connect(store.path)
+
+
+def test_is_a_keystore_and_creates_a_private_versioned_wal_file(store: SqliteKeyStore) -> None:
+    typed: KeyStore = store  # structural conformance, checked by mypy in server.py too
+    assert typed is store
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+    raw = _raw(store)
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert raw.execute("PRAGMA application_id").fetchone()[0] == 0x656B4253
+    tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"meta", "keys", "key_policies", "key_versions", "tokens", "nonces", "audit"} <= tables
+    raw.close()
+    # The store's own connection: durable commits and enforced foreign keys.
+    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_refuses_a_newer_schema_and_foreign_databases(tmp_path: Path) -> None:
+    newer = tmp_path / "newer.sqlite"
+    SqliteKeyStore(newer).close()
+    with sqlite3.connect(newer) as raw:
+        raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StorageError, match="newer than this enclaveml"):
+        SqliteKeyStore(newer)
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as raw:
+        raw.execute("CREATE TABLE t (x)")
+    with pytest.raises(StorageError, match="not a key broker database"):
+        SqliteKeyStore(other)
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StorageError):
+        SqliteKeyStore(garbage)
+
+
+def test_root_key_binding(store: SqliteKeyStore) -> None:
+    store.bind_root_key(b"a" * 32)
+    store.bind_root_key(b"a" * 32)
+    with pytest.raises(StorageError, match="root key does not match"):
+        store.bind_root_key(b"b" * 32)
+
+
+def test_key_lifecycle_and_cascading_delete(store: SqliteKeyStore) -> None:
+    store.create_key("k", POLICY, b"wrapped-1", now=1.0, audit=_event())
+    with pytest.raises(KeyExistsError):
+        store.create_key("k", POLICY, b"x", now=1.0, audit=_event())
+    assert store.add_version("k", lambda v: f"wrapped-{v}".encode(), now=2.0, audit=_event("key.rotate")) == 2
+    key, version = store.get_version("k", None)
+    assert key.versions == (1, 2)
+    assert key.latest == 2
+    assert key.state == "enabled"
+    assert key.policy == POLICY
+    assert version.version == 2
+    assert version.wrapped == b"wrapped-2"
+    assert "wrapped-2" not in repr(version)
+    assert store.get_version("k", 1)[1].wrapped == b"wrapped-1"
+    with pytest.raises(KeyNotFoundError, match="no version 7"):
+        store.get_version("k", 7)
+    store.set_state("k", "disabled", now=3.0, audit=_event("key.disable"))
+    store.set_policy("k", "{}", now=4.0, audit=_event("policy.set"))
+    assert store.get_key("k").state == "disabled"
+    assert store.get_key("k").policy == "{}"
+    assert [k.key_id for k in store.list_keys()] == ["k"]
+    assert store.count_keys() == 1
+    store.delete_key("k", audit=_event("key.delete"))
+    with pytest.raises(KeyNotFoundError):
+        store.get_key("k")
+    raw = _raw(store)
+    assert raw.execute("SELECT count(*) FROM key_versions").fetchone()[0] == 0
+    assert raw.execute("SELECT count(*) FROM key_policies").fetchone()[0] == 0
+    raw.close()
+    for call in (
+        lambda: store.add_version("k", lambda v: b"x", now=1.0, audit=_event()),
+        lambda: store.set_state("k", "enabled", now=1.0, audit=_event()),
+        lambda: store.set_policy("k", POLICY, now=1.0, audit=_event()),
+        lambda: store.delete_key("k", audit=_event()),
+    ):
+        with pytest.raises(KeyNotFoundError):
+            call()
+    events = [r.event for r in store.audit_records()]
+    assert events == ["key.create", "key.rotate", "key.disable", "policy.set", "key.delete"]
+    assert [r.version for r in store.audit_records()][:2] == [1, 2]
+
+
+def test_a_failing_change_leaves_no_trace(store: SqliteKeyStore) -> None:
+    store.create_key("k", POLICY, b"w", now=1.0, audit=_event())
+
+    def explode(version: int) -> bytes:
+        raise RuntimeError("wrapping failed")
+
+    with pytest.raises(RuntimeError):
+        store.add_version("k", explode, now=2.0, audit=_event("key.rotate"))
+    assert store.get_key("k").versions == (1,)
+    assert len(store.audit_records()) == 1
+    # A constraint violation half way through a creation rolls back the rows already inserted.
+    with pytest.raises(StorageError):
+        store.create_key("bad", POLICY, None, now=1.0, audit=_event(key_id="bad"))  # type: ignore[arg-type]
+    with pytest.raises(KeyNotFoundError):
+        store.get_key("bad")
+    assert len(store.audit_records()) == 1
+    assert store.verify_audit().ok
+
+
+def test_nonces_are_single_use_and_expire(store: SqliteKeyStore) -> None:
+    store.add_nonce(b"n1", 100.0, now=40.0)
+    store.add_nonce(b"n2", 100.0, now=40.0)
+    assert store.consume_nonce(b"n1", now=50.0) is NonceStatus.OK
+    assert store.consume_nonce(b"n1", now=50.0) is NonceStatus.UNKNOWN
+    assert store.consume_nonce(b"n2", now=100.0) is NonceStatus.EXPIRED
+    assert store.consume_nonce(b"never", now=50.0) is NonceStatus.UNKNOWN
+    store.add_nonce(b"old", 10.0, now=5.0)
+    store.add_nonce(b"new", 300.0, now=200.0)  # purges every expired nonce
+    raw = _raw(store)
+    assert [r[0] for r in raw.execute("SELECT nonce FROM nonces")] == [b"new"]
+    raw.close()
+
+
+def test_nonce_is_consumed_exactly_once_under_concurrency(store: SqliteKeyStore) -> None:
+    store.add_nonce(b"race", 100.0, now=1.0)
+    results: list[NonceStatus] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(store.consume_nonce(b"race", now=2.0)))
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.value for r in results) == ["ok"] + ["unknown"] * 7
+
+
+def test_tokens(store: SqliteKeyStore) -> None:
+    store.add_token(b"h" * 32, "alice", frozenset({"keys:read"}), now=1.0, audit=_event("token.create", None))
+    with pytest.raises(KeyExistsError):
+        store.add_token(b"i" * 32, "alice", frozenset(), now=1.0, audit=_event("token.create", None))
+    token = store.find_token(b"h" * 32)
+    assert token is not None
+    assert token.name == "alice"
+    assert token.scopes == {"keys:read"}
+    assert not token.revoked
+    assert store.find_token(b"x" * 32) is None
+    store.revoke_token("alice", audit=_event("token.revoke", None))
+    assert store.find_token(b"h" * 32).revoked  # type: ignore[union-attr]
+    with pytest.raises(KeyNotFoundError):
+        store.revoke_token("bob", audit=_event("token.revoke", None))
+    assert [t.name for t in store.list_tokens()] == ["alice"]
+
+
+def test_audit_chain_survives_reopen_and_detects_tampering(tmp_path: Path) -> None:
+    path = tmp_path / "kbs.sqlite"
+    store = SqliteKeyStore(path)
+    for i in range(5):
+        store.append_audit(AuditEvent(float(i), "release", "denied", key_id="k", rule="nonce"))
+    store.close()
+    store = SqliteKeyStore(path)
+    store.append_audit(AuditEvent(9.0, "release", "released", key_id="k"))
+    assert store.verify_audit() == (True, 6, None)
+    assert [r.seq for r in store.audit_records(after=2, limit=2)] == [3, 4]
+    with sqlite3.connect(path) as raw:
+        raw.execute("UPDATE audit SET verdict = 'released' WHERE seq = 2")
+    assert store.verify_audit() == (False, 6, 2)
+    with sqlite3.connect(path) as raw:
+        raw.execute("UPDATE audit SET verdict = 'denied' WHERE seq = 2")
+    assert store.verify_audit().ok
+    with sqlite3.connect(path) as raw:
+        raw.execute("DELETE FROM audit WHERE seq = 6")  # the newest record: only the head notices
+    assert store.verify_audit() == (False, 5, 6)
+    # Numbers are never reused, so the hole stays visible after later appends.
+    assert store.append_audit(AuditEvent(10.0, "release", "released")).seq == 7
+    assert store.verify_audit().first_bad is not None
+    store.close()
+
+
+def test_concurrent_writers_keep_the_chain_and_every_key(store: SqliteKeyStore, tmp_path: Path) -> None:
+    second = SqliteKeyStore(store.path)  # a second connection, as another process would have
+
+    def work(s: SqliteKeyStore, prefix: str) -> None:
+        for i in range(15):
+            s.create_key(f"{prefix}{i}", POLICY, b"w", now=1.0, audit=_event(key_id=f"{prefix}{i}"))
+            s.append_audit(AuditEvent(1.0, "release", "denied", key_id=f"{prefix}{i}", rule="nonce"))
+
+    threads = [
+        threading.Thread(target=work, args=(s, p)) for s, p in ((store, "a"), (store, "b"), (second, "c"))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    second.close()
+    assert store.count_keys() == 45
+    assert store.verify_audit() == (True, 90, None)

@@ -1,0 +1,394 @@
+"""The sealed-artifact format, byte by byte, and the API's contract around it (examples, not properties).
+
+The layout test decodes an artifact by hand from the documented layout and decrypts it with
+the raw primitives, so the documentation and the code cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encryptor
+
+from enclaveml.crypto import _buffers, sealed
+from enclaveml.crypto._sealed_header import (
+    AUTH_FAILED,
+    CHUNK_SIZE,
+    MAX_BODY_SIZE,
+    MAX_HEADER_SIZE,
+    payload_size,
+    plaintext_size,
+)
+from enclaveml.crypto.keys import KeyHandle, KeyRing
+from enclaveml.crypto.sealed import (
+    read_header,
+    seal_bytes,
+    seal_file,
+    unseal_bytes,
+    unseal_file,
+    unseal_file_to_bytes,
+    unseal_stream,
+)
+from enclaveml.errors import ConfigurationError, DecryptionError, KeyNotFoundError
+
+KEY = KeyHandle.generate("model-key")
+
+
+def seal(plaintext: bytes = b"weights", **kwargs: object) -> bytes:
+    options: dict[str, object] = {"wrapper": KEY, "key_id": "model-key", **kwargs}
+    return seal_bytes(plaintext, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("size", [0, 1, 16383, 16384, 16385, 3 * 16384, 100_000, 1 << 20])
+def test_payload_framing_matches_cobblestone(size: int) -> None:
+    encryptor = Cobblestone256Encryptor(Cobblestone256Encryptor.generate_key(), b"context")
+    produced = len(encryptor.update(bytes(size))) + len(encryptor.finalize())
+    assert produced == payload_size(size)
+    assert plaintext_size(produced) == size
+
+
+@pytest.mark.parametrize("payload", [0, 71, 72 + 16384, 72 + 16399, 72 + 16400 + 16384])
+def test_impossible_payload_lengths_fail_authentication(payload: int) -> None:
+    with pytest.raises(DecryptionError, match=AUTH_FAILED):
+        plaintext_size(payload)
+
+
+def test_layout_is_as_documented() -> None:
+    plaintext = os.urandom(40_000)
+    blob = seal(plaintext, content_type="application/onnx", metadata={"zeta": "z", "alpha": "ä"})
+    assert blob[:7] == b"EMLSEAL"
+    assert blob[7] == 1
+    (body_size,) = struct.unpack(">I", blob[8:12])
+    body = blob[12 : 12 + body_size]
+    assert body[:2] == b"\x00\x01"  # Cobblestone-256
+    assert body[2] == 9
+    assert body[3:12] == b"model-key"
+    assert body[12] == 16
+    assert body[13:29] == b"application/onnx"
+    assert body[29:31] == b"\x00\x02"
+    assert body[31:] == b"\x05alpha\x00\x02" + "ä".encode() + b"\x04zeta\x00\x01z"  # sorted by name
+    end = 12 + body_size
+    assert struct.unpack(">I", blob[end : end + 4]) == (1,)
+    wrapped_size = blob[end + 4]
+    assert wrapped_size == 60
+    wrapped = blob[end + 5 : end + 5 + wrapped_size]
+    header_size = end + 5 + wrapped_size
+    data_key = KEY.unwrap_data_key("model-key", 1, wrapped, blob[:end])  # AAD: header sans version+key
+    decryptor = Cobblestone256Decryptor(data_key, blob[:header_size])  # context: the whole header
+    assert decryptor.update(blob[header_size:]) + decryptor.finalize() == plaintext
+    header = read_header(blob)
+    assert header.size == header_size
+    assert header.wrapping_aad == blob[:end]
+
+
+def test_header_limits_are_consistent() -> None:
+    assert MAX_BODY_SIZE == 2 + 256 + 256 + 2 + 8192
+    assert MAX_HEADER_SIZE == 12 + MAX_BODY_SIZE + 4 + 1 + 255
+
+
+def test_read_header_needs_no_key_and_accepts_paths_bytes_and_streams(tmp_path: Path) -> None:
+    blob = seal(b"x" * 100, content_type="application/onnx", metadata={"model": "resnet50"})
+    (tmp_path / "a.sealed").write_bytes(blob)
+    stream = io.BytesIO(blob)
+    for source in (blob, bytearray(blob), tmp_path / "a.sealed", str(tmp_path / "a.sealed"), stream):
+        header = read_header(source)
+        assert (header.key_id, header.key_version) == ("model-key", 1)
+        assert header.content_type == "application/onnx"
+        assert dict(header.metadata) == {"model": "resnet50"}
+        assert header.algorithm == "cobblestone-256"
+        assert header.format_version == 1
+    assert stream.tell() == header.size  # left at the payload
+    assert "wrapped" not in repr(header)
+
+
+def test_metadata_is_canonical_whatever_the_insertion_order() -> None:
+    first = read_header(seal(metadata={"b": "2", "a": "1", "c": ""}))
+    second = read_header(seal(metadata={"c": "", "a": "1", "b": "2"}))
+    assert first.wrapping_aad == second.wrapping_aad
+    assert list(first.metadata) == ["a", "b", "c"]
+    with pytest.raises(TypeError):
+        first.metadata["d"] = "4"  # type: ignore[index]
+
+
+def _with_body(blob: bytes, body: bytes) -> bytes:
+    """Re-encode blob's header with another body (the result fails authentication, if it parses)."""
+    (size,) = struct.unpack(">I", blob[8:12])
+    return blob[:8] + struct.pack(">I", len(body)) + body + blob[12 + size :]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda b: b"EMLSEAX" + b[7:], "bad magic"),
+        (lambda b: b"", "bad magic"),
+        (lambda b: b"PK\x03\x04", "bad magic"),
+        (lambda b: b[:7] + b"\x02" + b[8:], "unsupported sealed-artifact format version 2"),
+        (lambda b: b[:10], "malformed"),
+        (lambda b: b[:8] + b"\x00\x01\x00\x00" + b[12:], "body length"),
+        (lambda b: _with_body(b, b"\x00\x02" + b[14:43]), "unsupported sealed-artifact algorithm"),
+        (lambda b: _with_body(b, b[12:24] + b"\x00" + b[25:43]), "content type length 0"),
+        (lambda b: _with_body(b, b[12:14] + b"\x09model\x07key" + b[24:43]), "key id is not valid text"),
+        (lambda b: _with_body(b, b[12:41] + b"\x00\x01\x01b\x00\x00\x01a\x00\x00"), "body length does not"),
+        (lambda b: _with_body(b, b[12:41] + b"\x00\x02\x01b\x00\x00\x01a\x00\x00"), "not sorted"),
+        (lambda b: _with_body(b, b[12:41] + b"\x00\x02\x01a\x00\x00\x01a\x00\x00"), "repeat a name"),
+        (lambda b: _with_body(b, b[12:41] + b"\x00\x01\x01 \x00\x00"), "metadata name is not valid"),
+    ],
+)
+def test_malformed_headers_name_only_the_public_field(edit: object, message: str) -> None:
+    blob = seal(b"secret plaintext", content_type="application/onnx")
+    # The edits rely on these offsets: algorithm at 12, key id 15..24, content type 25..41, count 41.
+    assert blob[12:15] == b"\x00\x01\x09"
+    assert blob[24] == 16
+    assert blob[41:43] == b"\x00\x00"
+    broken = edit(blob)  # type: ignore[operator]
+    for attempt in (lambda: read_header(broken), lambda: unseal_bytes(broken, unwrapper=KEY)):
+        with pytest.raises(DecryptionError, match=message) as caught:
+            attempt()
+        assert "secret" not in str(caught.value)
+
+
+def test_wrong_key_and_version_fail_alike_and_a_missing_key_says_which() -> None:
+    blob = seal(b"weights")
+    other = KeyHandle.generate("model-key")
+    v2 = KeyHandle.generate("model-key", version=2)
+    messages = set()
+    for unwrapper, edit in ((other, blob), (KeyRing(KEY, v2), _set_version(blob, 2))):
+        with pytest.raises(DecryptionError) as caught:
+            unseal_bytes(edit, unwrapper=unwrapper)
+        messages.add(str(caught.value))
+    assert messages == {AUTH_FAILED}
+    with pytest.raises(KeyNotFoundError, match="version 3"):
+        unseal_bytes(_set_version(blob, 3), unwrapper=KeyRing(KEY, v2))
+    assert unseal_bytes(seal(b"new", wrapper=KeyRing(KEY, v2)), unwrapper=KeyRing(KEY, v2)) == b"new"
+
+
+def _set_version(blob: bytes, version: int) -> bytes:
+    at = read_header(blob).size - 65
+    return blob[:at] + struct.pack(">I", version) + blob[at + 4 :]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"key_id": ""},
+        {"key_id": "k" * 256},
+        {"key_id": "bad\nid"},
+        {"key_id": 7},
+        {"content_type": ""},
+        {"content_type": "application/ø"},
+        {"content_type": "a" * 256},
+        {"metadata": {"": "x"}},
+        {"metadata": {"with space": "x"}},
+        {"metadata": {"n" * 65: "x"}},
+        {"metadata": {"n": "v" * 1025}},
+        {"metadata": {"n": "\x1b[31m"}},
+        {"metadata": {"n": 1}},
+        {"metadata": {f"n{i}": "" for i in range(65)}},
+        {"metadata": {f"n{i:02}": "v" * 1000 for i in range(9)}},
+        {"metadata": [("a", "b")]},
+        {"wrapper": object()},
+    ],
+)
+def test_bad_seal_arguments_raise_configuration_error(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError):
+        seal(b"x", **kwargs)
+
+
+def test_limits_at_the_edge_are_accepted() -> None:
+    metadata = {f"n{i:02}": "v" * 100 for i in range(64)}
+    blob = seal(
+        b"x",
+        key_id="k" * 255,
+        content_type="t" * 255,
+        metadata=metadata,
+        wrapper=KeyHandle("k" * 255, 1, bytes(32)),
+    )
+    assert dict(read_header(blob).metadata) == metadata
+
+
+class _BadWrapper:
+    def __init__(self, version: object, wrapped: object) -> None:
+        self.result = (version, wrapped)
+
+    def wrap_data_key(self, key_id: str, data_key: bytes, aad: bytes) -> tuple[int, bytes]:
+        return self.result  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    ("version", "wrapped"), [(0, b"w"), (2**32, b"w"), ("1", b"w"), (1, b""), (1, b"w" * 256)]
+)
+def test_a_misbehaving_wrapper_is_a_configuration_error(version: object, wrapped: object) -> None:
+    with pytest.raises(ConfigurationError, match="key wrapper returned"):
+        seal(wrapper=_BadWrapper(version, wrapped))
+
+
+def test_bad_unseal_arguments(tmp_path: Path) -> None:
+    blob = seal()
+    (tmp_path / "s").write_bytes(blob)
+    with pytest.raises(ConfigurationError):
+        unseal_bytes("text", unwrapper=KEY)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        unseal_bytes(blob, unwrapper=object())  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        unseal_file(tmp_path / "missing", tmp_path / "o", unwrapper=KEY)
+    with pytest.raises(ConfigurationError, match="directory"):
+        unseal_file(tmp_path / "s", tmp_path, unwrapper=KEY)
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        unseal_file(tmp_path / "s", tmp_path / "no" / "o", unwrapper=KEY)
+    with pytest.raises(ConfigurationError, match="progress"):
+        unseal_file(tmp_path / "s", tmp_path / "o", unwrapper=KEY, progress=3)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="regular file"):
+        unseal_file_to_bytes("/dev/null", unwrapper=KEY)
+    with pytest.raises(ConfigurationError):
+        read_header(3)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_files_are_private_and_replace_atomically(tmp_path: Path) -> None:
+    (tmp_path / "p").write_bytes(b"plain" * 1000)
+    (tmp_path / "o").write_bytes(b"old")
+    header = seal_file(
+        tmp_path / "p", tmp_path / "s", wrapper=KEY, key_id="model-key", content_type="text/plain"
+    )
+    assert header == read_header(tmp_path / "s")
+    assert unseal_file(tmp_path / "s", tmp_path / "o", unwrapper=KEY) == header
+    assert (tmp_path / "o").read_bytes() == b"plain" * 1000
+    for name in ("s", "o"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
+    # Sealing in place works too: the input is read completely before the rename.
+    seal_file(tmp_path / "p", tmp_path / "p", wrapper=KEY, key_id="model-key")
+    assert unseal_bytes((tmp_path / "p").read_bytes(), unwrapper=KEY) == b"plain" * 1000
+
+
+def test_failed_unseal_keeps_the_old_output_and_leaves_no_temporary(tmp_path: Path) -> None:
+    blob = seal(os.urandom(50_000))
+    (tmp_path / "s").write_bytes(blob[:-1])
+    (tmp_path / "o").write_bytes(b"old")
+    with pytest.raises(DecryptionError, match=AUTH_FAILED):
+        unseal_file(tmp_path / "s", tmp_path / "o", unwrapper=KEY)
+    assert (tmp_path / "o").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "s"]
+
+
+def test_unseal_file_to_bytes_rejects_bytes_appended_to_the_file(tmp_path: Path) -> None:
+    (tmp_path / "s").write_bytes(seal(b"m" * 70_000) + b"\x00")
+    with pytest.raises(DecryptionError, match=AUTH_FAILED):
+        unseal_file_to_bytes(tmp_path / "s", unwrapper=KEY)
+
+
+def test_progress_reports_input_bytes_up_to_the_input_size(tmp_path: Path) -> None:
+    plaintext = os.urandom(3 * (1 << 20) + 5)
+    (tmp_path / "p").write_bytes(plaintext)
+    seen: list[int] = []
+    seal_file(tmp_path / "p", tmp_path / "s", wrapper=KEY, key_id="model-key", progress=seen.append)
+    assert seen == sorted(seen)
+    assert seen[-1] == len(plaintext)
+    assert len(seen) == 4
+    for call in (
+        lambda: unseal_file(tmp_path / "s", tmp_path / "o", unwrapper=KEY, progress=seen.append),
+        lambda: unseal_file_to_bytes(tmp_path / "s", unwrapper=KEY, progress=seen.append),
+        lambda: b"".join(unseal_stream(tmp_path / "s", unwrapper=KEY, progress=seen.append)),
+    ):
+        seen.clear()
+        call()
+        assert seen == sorted(seen)
+        assert seen[-1] == (tmp_path / "s").stat().st_size
+
+
+class _Trickle(io.RawIOBase):
+    """A pipe-like reader that returns at most 1000 bytes per read."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: object) -> int:
+        chunk = self._data.read(min(1000, len(buffer)))  # type: ignore[arg-type]
+        buffer[: len(chunk)] = chunk  # type: ignore[index]
+        return len(chunk)
+
+
+def test_unseal_stream_yields_a_prefix_before_it_detects_truncation() -> None:
+    plaintext = os.urandom(5 * CHUNK_SIZE)
+    blob = seal(plaintext)
+    assert b"".join(unseal_stream(_Trickle(blob), unwrapper=KEY)) == plaintext
+    assert b"".join(unseal_stream(io.BufferedReader(_Trickle(blob)), unwrapper=KEY)) == plaintext
+    received = bytearray()
+
+    def consume() -> None:
+        for block in unseal_stream(io.BytesIO(blob[:-CHUNK_SIZE]), unwrapper=KEY):
+            received.extend(block)
+
+    with pytest.raises(DecryptionError, match=AUTH_FAILED):
+        consume()
+    assert 0 < len(received) < len(plaintext)
+    assert plaintext.startswith(received)
+
+
+def test_fresh_bytes_are_wiped_when_discarded() -> None:
+    for size in (10, 1 << 20):
+        buffer = _buffers.FreshBytes(size)
+        buffer.view[:] = b"\xaa" * size
+        kept = buffer._obj if buffer._obj is not None else buffer._buffer
+        buffer.discard()
+        buffer.discard()
+        assert kept == bytes(size)
+
+
+def test_failed_unseal_bytes_zeroes_the_plaintext_it_had_decrypted(monkeypatch: pytest.MonkeyPatch) -> None:
+    discarded: list[bytes | bytearray | None] = []
+
+    class Spy(_buffers.FreshBytes):
+        def discard(self, *, wipe_first: bool = True) -> None:
+            discarded.append(self._obj if self._obj is not None else self._buffer)
+            super().discard(wipe_first=wipe_first)
+
+    monkeypatch.setattr(sealed, "FreshBytes", Spy)
+    blob = seal(b"\xaa" * (5 * CHUNK_SIZE))
+    discarded.clear()  # sealing hands its finished buffer out through discard(wipe_first=False)
+    # Cut one cipher chunk's worth: the length still looks valid, four chunks decrypt, the last fails.
+    with pytest.raises(DecryptionError, match=AUTH_FAILED):
+        unseal_bytes(blob[: -(CHUNK_SIZE + 16)], unwrapper=KEY)
+    assert discarded == [bytes(4 * CHUNK_SIZE)]
+
+
+def test_fresh_bytes_are_real_bytes() -> None:
+    buffer = _buffers.FreshBytes(1 << 20)
+    buffer.view[:] = b"ab" * (1 << 19)
+    result = buffer.finish()
+    assert type(result) is bytes
+    assert result == b"ab" * (1 << 19)
+    assert hash(result) == hash(b"ab" * (1 << 19))
+
+
+def test_streaming_memory_stays_bounded(tmp_path: Path) -> None:
+    size = 64 << 20
+    with (tmp_path / "p").open("wb") as out:
+        block = os.urandom(1 << 20)
+        for _ in range(size >> 20):
+            out.write(block)
+    tracemalloc.start()
+    try:
+        seal_file(tmp_path / "p", tmp_path / "s", wrapper=KEY, key_id="model-key")
+        seal_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        unseal_file(tmp_path / "s", tmp_path / "o", unwrapper=KEY)
+        unseal_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        in_memory = unseal_file_to_bytes(tmp_path / "s", unwrapper=KEY)
+        to_bytes_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seal_peak < 4 << 20, seal_peak
+    assert unseal_peak < 4 << 20, unseal_peak
+    assert to_bytes_peak < size + (4 << 20), to_bytes_peak
+    assert (tmp_path / "o").stat().st_size == size
+    assert len(in_memory) == size
+    assert in_memory[-(1 << 20) :] == block
