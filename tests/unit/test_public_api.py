@@ -37,3 +37,21 @@ def test_importing_the_package_and_cli_does_not_load_simulation() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_crypto_names() -> None:
+    import enclaveml.crypto as crypto
+
+    assert set(crypto.__all__) == {
+        "DataKeyUnwrapper", "DataKeyWrapper", "KeyHandle", "KeyRing", "SealedHeader", "read_header",
+        "seal_bytes", "seal_file", "unseal_bytes", "unseal_file", "unseal_file_to_bytes", "unseal_stream",
+    }  # fmt: skip
+
+
+def test_kms_client_names_and_no_server_import() -> None:
+    import enclaveml.kms as kms
+
+    assert set(kms.__all__) == {"AuditVerification", "KeyBrokerAdmin", "KeyBrokerClient", "KeyInfo"}
+    code = "import sys, enclaveml.kms; print('fastapi' in sys.modules, 'enclaveml.kms.server' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
