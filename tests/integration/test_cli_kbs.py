@@ -82,7 +82,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
     command += ["--simulation-key", str(default_key_path()), "--log-level", "warning"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"https://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90
     while True:
         assert process.poll() is None, process.communicate()[0]
         assert time.monotonic() < deadline, "kbs serve did not come up"

@@ -7,7 +7,7 @@ import logging
 import typer
 
 from enclaveml import __version__
-from enclaveml.cli import attest, kbs, seal
+from enclaveml.cli import attest, kbs, quantize, seal
 
 app = typer.Typer(
     name="enclaveml",
@@ -19,6 +19,7 @@ app.add_typer(attest.app, name="attest")
 app.add_typer(kbs.app, name="kbs")
 app.command("seal")(seal.seal)
 app.command("unseal")(seal.unseal)
+app.command("quantize")(quantize.quantize)
 
 
 @app.command("demo")

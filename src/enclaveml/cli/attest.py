@@ -8,21 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from enclaveml.attestation import (
-    DcapVerifier,
     Evidence,
     EvidenceVerifier,
-    LocalCollateral,
-    PccsCollateral,
-    SnpVerifier,
     TeeType,
     default_policy,
     load_policy,
@@ -31,6 +24,7 @@ from enclaveml.attestation import (
 from enclaveml.attestation.evidence import REPORT_DATA_SIZE
 from enclaveml.attestation.providers import PROVIDER_NAMES
 from enclaveml.cli._console import claims_table, console, err_console, simulation_banner
+from enclaveml.cli._verifiers import build_verifier
 from enclaveml.errors import (
     AttestationError,
     ConfigurationError,
@@ -150,55 +144,21 @@ def _build_verifier(
     ask_ark: Path | None,
     simulation_key: Path | None,
 ) -> EvidenceVerifier:
-    dcap = None
-    if collateral is not None:
-        dcap = DcapVerifier(LocalCollateral(collateral))
-    elif pccs is not None:
-        dcap = DcapVerifier(PccsCollateral(pccs, cache_dir=cache_dir or _default_cache_dir()))
-    elif evidence.tee in (TeeType.SGX, TeeType.TDX):
+    if collateral is None and pccs is None and evidence.tee in (TeeType.SGX, TeeType.TDX):
         raise ConfigurationError(f"{evidence.tee.value} evidence needs --collateral FILE or --pccs URL")
-    snp = SnpVerifier(
-        ask_ark_pem=_read(ask_ark, "ASK/ARK") if ask_ark else None,
-        vcek=_read(vcek, "VCEK") if vcek else None,
-    )
-    simulation = None
-    if simulation_key is not None:
-        from enclaveml.attestation.simulation import SimulationVerifier
-
-        simulation = SimulationVerifier(_simulation_public_key(simulation_key))
-    elif evidence.tee is TeeType.SIMULATION:
+    if simulation_key is None and evidence.tee is TeeType.SIMULATION:
         raise ConfigurationError(
             "simulation evidence is verifiable only with --simulation-key (it protects nothing)"
         )
-    return EvidenceVerifier(dcap=dcap, snp=snp, simulation=simulation)
-
-
-def _simulation_public_key(path: Path) -> Ed25519PublicKey:
-    pem = _read(path, "simulation key")
-    try:
-        key: object = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError):
-        try:
-            key = serialization.load_pem_public_key(pem)
-        except ValueError as exc:
-            raise ConfigurationError(f"{path} is not a PEM Ed25519 key") from exc
-    if isinstance(key, Ed25519PrivateKey):
-        return key.public_key()
-    if isinstance(key, Ed25519PublicKey):
-        return key
-    raise ConfigurationError(f"{path} is not an Ed25519 key")
-
-
-def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "enclaveml" / "collateral"
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read {what} file {path}: {exc.strerror}") from exc
+    return build_verifier(
+        collateral=collateral,
+        pccs=pccs,
+        cache_dir=cache_dir,
+        vcek=vcek,
+        ask_ark=ask_ark,
+        simulation_key=simulation_key,
+        banner=False,
+    )
 
 
 def _emit(result: dict[str, Any], as_json: bool, message: str) -> None:

@@ -387,34 +387,15 @@ def serve(
 
 def _broker_verifier(simulation_key: Path | None, collateral: Path | None, pccs: str | None) -> Any:
     """Hardware verifiers always (SEV-SNP; DCAP with collateral); simulation only when asked for."""
-    from enclaveml.attestation import (
-        DcapVerifier,
-        EvidenceVerifier,
-        LocalCollateral,
-        PccsCollateral,
-        SnpVerifier,
-    )
-    from enclaveml.cli.attest import _default_cache_dir, _simulation_public_key
+    from enclaveml.cli._verifiers import build_verifier
 
-    if collateral is not None and pccs is not None:
-        raise ConfigurationError("give either --collateral or --pccs, not both")
-    dcap = None
-    if collateral is not None:
-        dcap = DcapVerifier(LocalCollateral(collateral))
-    elif pccs is not None:
-        dcap = DcapVerifier(PccsCollateral(pccs, cache_dir=_default_cache_dir()))
-    simulation = None
+    verifier = build_verifier(collateral=collateral, pccs=pccs, simulation_key=simulation_key)
     if simulation_key is not None:
-        from enclaveml.attestation.simulation import SimulationVerifier
-        from enclaveml.cli._console import simulation_banner
-
-        simulation_banner()
         err_console.print(
             "[bold red]This broker releases keys to SIMULATED workloads whose evidence anyone with "
             f"{simulation_key} can forge. Never load real keys into it.[/bold red]"
         )
-        simulation = SimulationVerifier(_simulation_public_key(simulation_key))
-    return EvidenceVerifier(dcap=dcap, snp=SnpVerifier(), simulation=simulation)
+    return verifier
 
 
 def _certificate_names(host: str) -> tuple[list[str], list[str]]:

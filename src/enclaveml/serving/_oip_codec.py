@@ -1,0 +1,105 @@
+"""Client-side encoding of Open Inference Protocol requests with the binary tensor data extension.
+
+Request body: a JSON header ``{"inputs": [{"name", "shape", "datatype", "parameters":
+{"binary_data_size": N}}], "outputs": [{"name", "parameters": {"binary_data": true}}]}``
+followed by each input's raw little-endian row-major bytes in order; the header's length goes
+in the ``Inference-Header-Content-Length`` HTTP header. Responses come back the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from enclaveml.errors import EnclaveMLError
+
+__all__ = ["HEADER_LENGTH", "InferenceError", "decode_response", "encode_request"]
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+_DATATYPES: dict[str, str] = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "uint16": "UINT16",
+    "uint32": "UINT32",
+    "uint64": "UINT64",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+    "float64": "FP64",
+}
+_NUMPY = {v: k for k, v in _DATATYPES.items()}
+
+
+class InferenceError(EnclaveMLError):
+    """The inference server answered with an error (the message is the server's)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(f"inference failed ({status}): {message}")
+
+
+def encode_request(
+    inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """Return (body, headers) for a binary-extension infer request."""
+    header_inputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name, value in inputs.items():
+        array = np.ascontiguousarray(value)
+        datatype = _DATATYPES.get(array.dtype.name)
+        if datatype is None:
+            raise EnclaveMLError(f"input {name!r}: numpy dtype {array.dtype} has no OIP datatype")
+        blob = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        blobs.append(blob)
+        header_inputs.append(
+            {
+                "name": name,
+                "shape": list(array.shape),
+                "datatype": datatype,
+                "parameters": {"binary_data_size": len(blob)},
+            }
+        )
+    header: dict[str, Any] = {"inputs": header_inputs}
+    if outputs is not None:
+        header["outputs"] = [{"name": n, "parameters": {"binary_data": True}} for n in outputs]
+    else:
+        header["parameters"] = {"binary_data_output": True}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return head + b"".join(blobs), {
+        HEADER_LENGTH: str(len(head)),
+        "Content-Type": "application/octet-stream",
+    }
+
+
+def decode_response(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
+    """Decode a JSON or binary-extension infer response into named arrays."""
+    split = int(header_length) if header_length is not None else len(body)
+    if not 0 <= split <= len(body):
+        raise EnclaveMLError("malformed inference response: bad header length")
+    try:
+        header = json.loads(body[:split])
+    except ValueError as exc:
+        raise EnclaveMLError("malformed inference response: header is not JSON") from exc
+    results: dict[str, np.ndarray] = {}
+    offset = split
+    for item in header.get("outputs", []):
+        name, datatype, shape = item["name"], item["datatype"], tuple(item["shape"])
+        if datatype not in _NUMPY:
+            raise EnclaveMLError(f"output {name!r}: unsupported datatype {datatype}")
+        dtype = np.dtype(_NUMPY[datatype]).newbyteorder("<")
+        size = (item.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            chunk = body[offset : offset + int(size)]
+            offset += int(size)
+            array = np.frombuffer(chunk, dtype=dtype)
+        else:
+            array = np.asarray(item["data"], dtype=dtype)
+        results[name] = array.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+    return results

@@ -1,0 +1,192 @@
+"""The client SDK: verify the server first, then send data — never the other way round.
+
+:class:`Client` (and :class:`AsyncClient`) connect in three steps before any request body
+leaves the process:
+
+1. fetch the server's RA-TLS certificate and verify it against ``policy`` (evidence valid,
+   key bound, claims accepted) — :func:`enclaveml.attestation.attest_server`;
+2. pin exactly that certificate for every later connection;
+3. ask ``GET /attestation?nonce=`` over the pinned channel for *fresh* evidence bound to a
+   random nonce and the same TLS key, and verify it again (so a recorded certificate cannot be
+   replayed by a server that no longer runs the attested code).
+
+Only then does ``infer`` send inputs (binary tensor extension of the Open Inference Protocol).
+The ``/attestation`` answer is CBOR ``{"evidence": bstr, "endorsements": bstr / null}``, the
+RA-TLS encoding of :func:`enclaveml.attestation.ratls.bind_public_key`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import cbor2
+import httpx
+import numpy as np
+from cryptography import x509
+
+from enclaveml.attestation import AttestedServer, Claims, Policy, Verifier, attest_server
+from enclaveml.attestation._time import Instant
+from enclaveml.attestation.ratls import spki_der, verify_key_binding
+from enclaveml.errors import AttestationError, VerificationError
+from enclaveml.serving._oip_codec import HEADER_LENGTH, InferenceError, decode_response, encode_request
+
+__all__ = ["AsyncClient", "Client", "InferenceError"]
+
+_NONCE_SIZE = 32
+Inputs = Mapping[str, np.ndarray] | np.ndarray
+
+
+class _Attested:
+    """What both clients share: the verified server and the checks of its fresh evidence."""
+
+    def __init__(self, url: str, policy: Policy, verifier: Verifier, now: Instant, timeout: float) -> None:
+        self._policy, self._verifier, self._now = policy, verifier, now
+        self.server: AttestedServer = attest_server(
+            url, verifier=verifier, policy=policy, now=now, timeout=timeout
+        )
+        self._spki = spki_der(x509.load_der_x509_certificate(self.server.peer.certificate_der).public_key())
+        self.claims: Claims = self.server.peer.claims
+
+    def check_fresh(self, nonce: bytes, response: httpx.Response) -> Claims:
+        if response.status_code != 200:
+            raise AttestationError(f"server refused fresh attestation ({response.status_code})")
+        try:
+            token = cbor2.loads(response.content)
+            evidence, endorsements = token["evidence"], token.get("endorsements")
+        except Exception as exc:  # cbor2 raises several unrelated types on garbage
+            raise VerificationError("malformed /attestation answer") from exc
+        claims, _ = verify_key_binding(
+            evidence,
+            public_key_spki=self._spki,
+            verifier=self._verifier,
+            policy=self._policy,
+            nonce=nonce,
+            endorsements=endorsements,
+            now=self._now,
+        )
+        self.claims = claims
+        return claims
+
+
+def _as_inputs(inputs: Inputs, default_name: str | None) -> Mapping[str, np.ndarray]:
+    if isinstance(inputs, np.ndarray):
+        if default_name is None:
+            raise ValueError("pass a mapping of input names to arrays for this model")
+        return {default_name: inputs}
+    return inputs
+
+
+def _result(response: httpx.Response) -> dict[str, np.ndarray]:
+    if response.status_code != 200:
+        try:
+            message = str(response.json().get("error", response.text))
+        except ValueError:
+            message = response.text[:200]
+        raise InferenceError(response.status_code, message)
+    return decode_response(response.content, response.headers.get(HEADER_LENGTH))
+
+
+class Client:
+    """Synchronous client for an attested enclaveml inference server."""
+
+    def __init__(
+        self, url: str, *, policy: Policy, verifier: Verifier, timeout: float = 30.0, now: Instant = None
+    ) -> None:
+        self._attested = _Attested(url, policy, verifier, now, timeout)
+        self._http = self._attested.server.client(timeout=timeout)
+        self._input_names: dict[str, str | None] = {}
+        try:
+            self.reattest()
+        except BaseException:
+            self._http.close()
+            raise
+
+    @property
+    def claims(self) -> Claims:
+        """The claims of the server's most recent verified evidence."""
+        return self._attested.claims
+
+    @property
+    def certificate_fingerprint(self) -> str:
+        return self._attested.server.peer.fingerprint
+
+    def reattest(self) -> Claims:
+        """Ask for fresh evidence bound to a new nonce and verify it against the policy."""
+        nonce = os.urandom(_NONCE_SIZE)
+        return self._attested.check_fresh(
+            nonce, self._http.get("/attestation", params={"nonce": nonce.hex()})
+        )
+
+    def model_metadata(self, model: str) -> dict[str, Any]:
+        response = self._http.get(f"/v2/models/{model}")
+        if response.status_code != 200:
+            raise InferenceError(response.status_code, response.text[:200])
+        metadata: dict[str, Any] = response.json()
+        return metadata
+
+    def infer(
+        self, model: str, inputs: Inputs, *, outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run ``model`` on ``inputs`` (a name→array mapping, or one array for single-input models)."""
+        if isinstance(inputs, np.ndarray) and model not in self._input_names:
+            names = [i["name"] for i in self.model_metadata(model)["inputs"]]
+            self._input_names[model] = names[0] if len(names) == 1 else None
+        body, headers = encode_request(_as_inputs(inputs, self._input_names.get(model)), outputs)
+        return _result(self._http.post(f"/v2/models/{model}/infer", content=body, headers=headers))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """Asynchronous client; create with ``await AsyncClient.connect(url, policy=..., verifier=...)``."""
+
+    def __init__(self, attested: _Attested, http: httpx.AsyncClient) -> None:
+        self._attested = attested
+        self._http = http
+
+    @classmethod
+    async def connect(
+        cls, url: str, *, policy: Policy, verifier: Verifier, timeout: float = 30.0, now: Instant = None
+    ) -> AsyncClient:
+        # Certificate fetch and verification are short and CPU-bound; run them before the first await.
+        attested = _Attested(url, policy, verifier, now, timeout)
+        client = cls(attested, attested.server.async_client(timeout=timeout))
+        try:
+            await client.reattest()
+        except BaseException:
+            await client.aclose()
+            raise
+        return client
+
+    @property
+    def claims(self) -> Claims:
+        return self._attested.claims
+
+    async def reattest(self) -> Claims:
+        nonce = os.urandom(_NONCE_SIZE)
+        response = await self._http.get("/attestation", params={"nonce": nonce.hex()})
+        return self._attested.check_fresh(nonce, response)
+
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], *, outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        body, headers = encode_request(inputs, outputs)
+        return _result(await self._http.post(f"/v2/models/{model}/infer", content=body, headers=headers))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

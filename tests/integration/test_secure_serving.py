@@ -1,0 +1,73 @@
+"""End to end: sealed model → key released after attestation → RA-TLS server → verifying client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from enclaveml.attestation import AllOf, MeasurementAllowlist, UnsafeAllowSimulation
+from enclaveml.attestation.simulation import SimulationProvider, SimulationVerifier
+from enclaveml.crypto import KeyHandle, seal_file
+from enclaveml.errors import PolicyRejectedError
+from enclaveml.serving.client import Client
+from enclaveml.serving.secure import RunningServer, load_sealed_models, serve_in_thread
+from tests.serving_models import digits_model
+
+CANARY_KEY = KeyHandle.generate("digits-key")
+
+
+@pytest.fixture
+def sealed_model(tmp_path: Path) -> Path:
+    model_bytes, _, _ = digits_model()
+    plain = tmp_path / "digits.onnx"
+    plain.write_bytes(model_bytes)
+    sealed = tmp_path / "digits.sealed"
+    seal_file(plain, sealed, wrapper=CANARY_KEY, key_id="digits-key", content_type="application/onnx")
+    plain.unlink()
+    return sealed
+
+
+@pytest.fixture
+def server(sealed_model: Path, sim_provider: SimulationProvider) -> Iterator[RunningServer]:
+    repository = load_sealed_models({"digits": sealed_model}, CANARY_KEY, intra_op_threads=1)
+    running = serve_in_thread(repository, sim_provider)
+    yield running
+    running.stop()
+
+
+def test_verified_client_predicts_like_onnxruntime(
+    server: RunningServer, sim_verifier: SimulationVerifier, sim_policy
+) -> None:
+    model_bytes, x_test, y_test = digits_model()
+    expected = ort.InferenceSession(model_bytes).run(None, {"X": x_test[:50]})[0]
+    with Client(server.url, policy=sim_policy, verifier=sim_verifier) as client:
+        assert client.claims.simulated
+        result = client.infer("digits", {"X": x_test[:50]})
+        assert (
+            client.certificate_fingerprint
+            == server.ratls.certificate.fingerprint(
+                __import__("cryptography.hazmat.primitives.hashes", fromlist=["SHA256"]).SHA256()
+            ).hex()
+        )
+        label = next(iter(result.values())) if "label" not in result else result["label"]
+        np.testing.assert_array_equal(result["label"], expected)
+        assert (label == y_test[:50]).mean() > 0.9
+        # A single array works for single-input models.
+        assert client.infer("digits", x_test[:3])["label"].shape == (3,)
+
+
+def test_client_refuses_server_outside_policy_and_sends_no_body(
+    server: RunningServer, sim_verifier: SimulationVerifier
+) -> None:
+    stats = server.app.state.stats
+    before = stats.requests()
+    wrong = UnsafeAllowSimulation(AllOf(MeasurementAllowlist([b"\x00" * 48])))
+    with pytest.raises(PolicyRejectedError, match="measurement"):
+        Client(server.url, policy=wrong, verifier=sim_verifier)
+    # The refused client fetched the certificate (a TLS handshake) and sent no HTTP request at all.
+    assert stats.requests() == before
+    assert stats.request_bytes() == 0

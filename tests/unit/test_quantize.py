@@ -1,0 +1,294 @@
+"""INT8 quantization on a small real classifier: an sklearn MLP trained on the bundled digits data.
+
+The model is converted with skl2onnx; calibration and evaluation sets are disjoint slices of the
+digits images the model was not trained on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pickle
+import stat
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import typer
+from numpy.typing import NDArray
+from typer.testing import CliRunner
+
+from enclaveml.cli.quantize import quantize
+from enclaveml.errors import ConfigurationError
+from enclaveml.serving.quantize import QuantizationReport, evaluate_accuracy, quantize_model
+
+# onnxruntime, sklearn, threadpoolctl and skl2onnx ship no type information: they are used as Any.
+ort: Any = importlib.import_module("onnxruntime")
+sklearn_datasets: Any = importlib.import_module("sklearn.datasets")
+sklearn_exceptions: Any = importlib.import_module("sklearn.exceptions")
+sklearn_mlp: Any = importlib.import_module("sklearn.neural_network")
+threadpoolctl: Any = importlib.import_module("threadpoolctl")
+
+
+@dataclass(frozen=True)
+class Digits:
+    model: Path
+    calibration: NDArray[np.float32]
+    eval_x: NDArray[np.float32]
+    eval_y: NDArray[np.int64]
+    sklearn_accuracy: float
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Digits:
+    x, y = sklearn_datasets.load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], y[order].astype(np.int64)
+    # One BLAS thread: on a busy 2-core machine a threaded BLAS makes this 1 s fit take 8 s.
+    with warnings.catch_warnings(), threadpoolctl.threadpool_limits(1):
+        # Not fully converged after 200 steps, and over 95% accurate on the held-out digits.
+        warnings.simplefilter("ignore", sklearn_exceptions.ConvergenceWarning)
+        clf = sklearn_mlp.MLPClassifier((128,), max_iter=200, random_state=0).fit(x[:1000], y[:1000])
+    to_onnx: Callable[..., onnx.ModelProto] = importlib.import_module("skl2onnx").to_onnx
+    model = to_onnx(clf, x[:1], options={"zipmap": False}, target_opset=17)  # outputs: label, probabilities
+    path = tmp_path_factory.mktemp("digits") / "mlp.onnx"
+    onnx.save(model, str(path))
+    return Digits(path, x[1000:1100], x[1100:], y[1100:], float(clf.score(x[1100:], y[1100:])))
+
+
+def _ops(path: Path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def _loads_in_ort(path: Path) -> None:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"X": np.zeros((2, 64), np.float32)})[0].shape == (2,)
+
+
+def test_static_qdq_is_smaller_integer_and_keeps_accuracy(digits: Digits, tmp_path: Path) -> None:
+    out = tmp_path / "int8.onnx"
+    out.write_bytes(b"old")
+    out.chmod(0o644)  # an existing file is overwritten and made private too
+    report = quantize_model(
+        digits.model, out, calibration=digits.calibration, evaluation=(digits.eval_x, digits.eval_y)
+    )
+    _loads_in_ort(out)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(out)
+    assert report.quantized_ops["DequantizeLinear"] >= 2
+    assert report.int8_bytes == out.stat().st_size < report.fp32_bytes
+    assert report.size_ratio < 0.5
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert (report.method, report.quant_format, report.activation_type, report.weight_type) == (
+        "static",
+        "qdq",
+        "uint8",
+        "int8",
+    )
+    assert report.calibration_samples == 100
+    assert report.eval_samples == len(digits.eval_y)
+    assert report.fp32_accuracy == pytest.approx(digits.sklearn_accuracy, abs=0.005)
+    assert report.int8_accuracy is not None
+    assert report.accuracy_change is not None
+    assert abs(report.accuracy_change) < 0.03
+    assert evaluate_accuracy(out, digits.eval_x, digits.eval_y) == report.int8_accuracy
+    assert json.loads(json.dumps(report.to_dict()))["accuracy_change"] == report.accuracy_change
+
+
+def test_dynamic_uses_integer_matmuls(digits: Digits, tmp_path: Path) -> None:
+    out = tmp_path / "dyn.onnx"
+    report = quantize_model(
+        digits.model, out, calibration=None, method="dynamic", evaluation=(digits.eval_x, digits.eval_y)
+    )
+    _loads_in_ort(out)
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= _ops(out)
+    assert report.int8_bytes < report.fp32_bytes
+    assert report.calibration_samples == 0
+    assert report.accuracy_change is not None
+    assert abs(report.accuracy_change) < 0.03
+
+
+def test_files_and_qoperator_format(digits: Digits, tmp_path: Path) -> None:
+    np.save(tmp_path / "calib.npy", digits.calibration)
+    np.savez(tmp_path / "eval.npz", X=digits.eval_x, labels=digits.eval_y)
+    report = quantize_model(
+        digits.model,
+        tmp_path / "q.onnx",
+        calibration=tmp_path / "calib.npy",
+        evaluation=tmp_path / "eval.npz",
+        quant_format="qoperator",
+    )
+    assert report.eval_samples == len(digits.eval_y)
+    assert any(op.startswith(("QLinear", "QGemm")) for op in report.quantized_ops)
+    _loads_in_ort(tmp_path / "q.onnx")
+
+
+def test_ir_version_onnx_123_default_is_lowered(digits: Digits, tmp_path: Path) -> None:
+    model = onnx.load(str(digits.model))
+    model.ir_version = 14  # what onnx 1.23 stamps on new models; onnxruntime 1.31 refuses it
+    src = tmp_path / "ir14.onnx"
+    onnx.save(model, str(src))
+    report = quantize_model(src, tmp_path / "q.onnx", calibration={"X": digits.calibration})
+    assert report.ir_version == onnx.load(str(tmp_path / "q.onnx")).ir_version <= 10
+    _loads_in_ort(tmp_path / "q.onnx")
+    assert evaluate_accuracy(src, {"X": digits.eval_x}, digits.eval_y) > 0.8
+
+
+def _write(tmp_path: Path, name: str, writer: Callable[[Path], Any]) -> Path:
+    path = tmp_path / name
+    writer(path)
+    return path
+
+
+BAD_CALIBRATION: dict[str, tuple[str, Callable[[Path], Any], str]] = {
+    "missing": ("none.npy", lambda p: None, "cannot read"),
+    "suffix": ("calib.csv", lambda p: p.write_text("1,2\n"), r"\.npy or \.npz"),
+    "not numpy": ("calib.npy", lambda p: p.write_bytes(b"hello"), "not a readable numpy file"),
+    "truncated": ("calib.npy", lambda p: p.write_bytes(_npy_bytes()[:-7]), "not a readable numpy file"),
+    "bad zip": ("calib.npz", lambda p: p.write_bytes(b"PK\x03\x04broken"), "not a readable numpy file"),
+    "pickle": ("calib.npy", lambda p: np.save(p, np.array([{}], dtype=object)), "pickles"),
+    "width": (
+        "calib.npy",
+        lambda p: np.save(p, np.zeros((4, 63), np.float32)),
+        r"shape \(4, 63\).*\(N, 64\)",
+    ),
+    "rank": ("calib.npy", lambda p: np.save(p, np.zeros(64, np.float32)), r"shape \(64,\)"),
+    "dtype": ("calib.npy", lambda p: np.save(p, np.full((4, 64), "a")), "<U1; the model takes float32"),
+    "empty": ("calib.npy", lambda p: np.save(p, np.zeros((0, 64), np.float32)), "non-zero number"),
+    "names": (
+        "calib.npz",
+        lambda p: np.savez(p, X=np.zeros((4, 64), np.float32), Y=np.zeros((4, 64), np.float32)),
+        r"unexpected \['Y'\]",
+    ),
+}
+
+
+def _npy_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((4, 64), np.float32))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CALIBRATION))
+def test_bad_calibration_is_a_configuration_error(digits: Digits, tmp_path: Path, case: str) -> None:
+    name, writer, message = BAD_CALIBRATION[case]
+    with pytest.raises(ConfigurationError, match=message):
+        quantize_model(digits.model, tmp_path / "q.onnx", calibration=_write(tmp_path, name, writer))
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_pickled_file_is_never_unpickled(digits: Digits, tmp_path: Path) -> None:
+    path = tmp_path / "calib.npy"
+    path.write_bytes(pickle.dumps(digits.calibration))  # np.load would unpickle this if allowed
+    with pytest.raises(ConfigurationError, match="pickles"):
+        quantize_model(digits.model, tmp_path / "q.onnx", calibration=path)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"calibration": None}, "needs calibration data"),
+        ({"method": "dynamic"}, "takes no calibration data"),
+        ({"quant_format": "QDQ"}, "quant_format must be one of qdq, qoperator"),
+        ({"weight_type": "int4"}, "weight_type must be one of"),
+        ({"evaluation": "eval-shares"}, "2 evaluation samples also appear in the calibration data"),
+        ({"evaluation": "eval-labels"}, "labels must be integer class ids"),
+    ],
+)
+def test_bad_arguments(digits: Digits, tmp_path: Path, options: dict[str, Any], message: str) -> None:
+    kwargs: dict[str, Any] = {"calibration": digits.calibration, **options}
+    if options.get("evaluation") == "eval-shares":
+        kwargs["evaluation"] = (
+            np.concatenate([digits.eval_x, digits.calibration[3:5]]),
+            np.zeros(len(digits.eval_y) + 2, np.int64),
+        )
+    elif options.get("evaluation") == "eval-labels":
+        kwargs["evaluation"] = (digits.eval_x, digits.eval_y.astype(np.float32))
+    with pytest.raises(ConfigurationError, match=message):
+        quantize_model(digits.model, tmp_path / "q.onnx", **kwargs)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_quantizer_failures_are_configuration_errors(
+    digits: Digits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What ORT's tooling raises (here as ORT 1.31 does on a per-channel 2-D Gemm bias) must come
+    # out as a ConfigurationError, cause kept, suggesting what to try; nothing is written.
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("The truth value of an array with more than one element is ambiguous.")
+
+    monkeypatch.setattr(importlib.import_module("onnxruntime.quantization"), "quantize_static", broken)
+    with pytest.raises(ConfigurationError, match=r"try per-tensor.*truth value") as caught:
+        quantize_model(digits.model, tmp_path / "q.onnx", calibration=digits.calibration, per_channel=True)
+    assert isinstance(caught.value.__cause__, ValueError)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_bad_model_and_paths(digits: Digits, tmp_path: Path) -> None:
+    garbage = _write(tmp_path, "garbage.onnx", lambda p: p.write_bytes(b"\x08\x07not a model at all"))
+    with pytest.raises(ConfigurationError, match="not an ONNX model"):
+        quantize_model(garbage, tmp_path / "q.onnx", calibration=digits.calibration)
+    with pytest.raises(ConfigurationError, match="must differ"):
+        quantize_model(digits.model, digits.model, calibration=digits.calibration)
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        quantize_model(digits.model, tmp_path / "no" / "q.onnx", calibration=digits.calibration)
+
+
+def _cli() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(quantize)
+    return app
+
+
+def test_cli_json_and_table(digits: Digits, tmp_path: Path) -> None:
+    np.savez(tmp_path / "calib.npz", X=digits.calibration)
+    np.savez(tmp_path / "eval.npz", X=digits.eval_x, labels=digits.eval_y)
+    model, out = str(digits.model), str(tmp_path / "q.onnx")
+    common = [model, out, "--calibration", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz")]
+    result = CliRunner().invoke(_cli(), [*common, "--json", "--max-drop", "5"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["accepted"]
+    assert payload["eval_samples"] == len(digits.eval_y)
+    assert abs(payload["accuracy_change"]) < 0.03
+    assert payload["int8_bytes"] < payload["fp32_bytes"]
+    table = CliRunner().invoke(_cli(), common)
+    assert table.exit_code == 0
+    assert "INT8 top-1" in table.output
+    assert "points" in table.output
+
+
+def test_cli_exit_codes(digits: Digits, tmp_path: Path) -> None:
+    np.save(tmp_path / "bad.npy", np.zeros((4, 3), np.float32))
+    out = str(tmp_path / "q.onnx")
+    bad = CliRunner().invoke(
+        _cli(), [str(digits.model), out, "--calibration", str(tmp_path / "bad.npy"), "--json"]
+    )
+    assert bad.exit_code == 3
+    assert "axis 0" in json.loads(bad.output)["error"]
+    dynamic = CliRunner().invoke(_cli(), [str(digits.model), out, "--method", "dynamic"])
+    assert dynamic.exit_code == 0
+    assert "not measured" in dynamic.output
+    np.savez(tmp_path / "eval.npz", X=digits.eval_x, labels=digits.eval_y)
+    # A negative allowance demands an accuracy gain no quantizer delivers: the gate must trip.
+    strict = [str(digits.model), out, "--method", "dynamic", "--eval", str(tmp_path / "eval.npz")]
+    gated = CliRunner().invoke(_cli(), [*strict, "--max-drop", "-50", "--json"])
+    assert gated.exit_code == 1
+    assert json.loads(gated.output)["accepted"] is False
+
+
+def test_report_is_a_frozen_value() -> None:
+    report = QuantizationReport(
+        "a", "b", "dynamic", "integer ops", False, "uint8", "int8", 100, 30, 8, 0, 0, None, None, 0.1
+    )
+    assert report.accuracy_change is None
+    assert report.size_ratio == 0.3
+    with pytest.raises(AttributeError):
+        setattr(report, "method", "static")  # setattr: the type checker would refuse
