@@ -7,7 +7,7 @@ import logging
 import typer
 
 from enclaveml import __version__
-from enclaveml.cli import attest, kbs, quantize, seal
+from enclaveml.cli import attest, kbs, quantize, seal, serve
 
 app = typer.Typer(
     name="enclaveml",
@@ -20,6 +20,8 @@ app.add_typer(kbs.app, name="kbs")
 app.command("seal")(seal.seal)
 app.command("unseal")(seal.unseal)
 app.command("quantize")(quantize.quantize)
+app.command("serve")(serve.serve)
+app.command("predict")(serve.predict)
 
 
 @app.command("demo")

@@ -1,0 +1,198 @@
+"""`enclaveml serve` (the confidential inference server) and `enclaveml predict` (its verifying client).
+
+``serve`` attests to the key broker, receives each model's key, unseals the models in memory,
+and serves them over RA-TLS. ``predict`` verifies the server against a policy (certificate and
+a fresh nonce) before it sends any input. Exit codes: 0 done; 1 refused (policy, key release);
+2 failed (verification, server error); 3 bad arguments or files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from enclaveml.cli._console import console, err_console
+from enclaveml.errors import (
+    BindingError,
+    ConfigurationError,
+    EnclaveMLError,
+    KeyReleaseDeniedError,
+    PolicyRejectedError,
+)
+
+EXIT_REFUSED, EXIT_FAILED, EXIT_USAGE = 1, 2, 3
+
+
+def _parse_models(specs: list[str]) -> dict[str, Path]:
+    models: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigurationError(f"--model takes NAME=PATH.sealed, got {spec!r}")
+        if name in models:
+            raise ConfigurationError(f"model {name!r} is given twice")
+        models[name] = Path(path)
+    return models
+
+
+def workload_config(models: dict[str, Path], queue: str | None) -> dict[str, Any]:
+    """What the simulated measurement covers besides the code: served model names and the queue mode."""
+    return {"models": sorted(models), "queue": "redis" if queue else "in-process"}
+
+
+def _exit_code(exc: EnclaveMLError) -> int:
+    if isinstance(exc, ConfigurationError):
+        return EXIT_USAGE
+    if isinstance(exc, PolicyRejectedError | KeyReleaseDeniedError | BindingError):
+        return EXIT_REFUSED
+    return EXIT_FAILED
+
+
+def serve(
+    model: Annotated[list[str], typer.Option("--model", help="NAME=PATH.sealed; repeat for several models.")],
+    kbs: Annotated[str, typer.Option("--kbs", envvar="ENCLAVEML_KBS_URL", help="Key broker URL.")] = "",
+    kbs_ca: Annotated[
+        Path | None, typer.Option("--kbs-ca", envvar="ENCLAVEML_KBS_CA", help="Broker certificate/CA to pin.")
+    ] = None,
+    tee: Annotated[
+        str, typer.Option(help="Evidence provider: auto, gramine, tsm, tdx, sev-snp, simulation.")
+    ] = "auto",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTPS port.")] = 8443,
+    max_batch_size: Annotated[int, typer.Option(help="Dynamic batching: rows per batch.")] = 16,
+    max_delay_ms: Annotated[float, typer.Option(help="Dynamic batching: wait for company.")] = 2.0,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting per model before 429.")] = 256,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")] = None,
+    print_measurement: Annotated[
+        bool, typer.Option(help="With --tee simulation: print the workload measurement and exit.")
+    ] = False,
+) -> None:
+    """Attest, obtain model keys, unseal models in memory, and serve them over RA-TLS."""
+    try:
+        models = _parse_models(model)
+        provider = _provider(tee, models, print_measurement)
+        if print_measurement:
+            return
+        if not kbs:
+            raise ConfigurationError("--kbs URL (or ENCLAVEML_KBS_URL) is required")
+        _run_server(
+            provider, models, kbs, kbs_ca, host, port, max_batch_size, max_delay_ms, max_queue, threads
+        )
+    except EnclaveMLError as exc:
+        err_console.print(f"[bold red]serve failed:[/bold red] {exc}")
+        raise typer.Exit(_exit_code(exc)) from None
+
+
+def _provider(tee: str, models: dict[str, Path], print_measurement: bool) -> Any:
+    from enclaveml.attestation import provider_by_name
+
+    if tee.strip().lower() == "simulation":
+        from enclaveml.attestation.simulation import SimulationProvider
+        from enclaveml.cli._console import simulation_banner
+
+        simulation_banner()
+        provider = SimulationProvider(entry_point="enclaveml serve", config=workload_config(models, None))
+        if print_measurement:
+            typer.echo(provider.measurement.hex())
+        return provider
+    if print_measurement:
+        raise ConfigurationError("--print-measurement needs --tee simulation (hardware measures itself)")
+    return provider_by_name(tee)
+
+
+def _run_server(
+    provider: Any,
+    models: dict[str, Path],
+    kbs: str,
+    kbs_ca: Path | None,
+    host: str,
+    port: int,
+    max_batch_size: int,
+    max_delay_ms: float,
+    max_queue: int,
+    threads: int | None,
+) -> None:
+    import uvicorn
+
+    from enclaveml.attestation import create_ratls_certificate
+    from enclaveml.kms import KeyBrokerClient
+    from enclaveml.serving.app import create_app
+    from enclaveml.serving.secure import attestation_hook, load_sealed_models, uvicorn_config
+
+    with KeyBrokerClient(kbs, provider, verify=str(kbs_ca) if kbs_ca else True) as broker:
+        repository = load_sealed_models(models, broker, intra_op_threads=threads)
+    ratls = create_ratls_certificate(provider, dns_names=("localhost", host))
+    app = create_app(
+        repository,
+        max_batch_size=max_batch_size,
+        max_delay_ms=max_delay_ms,
+        max_queue=max_queue,
+        attestation=attestation_hook(provider, ratls),
+    )
+    err_console.print(
+        f"serving {', '.join(sorted(models))} on https://{host}:{port} (RA-TLS, {provider.tee.value})"
+    )
+    with uvicorn_config(app, ratls, host=host, port=port) as config:
+        uvicorn.Server(config).run()
+
+
+def predict(
+    url: Annotated[str, typer.Argument(help="https://host:port of the inference server.")],
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    inputs: Annotated[
+        Path, typer.Option("--input", help=".npy (single-input model) or .npz (one array per input).")
+    ],
+    policy: Annotated[Path, typer.Option(help="Appraisal policy the server must satisfy (TOML/JSON).")],
+    output: Annotated[Path | None, typer.Option(help="Write the outputs to this .npz.")] = None,
+    collateral: Annotated[Path | None, typer.Option(help="DCAP collateral file/dir.")] = None,
+    pccs: Annotated[str | None, typer.Option(help="PCCS / Intel PCS URL.")] = None,
+    vcek: Annotated[Path | None, typer.Option(help="SEV-SNP VCEK certificate.")] = None,
+    simulation_key: Annotated[
+        Path | None, typer.Option(help="Simulation key PEM: accept SIMULATED servers (unsafe).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Verify the server, then send INPUT to MODEL and print (or save) the outputs."""
+    from enclaveml.attestation import load_policy
+    from enclaveml.cli._verifiers import build_verifier
+    from enclaveml.serving.client import Client
+
+    try:
+        arrays = _load_inputs(inputs)
+        verifier = build_verifier(collateral=collateral, pccs=pccs, vcek=vcek, simulation_key=simulation_key)
+        with Client(url, policy=load_policy(policy), verifier=verifier) as client:
+            result = client.infer(model, arrays)
+            claims = client.claims.to_dict()
+    except EnclaveMLError as exc:
+        err_console.print(f"[bold red]predict failed:[/bold red] {exc}")
+        raise typer.Exit(_exit_code(exc)) from None
+    if output is not None:
+        np.savez(output, **result)  # type: ignore[arg-type]
+    summary = {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in result.items()}
+    if as_json:
+        payload = {
+            "claims": claims,
+            "outputs": {n: a.tolist() for n, a in result.items()} if output is None else summary,
+        }
+        console.print_json(json.dumps(payload))
+        return
+    console.print(f"server verified: {claims['tee']} measurement {claims['measurement']}")
+    for name, array in result.items():
+        console.print(
+            f"{name} {summary[name]}: {array if array.size <= 64 else '(saved)' if output else array}"
+        )
+
+
+def _load_inputs(path: Path) -> dict[str, np.ndarray] | np.ndarray:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"cannot read inputs {path}: {exc}") from exc
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        return {name: loaded[name] for name in loaded.files}

@@ -1,0 +1,125 @@
+"""`enclaveml serve` and `enclaveml predict` as real processes; tritonclient with the pinned certificate."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as triton
+
+from enclaveml.attestation import MeasurementAllowlist, UnsafeAllowSimulation, attest_server
+from enclaveml.attestation.simulation import default_key_path
+from enclaveml.cli._verifiers import build_verifier
+from tests.integration.test_cli_kbs import Served, _cli, _free_port, _policy_toml, served  # noqa: F401
+from tests.serving_models import digits_model
+
+
+def _start_server(env: dict[str, str], sealed: Path, port: int) -> subprocess.Popen[str]:
+    command = [sys.executable, "-c", "from enclaveml.cli import main; main()", "serve"]
+    command += ["--model", f"digits={sealed}", "--tee", "simulation", "--port", str(port), "--threads", "1"]
+    return subprocess.Popen(
+        command, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_ready(process: subprocess.Popen[str], port: int) -> None:
+    deadline = time.monotonic() + 90
+    while True:
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline, "enclaveml serve did not come up"
+        try:
+            with __import__("socket").create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+
+
+def test_serve_predict_and_tritonclient(tmp_path: Path, served: Served) -> None:  # noqa: F811
+    env = served.env
+    model_bytes, x_test, _ = digits_model()
+    plain = tmp_path / "digits.onnx"
+    plain.write_bytes(model_bytes)
+    sealed = tmp_path / "digits.sealed"
+    code, _, text = _cli(env, "seal", str(plain), str(sealed), "--key", "digits", "--json")
+    assert code != 0  # the key does not exist yet: nothing sealed
+    assert not sealed.exists()
+
+    code, _, text = _cli(
+        env, "serve", "--model", f"digits={sealed}", "--tee", "simulation", "--print-measurement"
+    )
+    assert code == 0, text
+    measurement = bytes.fromhex(re.search(r"\b[0-9a-f]{96}\b", text).group(0))  # type: ignore[union-attr]
+    policy = _policy_toml(tmp_path / "policy.toml", measurement)
+    assert _cli(env, "kbs", "key", "create", "digits", "--policy", str(policy), "--json")[0] == 0
+    code, _, text = _cli(
+        env, "seal", str(plain), str(sealed), "--key", "digits", "--content-type", "application/onnx"
+    )
+    assert code == 0, text
+    plain.unlink()
+
+    port = _free_port()
+    process = _start_server(env, sealed, port)
+    try:
+        _wait_ready(process, port)
+        url = f"https://127.0.0.1:{port}"
+        np.save(tmp_path / "x.npy", x_test[:20])
+        code, out, text = _cli(
+            {},
+            "predict", url, "digits", "--input", str(tmp_path / "x.npy"), "--policy", str(policy),
+            "--simulation-key", str(default_key_path()), "--json",
+        )  # fmt: skip
+        assert code == 0, text
+        expected = ort.InferenceSession(model_bytes).run(None, {"X": x_test[:20]})[0]
+        assert out["outputs"]["label"] == expected.tolist()
+        assert out["claims"]["measurement"] == measurement.hex()
+
+        # A client whose policy expects other code is refused (exit 1) and sends nothing.
+        wrong = tmp_path / "wrong.json"
+        wrong.write_text(
+            json.dumps(
+                {"type": "unsafe_allow_simulation", "policy": {"type": "measurement", "values": ["00" * 48]}}
+            )
+        )
+        code, _, text = _cli(
+            {},
+            "predict", url, "digits", "--input", str(tmp_path / "x.npy"), "--policy", str(wrong),
+            "--simulation-key", str(default_key_path()),
+        )  # fmt: skip
+        assert code == 1, text
+
+        # tritonclient: verify first (RA-TLS), then hand it exactly the attested certificate.
+        verifier = build_verifier(simulation_key=default_key_path(), banner=False)
+        attested = attest_server(
+            url, verifier=verifier, policy=UnsafeAllowSimulation(MeasurementAllowlist([measurement]))
+        )
+        pinned = tmp_path / "server.pem"
+        pinned.write_bytes(__import__("ssl").DER_cert_to_PEM_cert(attested.peer.certificate_der).encode())
+        client = triton.InferenceServerClient(
+            url=f"localhost:{port}", ssl=True, ssl_options={"ca_certs": str(pinned)}
+        )
+        request = triton.InferInput("X", list(x_test[:5].shape), "FP32")
+        request.set_data_from_numpy(x_test[:5], binary_data=True)
+        result = client.infer("digits", [request])
+        np.testing.assert_array_equal(result.as_numpy("label"), expected[:5])
+        client.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    # The server process never wrote the plaintext model anywhere under the test's directory.
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert model_bytes[:4096] not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("spec", ["digits", "=x.sealed", "digits="])
+def test_bad_model_spec_is_a_usage_error(spec: str) -> None:
+    code, _, text = _cli({}, "serve", "--model", spec, "--tee", "simulation", "--print-measurement")
+    assert code == 3, text
