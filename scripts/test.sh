@@ -3,6 +3,8 @@
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -k policy`).
 source "$(dirname "$0")/_venv.sh"
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# Services the integration tests start themselves (never a system service): Redis for the queue.
+bash scripts/install-redis.sh
 echo "== ruff"
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks

@@ -20,12 +20,22 @@ from enclaveml.serving._engine import (
 )
 from enclaveml.serving._http import ServingStats
 from enclaveml.serving._protocol import InvalidRequestError, RequestTooLargeError
+from enclaveml.serving._queue import (
+    InProcessQueue,
+    QueueError,
+    QueueFullError,
+    QueueTimeoutError,
+    RequestQueue,
+)
+from enclaveml.serving._redis_queue import RedisStreamsQueue
 from enclaveml.serving.app import create_app
+from enclaveml.serving.worker import QueueWorker
 
 __all__ = [
     "BatcherClosedError",
     "BatcherStats",
     "DynamicBatcher",
+    "InProcessQueue",
     "InferenceFailedError",
     "InferenceTimeoutError",
     "InvalidRequestError",
@@ -35,6 +45,12 @@ __all__ = [
     "ModelRepository",
     "OnnxModel",
     "Overloaded",
+    "QueueError",
+    "QueueFullError",
+    "QueueTimeoutError",
+    "QueueWorker",
+    "RedisStreamsQueue",
+    "RequestQueue",
     "RequestTooLargeError",
     "ServingError",
     "ServingStats",

@@ -28,8 +28,12 @@ from enclaveml.serving._protocol import (
     parse_header_length,
     parse_infer_request,
 )
+from enclaveml.serving._tensor_codec import decode_tensors, encode_tensors
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from enclaveml.serving._engine import OnnxModel
     from enclaveml.serving.app import ServerState
 
 __all__ = ["add_routes"]
@@ -172,7 +176,10 @@ async def infer(request: Request) -> Response:
     else:
         parsed = parse_infer_request(body, model, header_length=header_length)
     del body
-    outputs = await state.batcher(model).submit(parsed.inputs, timeout_s=parsed.timeout_s)
+    if state.queue is not None:
+        outputs = await _through_queue(state, model, parsed.inputs, parsed.timeout_s)
+    else:
+        outputs = await state.batcher(model).submit(parsed.inputs, timeout_s=parsed.timeout_s)
     if offload:
         encoded = await asyncio.to_thread(encode_infer_response, model, parsed, outputs)
     else:
@@ -183,6 +190,19 @@ async def infer(request: Request) -> Response:
         else {"Inference-Header-Content-Length": str(encoded.header_length)}
     )
     return Response(encoded.body, media_type=encoded.content_type, headers=headers)
+
+
+async def _through_queue(
+    state: ServerState, model: OnnxModel, inputs: dict[str, np.ndarray], timeout_s: float | None
+) -> dict[str, np.ndarray]:
+    """Scale-out: hand the parsed inputs to a worker through the (encrypted) request queue."""
+    assert state.queue is not None
+    reply = await state.queue.submit(
+        f"{model.name}:{model.version}",
+        encode_tensors(inputs),
+        timeout_s=timeout_s or state.request_timeout_s,
+    )
+    return decode_tensors(reply)
 
 
 def _decompress(encoding: str | None, body: bytes, state: ServerState) -> bytes:

@@ -45,6 +45,15 @@ from enclaveml.serving._engine import (
 )
 from enclaveml.serving._http import BatcherCollector, LimitAndCount, ServingStats
 from enclaveml.serving._protocol import InvalidRequestError, RequestTooLargeError
+from enclaveml.serving._queue import (
+    HandlerError,
+    QueueClosedError,
+    QueueError,
+    QueueFullError,
+    QueueTimeoutError,
+    QueueUnavailableError,
+    RequestQueue,
+)
 from enclaveml.serving._routes import add_routes
 
 __all__ = ["STATUS", "ServerState", "create_app"]
@@ -61,6 +70,11 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (InferenceTimeoutError, 504),
     (InferenceFailedError, 500),
     (AttestationError, 503),
+    (QueueFullError, 429),
+    (QueueTimeoutError, 504),
+    (QueueClosedError, 503),
+    (QueueUnavailableError, 503),
+    (HandlerError, 500),
     (ServingError, 500),
 )
 
@@ -79,6 +93,7 @@ class ServerState:
     max_request_bytes: int
     request_timeout_s: float
     attestation: Callable[[bytes], bytes] | None
+    queue: RequestQueue | None = None
     started: bool = False
     accepting: bool = True
     attestations_in_flight: int = 0
@@ -107,6 +122,8 @@ class ServerState:
         self.accepting = False
         for batcher in list(self.batchers.values()):
             await batcher.close()
+        if self.queue is not None:
+            await self.queue.aclose()
 
 
 def create_app(
@@ -119,6 +136,7 @@ def create_app(
     request_timeout_s: float = 30.0,
     attestation: Callable[[bytes], bytes] | None = None,
     server_name: str = "enclaveml",
+    queue: RequestQueue | None = None,
 ) -> FastAPI:
     """Build the OIP inference app.
 
@@ -126,6 +144,8 @@ def create_app(
     (the server reports not-ready until its expected models are in). ``attestation`` receives the
     client's nonce and returns evidence bound to it and to the TLS key; without it
     ``/attestation`` is 404. Batching, queue, body-size and timeout limits apply per model.
+    With ``queue`` (scale-out), inference is not run here: parsed inputs go through the queue to
+    workers (:func:`enclaveml.serving.worker.run_worker`), which batch and run them.
     """
     if max_request_bytes < 1 or request_timeout_s <= 0:
         raise ConfigurationError("max_request_bytes must be >= 1 and request_timeout_s > 0")
@@ -151,6 +171,7 @@ def create_app(
         max_request_bytes=max_request_bytes,
         request_timeout_s=request_timeout_s,
         attestation=attestation,
+        queue=queue,
     )
     registry.register(BatcherCollector(lambda: state.batchers))
 
@@ -181,6 +202,7 @@ def create_app(
     # ServerErrorMiddleware, which re-raises after answering (that is what an unexpected bug should do).
     app.add_exception_handler(ServingError, _error_response)
     app.add_exception_handler(AttestationError, _error_response)
+    app.add_exception_handler(QueueError, _error_response)
     app.add_exception_handler(Exception, _error_response)
     app.add_exception_handler(StarletteHTTPException, _http_error_response)
     app.add_exception_handler(RequestValidationError, _validation_error_response)

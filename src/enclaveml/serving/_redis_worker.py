@@ -1,0 +1,282 @@
+"""The worker side of the Redis Streams queue: read, open, serve, reply once, recover the dead's work.
+
+A worker is one consumer of the group. Its loop takes claimable entries of dead workers
+first (XAUTOCLAIM, idle for ``claim_idle_ms``), then new ones (XREADGROUP ``>``), at most
+``concurrency`` at a time. A heartbeat re-claims the entries it is serving (XCLAIM JUSTID,
+which resets their idle time without counting a delivery) so that a slow handler is not
+mistaken for a dead worker. Nothing an entry contains can stop the loop: entries that do not
+open are dead-lettered, expired ones dropped, handler exceptions sealed into the reply, and
+Redis errors retried with back-off. Layout and scripts: :mod:`._redis_layout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+from redis.typing import StreamIdT
+
+from enclaveml.errors import ConfigurationError
+from enclaveml.serving._queue import Handler, QueueDecryptionError, WorkerStats, call_handler
+from enclaveml.serving._queue_envelope import (
+    REPLY,
+    REQUEST,
+    QueueCipher,
+    ReplyRecord,
+    decode_request,
+    encode_reply,
+)
+from enclaveml.serving._redis_layout import (
+    COMPLETE_LUA,
+    DISCARD_LUA,
+    RedisLayout,
+    raise_if_cancelling,
+    reraise_if_cancelling,
+    stream_entries,
+)
+
+__all__ = ["RedisWorker"]
+
+_log = logging.getLogger(__name__)
+_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+_START = b"0-0"
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def _now_ms() -> int:
+    # Deadlines are wall-clock because front end and worker may be on different hosts.
+    return int(time.time() * 1000)
+
+
+class RedisWorker:
+    """One consumer of the request stream's group, serving until told to stop."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        layout: RedisLayout,
+        cipher: QueueCipher,
+        consumer: str,
+        handler: Handler,
+        concurrency: int,
+    ) -> None:
+        self._redis = redis
+        self._layout = layout
+        self._cipher = cipher
+        self._consumer = consumer
+        self._handler = handler
+        self._concurrency = concurrency
+        self._complete = redis.register_script(COMPLETE_LUA)
+        self._discard = redis.register_script(DISCARD_LUA)
+        self._serving: set[bytes] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._claim_cursor: bytes = _START
+        self.stats = WorkerStats()
+
+    async def run(self, stop_event: asyncio.Event) -> WorkerStats:
+        stop = asyncio.ensure_future(stop_event.wait())
+        heartbeat = asyncio.create_task(self._heartbeat())
+        loop = asyncio.get_running_loop()
+        # Claim scans are cheap but not free; a dead worker's entries wait claim_idle_ms anyway.
+        claim_every_s = min(self._layout.claim_idle_ms / 2000, 5.0)
+        next_claim = 0.0
+        failures = 0
+        group_ready = False
+        try:
+            while not stop_event.is_set():
+                raise_if_cancelling()
+                free = self._concurrency - len(self._tasks)
+                if free <= 0:
+                    await asyncio.wait({*self._tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    if not group_ready:
+                        await self._ensure_group()
+                        group_ready = True
+                    entries: list[Entry] = []
+                    if loop.time() >= next_claim:
+                        entries = await self._claim(free)
+                        if self._claim_cursor == _START:  # scan finished; otherwise go on at once
+                            next_claim = loop.time() + claim_every_s
+                    if not entries:
+                        response = await self._redis.xreadgroup(
+                            self._layout.group,
+                            self._consumer,
+                            {self._layout.stream: ">"},
+                            count=free,
+                            block=self._layout.block_ms,
+                        )
+                        entries = stream_entries(response)
+                    failures = 0
+                except RedisError as exc:
+                    reraise_if_cancelling(exc)
+                    if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                        group_ready = False  # Redis restarted or the stream was deleted
+                    self.stats.broker_errors += 1
+                    delay = _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
+                    failures += 1
+                    _log.warning("worker %s: Redis failed (%s); retrying", self._consumer, type(exc).__name__)
+                    await asyncio.wait({stop}, timeout=delay)
+                    continue
+                for entry_id, fields in entries:
+                    task = asyncio.create_task(self._serve(entry_id, fields))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        except asyncio.CancelledError:
+            # Cancelled from outside: no new Redis commands. Entries in progress stay pending
+            # and are claimed by another worker after claim_idle_ms.
+            for task in self._tasks:
+                task.cancel()
+            raise
+        finally:
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            heartbeat.cancel()
+            stop.cancel()
+        await self._retire_consumer()
+        return self.stats
+
+    async def _ensure_group(self) -> None:
+        version = str((await self._redis.info("server")).get("redis_version", "0"))
+        if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < (7, 0):
+            # 6.2 has XAUTOCLAIM but leaves deleted entries in the pending list, re-claimed forever.
+            raise ConfigurationError(f"the Redis Streams queue needs Redis >= 7.0; the server runs {version}")
+        try:
+            # Id 0: requests queued before the first worker ever started are served too.
+            await self._redis.xgroup_create(self._layout.stream, self._layout.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _claim(self, count: int) -> list[Entry]:
+        """Take entries idle for claim_idle_ms (their worker died); dead-letter over-delivered ones."""
+        layout = self._layout
+        response: list[Any] = await self._redis.xautoclaim(
+            layout.stream, layout.group, self._consumer, layout.claim_idle_ms, self._claim_cursor, count=count
+        )
+        self._claim_cursor = response[0]
+        # Redis >= 7 drops deleted entries from the pending list itself (response[2]).
+        claimed: list[Entry] = [(eid, fields or {}) for eid, fields in response[1] if eid is not None]
+        if not claimed:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for entry_id, _fields in claimed:
+            pipe.xpending_range(layout.stream, layout.group, min=entry_id, max=entry_id, count=1)
+        pending: list[list[dict[str, Any]]] = await pipe.execute()
+        out: list[Entry] = []
+        for (entry_id, fields), info in zip(claimed, pending, strict=True):
+            if info and int(info[0]["times_delivered"]) > layout.max_deliveries:
+                _log.warning(
+                    "worker %s: entry %s exceeded max_deliveries; dead-lettered", self._consumer, entry_id
+                )
+                self.stats.dead_lettered += 1
+                await self._discard_entry(entry_id, fields, b"max-deliveries")
+            else:
+                out.append((entry_id, fields))
+        self.stats.claimed += len(out)
+        return out
+
+    async def _serve(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        layout = self._layout
+        self._serving.add(entry_id)
+        try:
+            envelope = fields.get(b"c", b"")
+            try:
+                rid = bytes.fromhex(fields.get(b"i", b"").decode("ascii"))
+                request = decode_request(self._cipher.open(REQUEST, layout.stream, rid, envelope))
+            except (QueueDecryptionError, UnicodeDecodeError, ValueError):
+                reason = b"key-version" if self._cipher.is_foreign_version(envelope) else b"undecryptable"
+                _log.warning(
+                    "worker %s: entry %s did not open under the cluster key (%s); dead-lettered. If every "
+                    "entry fails, this worker's cluster key differs from the front ends'.",
+                    self._consumer, entry_id, reason.decode(),
+                )  # fmt: skip
+                self.stats.dead_lettered += 1
+                await self._discard_entry(entry_id, fields, reason)
+                return
+            if _now_ms() > request.deadline_ms:
+                self.stats.expired += 1
+                await self._discard_entry(entry_id, fields, b"")
+                return
+            self.stats.executed += 1
+            try:
+                reply = ReplyRecord(
+                    ok=True, body=await call_handler(self._handler, request.model, request.payload)
+                )
+            except Exception as exc:  # noqa: BLE001 - sealed into the reply; the worker goes on
+                self.stats.handler_errors += 1
+                _log.info("worker %s: handler raised %s", self._consumer, type(exc).__name__)
+                reply = ReplyRecord(ok=False, error_type=type(exc).__name__, error_message=str(exc))
+            now = _now_ms()
+            if now > request.deadline_ms:
+                self.stats.expired += 1  # the front end has given up; no one would read the reply
+                await self._discard_entry(entry_id, fields, b"")
+                return
+            reply_stream = layout.reply_stream(request.frontend_id)
+            sealed = self._cipher.seal(REPLY, reply_stream, rid, encode_reply(reply))
+            first = await self._complete(
+                keys=[layout.stream, layout.done_key(rid.hex()), reply_stream],
+                args=[
+                    layout.group, entry_id, rid.hex(), sealed,
+                    request.deadline_ms - now + layout.done_margin_ms,
+                    layout.reply_ttl_ms, layout.reply_max_len,
+                ],
+            )  # fmt: skip
+            if int(first) == 1:
+                self.stats.answered += 1
+            else:
+                self.stats.duplicates_suppressed += 1
+        except RedisError as exc:
+            reraise_if_cancelling(exc)
+            # The entry stays pending without heartbeat: some worker re-claims it after claim_idle_ms.
+            self.stats.broker_errors += 1
+            _log.warning(
+                "worker %s: Redis failed on entry %s (%s)", self._consumer, entry_id, type(exc).__name__
+            )
+        finally:
+            self._serving.discard(entry_id)
+
+    async def _discard_entry(self, entry_id: bytes, fields: dict[bytes, bytes], reason: bytes) -> None:
+        """Ack and delete; with a reason, keep the (still sealed) entry in the dead-letter stream."""
+        layout = self._layout
+        await self._discard(
+            keys=[layout.stream, layout.dead_letter],
+            args=[
+                layout.group, entry_id, reason, fields.get(b"i", b""), fields.get(b"c", b""),
+                layout.dead_letter_max_len,
+            ],
+        )  # fmt: skip
+
+    async def _heartbeat(self) -> None:
+        interval = self._layout.claim_idle_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            raise_if_cancelling()
+            serving: list[StreamIdT] = [*self._serving]
+            if not serving:
+                continue
+            try:
+                await self._redis.xclaim(
+                    self._layout.stream, self._layout.group, self._consumer, 0, serving, justid=True
+                )
+            except RedisError as exc:
+                reraise_if_cancelling(exc)
+                _log.warning("worker %s: heartbeat failed (%s)", self._consumer, type(exc).__name__)
+
+    async def _retire_consumer(self) -> None:
+        """Delete this consumer from the group if it owns nothing, so stopped workers leave no trace."""
+        layout = self._layout
+        try:
+            mine = await self._redis.xpending_range(
+                layout.stream, layout.group, "-", "+", 1, consumername=self._consumer
+            )
+            if not mine:
+                await self._redis.xgroup_delconsumer(layout.stream, layout.group, self._consumer)
+        except RedisError as exc:
+            reraise_if_cancelling(exc)
+            _log.info("worker %s: could not retire the consumer (%s)", self._consumer, type(exc).__name__)

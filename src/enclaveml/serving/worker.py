@@ -1,0 +1,58 @@
+"""Queue workers: take encrypted requests off the queue, batch them, run the model, reply.
+
+A worker holds the same unsealed models as the front ends (released by the key broker after
+attestation) and the cluster key (for the queue's encryption). It runs a
+:class:`~enclaveml.serving._batching.DynamicBatcher` per model, so requests that arrive
+together from several front ends are batched here just as in the single-process server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from enclaveml.serving._batching import DynamicBatcher
+from enclaveml.serving._engine import ModelRepository
+from enclaveml.serving._queue import RequestQueue, WorkerStats
+from enclaveml.serving._tensor_codec import decode_tensors, encode_tensors
+
+__all__ = ["QueueWorker"]
+
+
+@dataclass
+class QueueWorker:
+    """Serves ``repository`` from ``queue`` until ``stop_event`` is set."""
+
+    repository: ModelRepository
+    queue: RequestQueue
+    max_batch_size: int = 16
+    max_delay_ms: float = 2.0
+    max_queue: int = 256
+    timeout_s: float = 30.0
+    _batchers: dict[str, DynamicBatcher] = field(default_factory=dict, repr=False)
+
+    async def handle(self, model_key: str, payload: bytes) -> bytes:
+        name, _, version = model_key.partition(":")
+        model = self.repository.get(name, version or None)
+        batcher = self._batchers.get(model_key)
+        if batcher is None:
+            batcher = DynamicBatcher(
+                model,
+                max_batch_size=self.max_batch_size,
+                max_delay_ms=self.max_delay_ms,
+                max_queue=self.max_queue,
+                timeout_s=self.timeout_s,
+            )
+            self._batchers[model_key] = batcher
+        outputs = await batcher.submit(decode_tensors(payload))
+        return encode_tensors(outputs)
+
+    async def run(self, stop_event: asyncio.Event) -> WorkerStats:
+        """Serve until ``stop_event``; as many requests in flight as a batch holds, so batches can form."""
+        try:
+            return await self.queue.run_worker(
+                self.handle, stop_event=stop_event, concurrency=self.max_batch_size
+            )
+        finally:
+            for batcher in self._batchers.values():
+                await batcher.close()

@@ -1,0 +1,110 @@
+"""The Redis queue's sealed envelope: binding to id, stream and direction; records; key hygiene."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+
+from enclaveml.crypto.keys import KeyHandle
+from enclaveml.errors import ConfigurationError, DecryptionError
+from enclaveml.serving._queue import QueueDecryptionError
+from enclaveml.serving._queue_envelope import (
+    REPLY,
+    REQUEST,
+    QueueCipher,
+    ReplyRecord,
+    RequestRecord,
+    decode_reply,
+    decode_request,
+    encode_reply,
+    encode_request,
+)
+
+STREAM = "enclaveml:requests"
+SECRET = b"plaintext model input 12345"
+
+
+@pytest.fixture
+def key() -> KeyHandle:
+    return KeyHandle.generate("cluster", 3)
+
+
+def test_round_trip_and_layout(key: KeyHandle) -> None:
+    cipher = QueueCipher(key)
+    rid = os.urandom(16)
+    envelope = cipher.seal(REQUEST, STREAM, rid, SECRET)
+    assert envelope[0] == 1
+    assert envelope[1:5] == (3).to_bytes(4, "big")
+    assert len(envelope) == 1 + 4 + 12 + len(SECRET) + 16
+    assert SECRET not in envelope
+    assert cipher.open(REQUEST, STREAM, rid, envelope) == SECRET
+    assert QueueCipher(key).open(REQUEST, STREAM, rid, envelope) == SECRET  # same derived key
+    assert cipher.seal(REQUEST, STREAM, rid, SECRET)[5:17] != envelope[5:17]  # fresh nonce
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["direction", "stream", "rid", "key", "key_version", "tamper", "truncate", "empty"],
+)
+def test_any_mismatch_is_the_same_typed_error(key: KeyHandle, change: str) -> None:
+    cipher = QueueCipher(key)
+    rid = os.urandom(16)
+    envelope = cipher.seal(REQUEST, STREAM, rid, SECRET)
+    direction, stream, opener = REQUEST, STREAM, cipher
+    if change == "direction":
+        direction = REPLY
+    elif change == "stream":
+        stream = STREAM + ":reply:00"
+    elif change == "rid":
+        rid = os.urandom(16)
+    elif change == "key":
+        opener = QueueCipher(KeyHandle.generate("cluster", 3))
+    elif change == "key_version":
+        opener = QueueCipher(KeyHandle("cluster", 4, key.secret_bytes()))
+    elif change == "tamper":
+        envelope = envelope[:-1] + bytes([envelope[-1] ^ 1])
+    elif change == "truncate":
+        envelope = envelope[:20]
+    else:
+        envelope = b""
+    with pytest.raises(QueueDecryptionError, match=r"^invalid queue envelope$"):
+        opener.open(direction, stream, rid, envelope)
+    assert issubclass(QueueDecryptionError, DecryptionError)
+
+
+def test_foreign_key_version_is_recognised(key: KeyHandle) -> None:
+    mine = QueueCipher(key)
+    other = QueueCipher(KeyHandle.generate("cluster", 9))
+    rid = os.urandom(16)
+    assert mine.is_foreign_version(other.seal(REQUEST, STREAM, rid, b"x"))
+    assert not mine.is_foreign_version(mine.seal(REQUEST, STREAM, rid, b"x"))
+    assert not mine.is_foreign_version(b"garbage")
+
+
+def test_cipher_hides_key_material(key: KeyHandle) -> None:
+    cipher = QueueCipher(key)
+    assert key.secret_bytes().hex() not in repr(cipher)
+    with pytest.raises(TypeError):
+        pickle.dumps(cipher)
+    with pytest.raises(ConfigurationError):
+        QueueCipher(key.secret_bytes())  # type: ignore[arg-type]
+
+
+def test_request_and_reply_records_round_trip() -> None:
+    request = RequestRecord(1_790_000_000_123, bytes(range(16)), "résumé-model", b"\x00payload")
+    assert decode_request(encode_request(request)) == request
+    assert decode_reply(encode_reply(ReplyRecord(ok=True, body=b"out"))) == ReplyRecord(ok=True, body=b"out")
+    error = decode_reply(
+        encode_reply(ReplyRecord(ok=False, error_type="ValueError", error_message="x" * 5000))
+    )
+    assert (error.ok, error.error_type) == (False, "ValueError")
+    assert len(error.error_message) < 1024
+    for bad in (b"", b"\x07rest"):
+        with pytest.raises(QueueDecryptionError):
+            decode_reply(bad)
+    with pytest.raises(QueueDecryptionError):
+        decode_request(encode_request(request)[:10])
+    with pytest.raises(ConfigurationError):
+        encode_request(RequestRecord(0, b"short", "m", b""))
