@@ -21,6 +21,7 @@ app.command("seal")(seal.seal)
 app.command("unseal")(seal.unseal)
 app.command("quantize")(quantize.quantize)
 app.command("serve")(serve.serve)
+app.command("serve-worker")(serve.serve_worker)
 app.command("predict")(serve.predict)
 
 

@@ -67,6 +67,12 @@ def serve(
     max_delay_ms: Annotated[float, typer.Option(help="Dynamic batching: wait for company.")] = 2.0,
     max_queue: Annotated[int, typer.Option(help="Requests waiting per model before 429.")] = 256,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")] = None,
+    queue: Annotated[
+        str | None, typer.Option(help="redis://... : scale out through encrypted Redis Streams to workers.")
+    ] = None,
+    cluster_key: Annotated[
+        str, typer.Option(help="Broker key id of the queue's cluster key.")
+    ] = "enclaveml-cluster",
     print_measurement: Annotated[
         bool, typer.Option(help="With --tee simulation: print the workload measurement and exit.")
     ] = False,
@@ -74,20 +80,19 @@ def serve(
     """Attest, obtain model keys, unseal models in memory, and serve them over RA-TLS."""
     try:
         models = _parse_models(model)
-        provider = _provider(tee, models, print_measurement)
+        provider = _provider(tee, "enclaveml serve", workload_config(models, queue), print_measurement)
         if print_measurement:
             return
         if not kbs:
             raise ConfigurationError("--kbs URL (or ENCLAVEML_KBS_URL) is required")
-        _run_server(
-            provider, models, kbs, kbs_ca, host, port, max_batch_size, max_delay_ms, max_queue, threads
-        )
+        options = {"max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms, "max_queue": max_queue}
+        _run_server(provider, models, kbs, kbs_ca, host, port, threads, queue, cluster_key, options)
     except EnclaveMLError as exc:
         err_console.print(f"[bold red]serve failed:[/bold red] {exc}")
         raise typer.Exit(_exit_code(exc)) from None
 
 
-def _provider(tee: str, models: dict[str, Path], print_measurement: bool) -> Any:
+def _provider(tee: str, entry_point: str, config: dict[str, Any], print_measurement: bool) -> Any:
     from enclaveml.attestation import provider_by_name
 
     if tee.strip().lower() == "simulation":
@@ -95,7 +100,7 @@ def _provider(tee: str, models: dict[str, Path], print_measurement: bool) -> Any
         from enclaveml.cli._console import simulation_banner
 
         simulation_banner()
-        provider = SimulationProvider(entry_point="enclaveml serve", config=workload_config(models, None))
+        provider = SimulationProvider(entry_point=entry_point, config=config)
         if print_measurement:
             typer.echo(provider.measurement.hex())
         return provider
@@ -111,33 +116,86 @@ def _run_server(
     kbs_ca: Path | None,
     host: str,
     port: int,
-    max_batch_size: int,
-    max_delay_ms: float,
-    max_queue: int,
     threads: int | None,
+    queue_url: str | None,
+    cluster_key: str,
+    options: dict[str, Any],
 ) -> None:
     import uvicorn
 
     from enclaveml.attestation import create_ratls_certificate
     from enclaveml.kms import KeyBrokerClient
+    from enclaveml.serving import RedisStreamsQueue
     from enclaveml.serving.app import create_app
     from enclaveml.serving.secure import attestation_hook, load_sealed_models, uvicorn_config
 
     with KeyBrokerClient(kbs, provider, verify=str(kbs_ca) if kbs_ca else True) as broker:
-        repository = load_sealed_models(models, broker, intra_op_threads=threads)
+        # A front end in queue mode only needs the models' signatures, not compute threads.
+        repository = load_sealed_models(models, broker, intra_op_threads=1 if queue_url else threads)
+        queue = RedisStreamsQueue(queue_url, cluster_key=broker.release(cluster_key)) if queue_url else None
     ratls = create_ratls_certificate(provider, dns_names=("localhost", host))
-    app = create_app(
-        repository,
-        max_batch_size=max_batch_size,
-        max_delay_ms=max_delay_ms,
-        max_queue=max_queue,
-        attestation=attestation_hook(provider, ratls),
-    )
-    err_console.print(
-        f"serving {', '.join(sorted(models))} on https://{host}:{port} (RA-TLS, {provider.tee.value})"
-    )
+    app = create_app(repository, attestation=attestation_hook(provider, ratls), queue=queue, **options)
+    mode = f"queue {queue_url}" if queue_url else "in-process batching"
+    err_console.print(f"serving {', '.join(sorted(models))} on https://{host}:{port} (RA-TLS, {mode})")
     with uvicorn_config(app, ratls, host=host, port=port) as config:
         uvicorn.Server(config).run()
+
+
+def serve_worker(
+    model: Annotated[list[str], typer.Option("--model", help="NAME=PATH.sealed; repeat for several models.")],
+    queue: Annotated[str, typer.Option(help="redis://... the front ends use.")],
+    kbs: Annotated[str, typer.Option("--kbs", envvar="ENCLAVEML_KBS_URL", help="Key broker URL.")] = "",
+    kbs_ca: Annotated[
+        Path | None, typer.Option("--kbs-ca", envvar="ENCLAVEML_KBS_CA", help="Broker certificate/CA to pin.")
+    ] = None,
+    tee: Annotated[
+        str, typer.Option(help="Evidence provider: auto, gramine, tsm, tdx, sev-snp, simulation.")
+    ] = "auto",
+    cluster_key: Annotated[
+        str, typer.Option(help="Broker key id of the queue's cluster key.")
+    ] = "enclaveml-cluster",
+    max_batch_size: Annotated[int, typer.Option(help="Dynamic batching: rows per batch.")] = 16,
+    max_delay_ms: Annotated[float, typer.Option(help="Dynamic batching: wait for company.")] = 2.0,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")] = None,
+    print_measurement: Annotated[
+        bool, typer.Option(help="With --tee simulation: print the workload measurement and exit.")
+    ] = False,
+) -> None:
+    """A scale-out worker: attest, obtain model and cluster keys, serve requests from the queue."""
+    import asyncio
+    import signal
+
+    try:
+        models = _parse_models(model)
+        provider = _provider(tee, "enclaveml serve-worker", {"models": sorted(models)}, print_measurement)
+        if print_measurement:
+            return
+        if not kbs:
+            raise ConfigurationError("--kbs URL (or ENCLAVEML_KBS_URL) is required")
+        from enclaveml.kms import KeyBrokerClient
+        from enclaveml.serving import QueueWorker, RedisStreamsQueue
+        from enclaveml.serving.secure import load_sealed_models
+
+        with KeyBrokerClient(kbs, provider, verify=str(kbs_ca) if kbs_ca else True) as broker:
+            repository = load_sealed_models(models, broker, intra_op_threads=threads)
+            key = broker.release(cluster_key)
+
+        async def run() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            async with RedisStreamsQueue(queue, cluster_key=key) as redis_queue:
+                err_console.print(f"worker serving {', '.join(sorted(models))} from {queue}")
+                worker = QueueWorker(
+                    repository, redis_queue, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms
+                )
+                await worker.run(stop)
+
+        asyncio.run(run())
+    except EnclaveMLError as exc:
+        err_console.print(f"[bold red]serve-worker failed:[/bold red] {exc}")
+        raise typer.Exit(_exit_code(exc)) from None
 
 
 def predict(
