@@ -1,0 +1,1 @@
+"""Federated learning: horizontal FL with the aggregator in a TEE, and vertical FL."""
