@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from enclaveml.errors import ConfigurationError
-from enclaveml.serving._engine import ServingError
+from enclaveml.serving._engine import OnnxModel, ServingError
 
 __all__ = [
     "BatcherClosedError",
@@ -311,3 +311,30 @@ def _batch_key(inputs: Mapping[str, np.ndarray], batchable: bool) -> tuple[int, 
     if any(a.ndim == 0 or a.shape[0] != rows for a in arrays):
         return 1, (object(),)  # inconsistent dim 0: let the model judge it alone
     return rows, tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
+
+
+def batcher_for(
+    batchers: dict[str, DynamicBatcher],
+    model: OnnxModel,
+    *,
+    max_batch_size: int,
+    max_delay_ms: float,
+    max_queue: int,
+    timeout_s: float,
+) -> DynamicBatcher:
+    """The batcher of ``model`` in ``batchers`` (keyed ``name:version``), created on first use.
+
+    Called inside the event loop that will drive the batcher (the HTTP app, or a queue worker).
+    """
+    key = f"{model.name}:{model.version}"
+    batcher = batchers.get(key)
+    if batcher is None:
+        batcher = DynamicBatcher(
+            model,
+            max_batch_size=max_batch_size,
+            max_delay_ms=max_delay_ms,
+            max_queue=max_queue,
+            timeout_s=timeout_s,
+        )
+        batchers[key] = batcher
+    return batcher

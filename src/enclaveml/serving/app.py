@@ -34,6 +34,7 @@ from enclaveml.serving._batching import (
     InferenceFailedError,
     InferenceTimeoutError,
     Overloaded,
+    batcher_for,
 )
 from enclaveml.serving._engine import (
     ModelInputError,
@@ -105,18 +106,14 @@ class ServerState:
 
     def batcher(self, model: OnnxModel) -> DynamicBatcher:
         """The model's batcher, created on first use inside the event loop."""
-        key = f"{model.name}:{model.version}"
-        batcher = self.batchers.get(key)
-        if batcher is None:
-            batcher = DynamicBatcher(
-                model,
-                max_batch_size=self.max_batch_size,
-                max_delay_ms=self.max_delay_ms,
-                max_queue=self.max_queue,
-                timeout_s=self.request_timeout_s,
-            )
-            self.batchers[key] = batcher
-        return batcher
+        return batcher_for(
+            self.batchers,
+            model,
+            max_batch_size=self.max_batch_size,
+            max_delay_ms=self.max_delay_ms,
+            max_queue=self.max_queue,
+            timeout_s=self.request_timeout_s,
+        )
 
     async def close(self) -> None:
         self.accepting = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from enclaveml.serving._batching import DynamicBatcher
+from enclaveml.serving._batching import DynamicBatcher, batcher_for
 from enclaveml.serving._engine import ModelRepository
 from enclaveml.serving._queue import RequestQueue, WorkerStats
 from enclaveml.serving._tensor_codec import decode_tensors, encode_tensors
@@ -34,16 +34,14 @@ class QueueWorker:
     async def handle(self, model_key: str, payload: bytes) -> bytes:
         name, _, version = model_key.partition(":")
         model = self.repository.get(name, version or None)
-        batcher = self._batchers.get(model_key)
-        if batcher is None:
-            batcher = DynamicBatcher(
-                model,
-                max_batch_size=self.max_batch_size,
-                max_delay_ms=self.max_delay_ms,
-                max_queue=self.max_queue,
-                timeout_s=self.timeout_s,
-            )
-            self._batchers[model_key] = batcher
+        batcher = batcher_for(
+            self._batchers,
+            model,
+            max_batch_size=self.max_batch_size,
+            max_delay_ms=self.max_delay_ms,
+            max_queue=self.max_queue,
+            timeout_s=self.timeout_s,
+        )
         outputs = await batcher.submit(decode_tensors(payload))
         return encode_tensors(outputs)
 
