@@ -52,7 +52,10 @@ config = BrokerConfig(
     verifier=EvidenceVerifier(simulation=SimulationVerifier(bytes.fromhex(a["sim_pub"]))),
     nonce_ttl=a["ttl"], allowed_kems=frozenset(a["kems"]), max_request_body=64 * 1024,
 )
-run_broker(config, "127.0.0.1", a["port"], certfile=a["cert"], keyfile=a["key"], log_level="debug")
+run_broker(
+    config, "127.0.0.1", a["port"], certfile=a["cert"], keyfile=a["key"], log_level="debug",
+    workers=a["workers"],
+)
 """
 HYBRID, X25519 = "MLKEM768-X25519", "X25519"
 SUITES = {
@@ -103,7 +106,14 @@ class Broker:
     """One broker process serving HTTPS on an ephemeral port, its output captured in a file."""
 
     def __init__(
-        self, env: Env, db: Db, root_key: Path | None = None, *, ttl: float = 60.0, kems=(HYBRID, X25519)
+        self,
+        env: Env,
+        db: Db,
+        root_key: Path | None = None,
+        *,
+        ttl: float = 60.0,
+        kems=(HYBRID, X25519),
+        workers: int = 1,
     ) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -115,7 +125,7 @@ class Broker:
         args = {
             "db": str(db.path), "root_key": str(root_key or db.root_key), "ttl": ttl, "kems": list(kems),
             "sim_pub": env.sim_key.public_bytes.hex(), "port": port,
-            "cert": str(env.cert), "key": str(env.tls_key),
+            "cert": str(env.cert), "key": str(env.tls_key), "workers": workers,
         }  # fmt: skip
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
@@ -439,6 +449,41 @@ def test_expired_nonce_and_refused_x25519_on_a_second_broker(
         assert refused.status_code == 400
         assert refused.json()["error"] == "kem_not_allowed"
         assert refused.json()["allowed"] == [HYBRID]
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def test_two_worker_processes_share_nonces_and_stop_together(env: Env, main_db: Db) -> None:
+    server = Broker(env, main_db, workers=2).wait_ready()
+    clients = [server.client() for _ in range(8)]  # one TLS connection each, spread over the workers
+    try:
+        workers = _children(server.proc.pid)
+        assert len(workers) == 2
+        create_key(clients[0], main_db, "multi", env.provider)
+        workload = Workload(env.provider)
+        body = workload.request(workload.challenge(clients[0]))
+        answers = [call(c, "POST", "/v1/keys/multi/release", json=body) for c in clients]
+        assert sorted(a.status_code for a in answers) == [200] + [403] * 7  # one nonce, one release
+        assert all(a.json()["rule"] == "nonce" for a in answers if a.status_code == 403)
+        for client in clients:
+            workload.open(workload.release(client, "multi"), "multi")
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+    assert server.proc.returncode == 0
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
 # -- admin, robustness, metrics -------------------------------------------------------------------

@@ -244,6 +244,47 @@ def test_disabled_missing_and_malformed(broker: KeyBroker, policy, sim_provider,
     assert rules == ["disabled", "not_found", "not_found", "request", "request", "not_found"]
 
 
+@pytest.mark.parametrize("version", [2**63, -(2**63), 2**80])
+def test_a_version_beyond_sqlite_integers_is_not_found_and_audited(
+    broker: KeyBroker, policy, sim_provider, version: int
+) -> None:
+    broker.create_key("k", policy)
+    w = Workload(sim_provider)
+    c = broker.challenge()
+    with pytest.raises(KeyNotFoundError, match="no version"):
+        broker.release("k", c.nonce, w.evidence(c.nonce), w.public, w.kem, version)
+    last = broker.audit_records(limit=1000)[-1]
+    assert (last.event, last.verdict, last.rule, last.version) == ("release", "denied", "not_found", None)
+    assert broker.verify_audit().ok
+
+
+def test_policy_is_parsed_once_per_stored_text_and_changes_are_seen(
+    broker: KeyBroker, policy, sim_provider, sim_key: SimulationKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from enclaveml.attestation import policy_from_dict as real
+    from enclaveml.kms import _release as release_module
+
+    parsed: list[object] = []
+
+    def counting(data: object) -> object:
+        parsed.append(data)
+        return real(data)  # type: ignore[arg-type]
+
+    release_module._load_policy.cache_clear()
+    monkeypatch.setattr(release_module, "policy_from_dict", counting)
+    broker.create_key("k", policy)
+    workload = Workload(sim_provider)
+    for _ in range(3):
+        assert len(_release(broker, workload)) == 32
+    assert len(parsed) == 1  # three releases, one parse
+    other = SimulationProvider(key=sim_key, entry_point="tests", config={"v": 2})
+    broker.set_policy("k", UnsafeAllowSimulation(AllOf(MeasurementAllowlist([other.measurement]))))
+    with pytest.raises(KeyReleaseDeniedError):  # the new policy applies to the very next release
+        _release(broker, workload)
+    assert len(_release(broker, Workload(other))) == 32
+    assert len(parsed) == 2
+
+
 def test_x25519_can_be_refused_by_configuration(
     tmp_path: Path, root_key, sim_key, policy, sim_provider
 ) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from enclaveml.errors import KeyNotFoundError, StorageError
-from enclaveml.kms._audit import AuditEvent
+from enclaveml.kms._audit import AuditEvent, AuditRecord
 from enclaveml.kms._schema import SCHEMA_VERSION
 from enclaveml.kms._storage import KeyExistsError, KeyStore, NonceStatus, SqliteKeyStore
 
@@ -223,3 +224,104 @@ def test_concurrent_writers_keep_the_chain_and_every_key(store: SqliteKeyStore, 
     second.close()
     assert store.count_keys() == 45
     assert store.verify_audit() == (True, 90, None)
+
+
+def test_nonces_commit_without_fsync_everything_else_durably(store: SqliteKeyStore) -> None:
+    # Three connections: durable writes (FULL), nonces (NORMAL), and read-only lookups.
+    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store._nonce_conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert store._read_conn.execute("PRAGMA query_only").fetchone()[0] == 1
+    for conn in (store._nonce_conn, store._read_conn):
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        store._read_conn.execute("DELETE FROM nonces")
+
+
+def test_nonce_is_single_use_across_stores_on_one_file(store: SqliteKeyStore) -> None:
+    others = [SqliteKeyStore(store.path) for _ in range(3)]  # as other broker processes would
+    try:
+        for round_ in range(5):
+            nonce = f"race-{round_}".encode()
+            store.add_nonce(nonce, 100.0, now=1.0)
+            results: list[NonceStatus] = []
+            threads = [
+                threading.Thread(target=lambda s=s: results.append(s.consume_nonce(nonce, now=2.0)))
+                for s in [store, *others] * 2
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert sorted(r.value for r in results) == ["ok"] + ["unknown"] * 7
+    finally:
+        for other in others:
+            other.close()
+
+
+def test_reads_see_what_another_connection_committed(store: SqliteKeyStore) -> None:
+    other = SqliteKeyStore(store.path)
+    try:
+        store.create_key("k", POLICY, b"w", now=1.0, audit=_event())
+        assert other.get_key("k").policy == POLICY
+        other.set_policy("k", "{}", now=2.0, audit=_event("policy.set"))
+        other.set_state("k", "disabled", now=2.0, audit=_event("key.disable"))
+        key, _ = store.get_version("k", None)
+        assert (key.policy, key.state) == ("{}", "disabled")
+    finally:
+        other.close()
+
+
+def _queued_appends(store: SqliteKeyStore, events: list[AuditEvent]) -> list[object]:
+    """Append ``events`` from one thread each while the write lock is held, then let them go."""
+    outcomes: list[object] = [None] * len(events)
+
+    def append(i: int) -> None:
+        try:
+            outcomes[i] = store.append_audit(events[i])
+        except Exception as exc:  # noqa: BLE001 - the outcome under test
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=append, args=(i,)) for i in range(len(events))]
+    with store._lock:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(store._audit_queue) < len(events):  # all queued behind the lock
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    for t in threads:
+        t.join()
+    return outcomes
+
+
+def test_concurrent_audit_appends_share_one_durable_commit(
+    store: SqliteKeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    real = SqliteKeyStore._append_all
+
+    def recording(db: sqlite3.Connection, events: list[AuditEvent]) -> list[AuditRecord]:
+        batches.append(len(events))
+        return real(db, events)
+
+    monkeypatch.setattr(SqliteKeyStore, "_append_all", staticmethod(recording))
+    store.append_audit(AuditEvent(1.0, "release", "released", key_id="k"))
+    events = [AuditEvent(2.0, "release", "denied", key_id=f"k{i}", rule="nonce") for i in range(8)]
+    outcomes = _queued_appends(store, events)
+    assert batches == [1, 8]  # the first thread to get the lock wrote every queued record
+    records = [o for o in outcomes if isinstance(o, AuditRecord)]
+    assert sorted(r.seq for r in records) == list(range(2, 10))
+    assert {r.key_id for r in records} == {e.key_id for e in events}  # each caller got its own record
+    assert store.verify_audit() == (True, 9, None)
+    assert [r.seq for r in store.audit_records(limit=100)] == list(range(1, 10))
+
+
+def test_a_bad_record_fails_only_its_own_caller(store: SqliteKeyStore) -> None:
+    good = [AuditEvent(1.0, "release", "released", key_id=f"k{i}") for i in range(4)]
+    poison = AuditEvent(1.0, "release", "denied", key_id="bad", version=2**70)  # not an SQLite integer
+    outcomes = _queued_appends(store, [*good[:2], poison, *good[2:]])
+    assert isinstance(outcomes[2], OverflowError)
+    stored = [o for o in outcomes if isinstance(o, AuditRecord)]
+    assert [r.key_id for r in stored] == ["k0", "k1", "k2", "k3"]
+    assert store.verify_audit() == (True, 4, None)

@@ -6,16 +6,21 @@ the raw primitives, so the documentation and the code cannot drift apart silentl
 
 from __future__ import annotations
 
+import errno
+import gc
 import io
+import itertools
 import os
 import struct
+import threading
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encryptor
 
-from enclaveml.crypto import _buffers, sealed
+from enclaveml.crypto import _buffers, _pipeline, _sealed_io, sealed
 from enclaveml.crypto._sealed_header import (
     AUTH_FAILED,
     CHUNK_SIZE,
@@ -288,7 +293,7 @@ def test_progress_reports_input_bytes_up_to_the_input_size(tmp_path: Path) -> No
     seal_file(tmp_path / "p", tmp_path / "s", wrapper=KEY, key_id="model-key", progress=seen.append)
     assert seen == sorted(seen)
     assert seen[-1] == len(plaintext)
-    assert len(seen) == 4
+    assert len(seen) == -(-len(plaintext) // sealed._SEAL_READ)  # once per block
     for call in (
         lambda: unseal_file(tmp_path / "s", tmp_path / "o", unwrapper=KEY, progress=seen.append),
         lambda: unseal_file_to_bytes(tmp_path / "s", unwrapper=KEY, progress=seen.append),
@@ -392,3 +397,270 @@ def test_streaming_memory_stays_bounded(tmp_path: Path) -> None:
     assert (tmp_path / "o").stat().st_size == size
     assert len(in_memory) == size
     assert in_memory[-(1 << 20) :] == block
+
+
+# --- the seal_file / unseal_file pipeline (reader thread -> cipher -> writer thread) ----------
+
+MIB = 1 << 20
+
+
+def _helper_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("enclaveml-sealed-"))
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, bytes]:
+    """A folder holding p (a plaintext of about ten pipeline blocks), s (it sealed) and o (an old output)."""
+    plaintext = os.urandom(5 * MIB + 12345)
+    (tmp_path / "p").write_bytes(plaintext)
+    seal_file(tmp_path / "p", tmp_path / "s", wrapper=KEY, key_id="model-key")
+    (tmp_path / "o").write_bytes(b"old")
+    return tmp_path, plaintext
+
+
+def _seal(tmp: Path, **kwargs: object) -> object:
+    return seal_file(tmp / "p", tmp / "o", wrapper=KEY, key_id="model-key", **kwargs)  # type: ignore[arg-type]
+
+
+def _unseal(tmp: Path, **kwargs: object) -> object:
+    return unseal_file(tmp / "s", tmp / "o", unwrapper=KEY, **kwargs)  # type: ignore[arg-type]
+
+
+def _assert_clean_failure(tmp: Path) -> None:
+    """The old output is untouched, no temporary file is left and no helper thread is running."""
+    assert (tmp / "o").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp.iterdir()) == ["o", "p", "s"]
+    assert _helper_threads() == []
+
+
+def test_regular_files_go_through_the_threaded_pipeline(files: tuple[Path, bytes]) -> None:
+    tmp, plaintext = files
+    seen: list[list[str]] = []
+    for call in (_seal, _unseal):
+        (tmp / "o").write_bytes(b"old")
+        call(tmp, progress=lambda done: seen.append(_helper_threads()))
+        assert _helper_threads() == []
+    assert ["enclaveml-sealed-reader", "enclaveml-sealed-writer"] in seen
+    assert (tmp / "o").read_bytes() == plaintext
+    assert unseal_bytes((tmp / "s").read_bytes(), unwrapper=KEY) == plaintext
+
+
+@pytest.mark.parametrize("call", [_seal, _unseal])
+def test_a_read_error_in_the_reader_thread_propagates(
+    files: tuple[Path, bytes], call: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp, _ = files
+    threads: list[str] = []
+    real_fill = _sealed_io.fill
+
+    def failing_fill(reader: object, view: memoryview) -> int:
+        threads.append(threading.current_thread().name)
+        if len(threads) == 3:
+            raise OSError(errno.EIO, "injected read error")
+        return real_fill(reader, view)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_pipeline, "fill", failing_fill)
+    with pytest.raises(OSError, match="injected read error") as caught:
+        call(tmp)  # type: ignore[operator]
+    assert caught.value.errno == errno.EIO
+    assert set(threads) == {"enclaveml-sealed-reader"}
+    _assert_clean_failure(tmp)
+
+
+@pytest.mark.parametrize("call", [_seal, _unseal])
+def test_a_write_error_in_the_writer_thread_propagates(
+    files: tuple[Path, bytes], call: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp, _ = files
+    real_write = _sealed_io.OutputFile.write
+    threads: list[str] = []
+
+    def failing_write(self: _sealed_io.OutputFile, data: memoryview) -> None:
+        threads.append(threading.current_thread().name)
+        if len(threads) == 4:
+            raise OSError(errno.ENOSPC, "injected: no space left")
+        real_write(self, data)
+
+    monkeypatch.setattr(_sealed_io.OutputFile, "write", failing_write)
+    with pytest.raises(OSError, match="injected") as caught:
+        call(tmp)  # type: ignore[operator]
+    assert caught.value.errno == errno.ENOSPC
+    assert set(threads) == {"enclaveml-sealed-writer"}
+    _assert_clean_failure(tmp)
+
+
+@pytest.mark.parametrize("call", [_seal, _unseal])
+@pytest.mark.parametrize("error", [RuntimeError("progress failed"), KeyboardInterrupt()])
+def test_an_error_in_the_calling_thread_stops_the_helpers(
+    files: tuple[Path, bytes], call: object, error: BaseException
+) -> None:
+    tmp, _ = files
+
+    def progress(done: int) -> None:
+        if done > 2 * MIB:
+            raise error
+
+    with pytest.raises(type(error)) as caught:
+        call(tmp, progress=progress)  # type: ignore[operator]
+    assert caught.value is error
+    _assert_clean_failure(tmp)
+
+
+def test_damage_in_the_middle_of_a_large_file_fails_unseal_file_cleanly(files: tuple[Path, bytes]) -> None:
+    tmp, _ = files
+    blob = bytearray((tmp / "s").read_bytes())
+    blob[len(blob) // 2] ^= 1
+    (tmp / "s").write_bytes(blob)
+    with pytest.raises(DecryptionError, match=AUTH_FAILED):
+        _unseal(tmp)
+    _assert_clean_failure(tmp)
+
+
+def test_unseal_file_renames_only_after_the_last_chunk_verified_and_was_written(
+    files: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp, plaintext = files
+    events: list[str] = []
+    real_final, real_replace = sealed._final, os.replace
+
+    def final(decryptor: object) -> bytes:
+        tail = real_final(decryptor)  # type: ignore[arg-type]
+        events.append("verified")
+        return tail
+
+    def replace(src: str, dst: Path) -> None:
+        events.append("rename")
+        assert Path(src).read_bytes() == plaintext  # complete: the writer thread had finished
+        assert _helper_threads() == []
+        real_replace(src, dst)
+
+    monkeypatch.setattr(sealed, "_final", final)
+    monkeypatch.setattr(os, "replace", replace)
+    _unseal(tmp)
+    assert events == ["verified", "rename"]
+    assert (tmp / "o").read_bytes() == plaintext
+
+
+def test_inputs_that_are_not_regular_files_are_read_in_the_calling_thread(tmp_path: Path) -> None:
+    plaintext = os.urandom(3 * MIB + 7)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    seen: list[list[str]] = []
+
+    def record(done: int) -> None:
+        seen.append(_helper_threads())
+
+    def through_fifo(data: bytes, call: Callable[[], object]) -> None:
+        feeder = threading.Thread(target=fifo.write_bytes, args=(data,))
+        feeder.start()
+        try:
+            call()
+        finally:
+            feeder.join()
+
+    sealing = {"wrapper": KEY, "key_id": "model-key", "progress": record}
+    through_fifo(plaintext, lambda: seal_file(fifo, tmp_path / "s", **sealing))  # type: ignore[arg-type]
+    through_fifo((tmp_path / "s").read_bytes(), lambda: unseal_file(fifo, tmp_path / "o", unwrapper=KEY))
+    assert (tmp_path / "o").read_bytes() == plaintext
+    assert len(seen) == -(-len(plaintext) // sealed._SEAL_READ)
+    assert all(names == [] for names in seen)
+
+
+def test_disk_space_is_reserved_ahead_and_trimmed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = _sealed_io._FALLOCATE
+    if real is None:
+        pytest.skip("no fallocate on this platform")
+    calls: list[tuple[int, int]] = []
+
+    def spy(fd: int, offset: int, length: int) -> None:
+        calls.append((offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(_sealed_io, "_FALLOCATE", spy)
+    plaintext = os.urandom(40 * MIB + 3)
+    (tmp_path / "p").write_bytes(plaintext)
+    header = seal_file(tmp_path / "p", tmp_path / "s", wrapper=KEY, key_id="model-key")
+    size = header.size + payload_size(len(plaintext))
+    assert (tmp_path / "s").stat().st_size == size
+    assert calls[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(calls))  # contiguous, in steps
+    assert calls[-1][0] + calls[-1][1] == size
+    calls.clear()
+    unseal_file(tmp_path / "s", tmp_path / "o", unwrapper=KEY)
+    assert calls[-1][0] + calls[-1][1] == len(plaintext)
+    assert (tmp_path / "o").read_bytes() == plaintext
+    # A hint larger than what is written is cut back.
+    with _sealed_io.atomic_output(tmp_path / "short") as output:
+        output.expect(10 * MIB)
+        output.write(b"x" * 1000)
+    assert (tmp_path / "short").read_bytes() == b"x" * 1000
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_running_out_of_space_while_reserving_fails_like_a_write(
+    files: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    tmp, _ = files
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(_sealed_io, "_FALLOCATE", fallocate)
+    for call in (_seal, _unseal):
+        with pytest.raises(OSError, match=os.strerror(code)) as caught:
+            call(tmp)
+        assert caught.value.errno == code
+        _assert_clean_failure(tmp)
+
+
+def test_file_systems_without_fallocate_are_written_without_reservation(
+    files: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp, plaintext = files
+    calls: list[int] = []
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        calls.append(offset)
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(_sealed_io, "_FALLOCATE", fallocate)
+    _unseal(tmp)
+    assert (tmp / "o").read_bytes() == plaintext
+    assert calls == [0]  # tried once, then not again
+
+
+def _rss_peak_reset() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return False
+    return True
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def test_streaming_rss_stays_bounded(tmp_path: Path) -> None:
+    """tracemalloc sees the pools, not what C code allocates in threads: check the process's peak RSS too."""
+    if not _rss_peak_reset():
+        pytest.skip("/proc/self/clear_refs is not available")
+    size = 256 * MIB
+    with (tmp_path / "p").open("wb") as sparse:  # reads as zeros, costs no disk space
+        sparse.truncate(size)
+    growth: dict[str, int] = {}
+    calls: dict[str, Callable[[], object]] = {
+        "seal": lambda: seal_file(tmp_path / "p", tmp_path / "s", wrapper=KEY, key_id="model-key"),
+        "unseal": lambda: unseal_file(tmp_path / "s", tmp_path / "o", unwrapper=KEY),
+    }
+    for name, call in calls.items():
+        gc.collect()
+        assert _rss_peak_reset()
+        before = _rss_kib("VmRSS")
+        call()
+        growth[name] = _rss_kib("VmHWM") - before
+    assert (tmp_path / "o").stat().st_size == size
+    assert max(growth.values()) < 32 * 1024, growth  # KiB: the pools are 3 MiB each way

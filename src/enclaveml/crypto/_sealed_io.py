@@ -8,18 +8,25 @@ authentication check, deleting it on any failure (including KeyboardInterrupt).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import io
 import os
+import stat
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Final
 
 from enclaveml.crypto._sealed_header import ByteReader
 from enclaveml.errors import ConfigurationError
 
 __all__ = [
     "Blob",
+    "OutputFile",
     "PathArg",
     "as_blob",
     "atomic_output",
@@ -27,6 +34,7 @@ __all__ = [
     "fill",
     "open_input",
     "output_path",
+    "regular_file_size",
 ]
 
 PathArg = str | os.PathLike[str]
@@ -86,23 +94,120 @@ def open_input(src: object) -> Iterator[io.FileIO]:
         yield reader
 
 
+def regular_file_size(reader: io.FileIO) -> int | None:
+    """The size of an opened regular file (after advising sequential reads), or None for anything else."""
+    status = os.fstat(reader.fileno())
+    if not stat.S_ISREG(status.st_mode):
+        return None
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        with contextlib.suppress(OSError):  # only a hint (a larger read-ahead window)
+            advise(reader.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    return status.st_size
+
+
+def _fallocate_function() -> Callable[[int, int, int], None] | None:
+    """Linux ``fallocate(fd, 0, offset, length)``, or None where it is not available.
+
+    Not ``os.posix_fallocate``: where a file system lacks fallocate, glibc emulates it by
+    writing a byte into every block, which would double the writes (e.g. on NFSv3). The
+    real call fails there instead, and the output is then written without reservation.
+    """
+    if not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None  # off_t is 64 bits on 64-bit Linux; elsewhere skip the hint rather than guess
+    try:
+        call = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):  # pragma: no cover - a libc without fallocate
+        return None
+    call.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    call.restype = ctypes.c_int
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        if call(fd, 0, offset, length) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    return fallocate
+
+
+_FALLOCATE: Final = _fallocate_function()
+# Reserve disk space this far ahead of the writes. Reserving is cheap on ext4 and XFS and
+# makes the writes cheaper (no delayed-allocation bookkeeping per page: about 15% less CPU
+# on ext4); doing it in steps keeps it in the writing thread and off tmpfs's critical path
+# (there a reservation zero-fills pages, which an up-front call would do all at once).
+_RESERVE_STEP: Final = 16 << 20
+_OUT_OF_SPACE: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class OutputFile:
+    """The temporary output of :func:`atomic_output`: whole-buffer writes with disk space reserved ahead.
+
+    :meth:`write` may run in another thread than the one that called :meth:`expect` (the
+    pipeline's writer), but not concurrently with it or with itself.
+    """
+
+    __slots__ = ("_fd", "_reserved", "_target", "written")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._reserved = 0
+        self._target = 0
+        self.written = 0
+
+    def expect(self, size: int) -> None:
+        """Say how large the output will probably be, so that :meth:`write` can reserve space ahead.
+
+        Only a hint: if fewer bytes are written, the file is cut back when it is committed.
+        """
+        self._target = size if _FALLOCATE is not None else 0
+
+    def write(self, data: Blob) -> None:
+        """Write all of ``data`` at the current end of the output."""
+        view = memoryview(data).cast("B")
+        end = self.written + len(view)
+        if end > self._reserved and self._reserved < self._target:
+            self._reserve(min(self._target, max(end, self._reserved + _RESERVE_STEP)))
+        while view:
+            count = os.write(self._fd, view)
+            self.written += count
+            view = view[count:]
+
+    def _reserve(self, limit: int) -> None:
+        try:
+            if _FALLOCATE is not None:
+                _FALLOCATE(self._fd, self._reserved, limit - self._reserved)
+        except OSError as exc:
+            if exc.errno in _OUT_OF_SPACE:
+                raise  # as the write itself would have
+            self._target = 0  # not supported here (EOPNOTSUPP, ENODEV, ...): write without it
+            return
+        self._reserved = limit
+
+    def _trim(self) -> None:
+        if self._reserved > self.written:
+            os.ftruncate(self._fd, self.written)
+
+
 @contextmanager
-def atomic_output(dst: Path) -> Iterator[Callable[[Blob], None]]:
-    """Yield a writer to a 0600 temporary sibling of ``dst``; rename onto ``dst`` only on success."""
+def atomic_output(dst: Path) -> Iterator[OutputFile]:
+    """Yield a 0600 temporary sibling of ``dst``; rename it onto ``dst`` only if the block succeeds.
+
+    On any exception (including KeyboardInterrupt) the temporary file is deleted and ``dst``
+    is left untouched. The caller must not have any write to the file still in flight when
+    the block ends: whoever writes from other threads must have joined them first.
+    """
     try:
         fd, temp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
     except OSError as exc:
         raise ConfigurationError(f"cannot write to {str(dst.parent)!r}: {exc.strerror or exc}") from exc
     committed = False
     try:
-        with io.FileIO(fd, "w", closefd=True) as out:
-
-            def write(data: Blob) -> None:
-                view = memoryview(data)
-                while view:
-                    view = view[out.write(view) or 0 :]
-
-            yield write
+        try:
+            output = OutputFile(fd)
+            yield output
+            output._trim()
+        finally:
+            os.close(fd)
         os.replace(temp_name, dst)
         committed = True
     finally:

@@ -27,7 +27,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 __all__ = ["GENESIS_HASH", "AuditEvent", "AuditRecord", "ChainVerdict", "chain_hash", "verify_chain"]
@@ -80,20 +80,18 @@ class AuditRecord:
     @classmethod
     def seal(cls, seq: int, event: AuditEvent, prev_hash: bytes) -> AuditRecord:
         """Number ``event`` as ``seq`` and chain it after ``prev_hash``."""
-        unsealed = cls(
-            seq=seq,
-            time=event.time,
-            event=event.event,
-            key_id=event.key_id,
-            version=event.version,
-            verdict=event.verdict,
-            measurement=event.measurement,
-            rule=event.rule,
-            detail=event.detail,
-            prev_hash=prev_hash,
-            hash=b"",
-        )
-        return replace(unsealed, hash=chain_hash(prev_hash, unsealed.fields()))
+        fields: dict[str, Any] = {  # the same dict fields() returns, built once
+            "seq": seq,
+            "time": event.time,
+            "event": event.event,
+            "key_id": event.key_id,
+            "version": event.version,
+            "verdict": event.verdict,
+            "measurement": event.measurement,
+            "rule": event.rule,
+            "detail": event.detail,
+        }
+        return cls(**fields, prev_hash=prev_hash, hash=chain_hash(prev_hash, fields))
 
     def fields(self) -> dict[str, Any]:
         """The hashed fields (everything except ``prev_hash`` and ``hash``)."""

@@ -123,7 +123,9 @@ def open_database(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def open_connection(path: Path, *, synchronous: Literal["FULL", "NORMAL"], query_only: bool = False) -> sqlite3.Connection:
+def open_connection(
+    path: Path, *, synchronous: Literal["FULL", "NORMAL"], query_only: bool = False
+) -> sqlite3.Connection:
     """Another connection to a database :func:`open_database` has opened (and migrated).
 
     ``synchronous="NORMAL"`` is for data whose newest commits may be lost on power loss (see

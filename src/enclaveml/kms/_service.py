@@ -57,6 +57,7 @@ __all__ = ["Challenge", "InvalidRequestError", "KemNotAllowedError", "KeyBroker"
 _log = logging.getLogger("enclaveml.kms")
 _KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 NONCE_SIZE = 32
+_MAX_VERSION = 2**63 - 1
 
 
 class InvalidRequestError(KeyBrokerError):
@@ -267,6 +268,10 @@ class KeyBroker:
                 workload_key = parse_public_key(kem, public_key)
             except UnusablePublicKeyError as exc:
                 raise InvalidRequestError(str(exc)) from None
+            if number is not None and not -_MAX_VERSION <= number <= _MAX_VERSION:
+                # Not even a SQLite integer: audited without a version (it could not be stored).
+                requested, number = number, None
+                raise KeyNotFoundError(f"key {key_id!r} has no version {requested}")
             if number is not None and number < 1:
                 raise KeyNotFoundError(f"key versions start at 1, not {number}")
             key, stored = self.store.get_version(key_id, number)
@@ -292,14 +297,14 @@ class KeyBroker:
                 now, "release", "released", key_id=key_id, version=number, measurement=measurement, detail=kem
             )
         )
-        self.metrics.releases.labels(kem=kem).inc()
+        self.metrics.count_release(kem)
         _log.info("released key %r version %d to measurement %s (%s)", key_id, number, measurement, kem)
         return Release(key_id, number, kem, ciphertext)
 
     def _deny(
         self, now: float, key_id: str, version: int | None, rule: str, measurement: str | None, message: str
     ) -> None:
-        self.metrics.denials.labels(rule=rule).inc()
+        self.metrics.count_denial(rule)
         _log.info("denied key %r release (rule %s, measurement %s): %s", key_id, rule, measurement, message)
         self.store.append_audit(
             AuditEvent(

@@ -414,7 +414,7 @@ class SqliteKeyStore:
         try:
             with self._tx("append audit records") as db:
                 records = self._append_all(db, [p.event for p in batch])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the callers waiting for these records
             if len(batch) == 1:
                 batch[0].error = exc
                 return
@@ -422,7 +422,7 @@ class SqliteKeyStore:
                 try:
                     with self._tx("append audit record") as db:
                         pending.record = self._append(db, pending.event)
-                except Exception as single:
+                except Exception as single:  # noqa: BLE001 - handed to this record's caller
                     pending.error = single
             return
         for pending, record in zip(batch, records, strict=True):

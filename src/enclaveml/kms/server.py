@@ -3,7 +3,10 @@
 ``create_app(config)`` opens the database, checks the root key against it (a wrong root key
 fails here, at startup, with StorageError) and returns the FastAPI app with the routes of
 ``docs/kbs-protocol.md`` (OpenAPI at ``/docs`` and ``/openapi.json``). ``run_broker`` serves
-it over TLS 1.2+ with uvloop and httptools.
+it over TLS 1.2+ with uvloop and httptools, in one process or, with ``workers=N``, in N
+processes sharing the listening socket and the database (one Python process uses one core
+for the release path; SQLite keeps nonces single-use across processes). With several
+workers the Prometheus counters at ``/metrics`` are per process (the one that answers).
 
 This module is the boundary where enclaveml errors become HTTP answers, always
 ``{"error": CODE, "message": TEXT, ...}``:
@@ -31,21 +34,27 @@ request carries a data key.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import os
+import signal
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, cast
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from enclaveml.attestation import Verifier
 from enclaveml.errors import (
@@ -60,7 +69,7 @@ from enclaveml.errors import (
 from enclaveml.kms._metrics import BrokerMetrics
 from enclaveml.kms._release import KEMS
 from enclaveml.kms._rootkey import RootKey
-from enclaveml.kms._routes import build_router
+from enclaveml.kms._routes import ReleaseFastPath, build_router
 from enclaveml.kms._service import InvalidRequestError, KemNotAllowedError, KeyBroker
 from enclaveml.kms._storage import KeyExistsError, SqliteKeyStore
 from enclaveml.kms._tlscert import create_self_signed_certificate
@@ -74,6 +83,10 @@ _Message = MutableMapping[str, Any]
 _Receive = Callable[[], Awaitable[_Message]]
 _Send = Callable[[_Message], Awaitable[None]]
 _ASGIApp = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
+# Threads running broker calls (SQLite commits, evidence verification, HPKE). Release work is
+# mostly CPU under the GIL; more threads than this only queue on the database write lock.
+_BROKER_THREADS = 32
+_MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -105,9 +118,16 @@ class BrokerConfig:
 
 
 def create_app(config: BrokerConfig) -> FastAPI:
-    """The broker's FastAPI app; raises StorageError now if the root key does not fit the database."""
+    """The broker's FastAPI app; raises StorageError now if the root key does not fit the database.
+
+    Middleware, outermost first: request timing, the body limit, then
+    :class:`~enclaveml.kms._routes.ReleaseFastPath` answering well-formed release requests
+    (anything else goes on to FastAPI's routes). Broker calls of the release routes run on a
+    dedicated thread pool, one hop per request.
+    """
     store = SqliteKeyStore(config.db_path)
     metrics = BrokerMetrics()
+    executor = ThreadPoolExecutor(_BROKER_THREADS, thread_name_prefix="kbs")
     try:
         broker = KeyBroker(
             store,
@@ -118,12 +138,14 @@ def create_app(config: BrokerConfig) -> FastAPI:
             metrics=metrics,
         )
     except BaseException:
+        executor.shutdown()
         store.close()
         raise
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        executor.shutdown()
         store.close()
 
     app = FastAPI(
@@ -133,8 +155,13 @@ def create_app(config: BrokerConfig) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.broker = broker
-    app.include_router(build_router(broker, metrics))
+    router = build_router(broker, metrics, executor)
+    app.include_router(router)
     _install_error_handlers(app)
+    routes = {getattr(route, "path", ""): route for route in router.routes}
+    app.add_middleware(
+        ReleaseFastPath, broker=broker, executor=executor, error_response=_fast_path_error, routes=routes
+    )
     app.add_middleware(_BodyLimit, limit=config.max_request_body)
     app.add_middleware(_Timing, metrics=metrics)  # outermost: also times 413s
     return app
@@ -144,33 +171,43 @@ def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": code, "message": message, **extra}, status_code=status)
 
 
+def broker_error_response(exc: Exception, method: str, path: str) -> JSONResponse:
+    """The answer to a KeyBrokerError or ConfigurationError (table in the module docstring)."""
+    if isinstance(exc, KeyReleaseDeniedError):
+        return _error(403, "denied", str(exc), rule=exc.rule, observed=exc.observed, expected=exc.expected)
+    if isinstance(exc, KeyDisabledError):
+        return _error(403, "disabled", str(exc))
+    if isinstance(exc, KeyNotFoundError):
+        return _error(404, "not_found", str(exc))
+    if isinstance(exc, KeyExistsError):
+        return _error(409, "exists", str(exc))
+    if isinstance(exc, KemNotAllowedError):
+        return _error(400, "kem_not_allowed", str(exc), allowed=sorted(exc.allowed))
+    if isinstance(exc, InvalidRequestError | ConfigurationError):
+        return _error(400, "bad_request", str(exc))
+    if isinstance(exc, MissingScopeError):
+        return _error(403, "forbidden", str(exc))
+    if isinstance(exc, AuthorizationError):
+        response = _error(401, "unauthorized", str(exc))
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    if isinstance(exc, StorageError):
+        _log.error("storage failure on %s %s: %s", method, path, exc)
+        return _error(500, "storage", "the key broker's storage failed; see the broker log")
+    _log.error("unexpected broker error on %s %s: %s", method, path, exc)
+    return _error(500, "internal", "internal key broker error; see the broker log")
+
+
+def _fast_path_error(exc: Exception, scope: MutableMapping[str, Any]) -> JSONResponse | None:
+    """What the exception handlers below would answer, for the release fast path (None: re-raise)."""
+    if isinstance(exc, KeyBrokerError | ConfigurationError):
+        return broker_error_response(exc, scope["method"], scope["path"])
+    return None
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     async def broker_error(request: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, KeyReleaseDeniedError):
-            return _error(
-                403, "denied", str(exc), rule=exc.rule, observed=exc.observed, expected=exc.expected
-            )
-        if isinstance(exc, KeyDisabledError):
-            return _error(403, "disabled", str(exc))
-        if isinstance(exc, KeyNotFoundError):
-            return _error(404, "not_found", str(exc))
-        if isinstance(exc, KeyExistsError):
-            return _error(409, "exists", str(exc))
-        if isinstance(exc, KemNotAllowedError):
-            return _error(400, "kem_not_allowed", str(exc), allowed=sorted(exc.allowed))
-        if isinstance(exc, InvalidRequestError | ConfigurationError):
-            return _error(400, "bad_request", str(exc))
-        if isinstance(exc, MissingScopeError):
-            return _error(403, "forbidden", str(exc))
-        if isinstance(exc, AuthorizationError):
-            response = _error(401, "unauthorized", str(exc))
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response
-        if isinstance(exc, StorageError):
-            _log.error("storage failure on %s %s: %s", request.method, request.url.path, exc)
-            return _error(500, "storage", "the key broker's storage failed; see the broker log")
-        _log.error("unexpected broker error on %s %s: %s", request.method, request.url.path, exc)
-        return _error(500, "internal", "internal key broker error; see the broker log")
+        return broker_error_response(exc, request.method, request.url.path)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
@@ -278,9 +315,74 @@ class _Timing:
         finally:
             route = scope.get("route")
             template = str(getattr(route, "path", "unmatched"))
-            self.metrics.requests.labels(route=template, method=scope["method"], status=str(status)).observe(
-                time.perf_counter() - started
-            )
+            self.metrics.observe_request(template, scope["method"], status, time.perf_counter() - started)
+
+
+class _CoalescingTransport:
+    """Joins the writes of one event-loop step into one transport write.
+
+    uvicorn writes a response's status line and headers, then its body, as two writes; on a
+    TLS transport each becomes its own TLS record and its own ``send`` system call. Writes
+    made in one step of the event loop (a response's head and body are) are buffered and
+    handed on together at the end of that step, in order; closing writes out what is pending.
+    Everything else goes straight to the real transport.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._flush()
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+
+class _HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol writing each response with one TLS record and one send."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TLS transport implements asyncio.Transport without subclassing it.
+        coalescing: Any = _CoalescingTransport(cast(asyncio.Transport, transport), self.loop)
+        super().connection_made(coalescing)
 
 
 def run_broker(
@@ -291,33 +393,142 @@ def run_broker(
     certfile: str | Path,
     keyfile: str | Path,
     log_level: str = "info",
+    workers: int = 1,
 ) -> None:
-    """Serve the broker over HTTPS (TLS 1.2+) with uvloop and httptools until interrupted."""
+    """Serve the broker over HTTPS (TLS 1.2+) with uvloop and httptools until interrupted.
+
+    ``workers`` > 1 forks that many server processes after binding the socket; each opens its
+    own database connections (after the parent checked the root key against the database).
+    SIGINT/SIGTERM stop them all gracefully; a worker that dies is replaced, unless it died
+    within seconds of starting (then the broker stops: the cause will not go away by itself).
+    """
     for what, path in (("certificate", certfile), ("private key", keyfile)):
         if not Path(path).is_file():
             raise ConfigurationError(f"broker TLS {what} file {path} does not exist")
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= _MAX_WORKERS:
+        raise ConfigurationError(f"workers must be between 1 and {_MAX_WORKERS}")
     if os.stat(keyfile).st_mode & 0o004:
         _log.warning("broker TLS private key %s is world-readable; chmod 600 it", keyfile)
-    app = create_app(config)
+    app = create_app(config)  # in the parent too: a wrong root key fails before any fork
 
-    def tls_context(cfg: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-        context = default()
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        return context
+    def server_config(served: FastAPI) -> uvicorn.Config:
+        def tls_context(cfg: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+            context = default()
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            return context
 
-    server_config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        ssl_certfile=str(certfile),
-        ssl_keyfile=str(keyfile),
-        ssl_context_factory=tls_context,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        proxy_headers=False,  # the audit and logs must show the real peer, not a claimed one
-        server_header=False,
-        timeout_keep_alive=15,
-        log_level=log_level,
-    )
-    uvicorn.Server(server_config).run()
+        return uvicorn.Config(
+            served,
+            host=host,
+            port=port,
+            ssl_certfile=str(certfile),
+            ssl_keyfile=str(keyfile),
+            ssl_context_factory=tls_context,
+            loop="uvloop",
+            http=_HttpProtocol,
+            lifespan="on",
+            proxy_headers=False,  # the audit and logs must show the real peer, not a claimed one
+            server_header=False,
+            timeout_keep_alive=15,
+            log_level=log_level,
+        )
+
+    if workers == 1:
+        _serve(uvicorn.Server(server_config(app)), None)
+        return
+    app.state.broker.store.close()
+    sock = server_config(app).bind_socket()
+    try:
+        _supervise(lambda: _serve(uvicorn.Server(server_config(create_app(config))), sock), workers)
+    finally:
+        sock.close()
+
+
+def _serve(server: uvicorn.Server, sock: socket.socket | None) -> None:
+    # Objects alive now (modules, the app, its routes) live as long as the server: keep the
+    # cyclic garbage collector from scanning them again and again during requests.
+    if not os.environ.get("KBS_NOFREEZE"):  # EXPERIMENT
+        gc.collect()
+        gc.freeze()
+    server.run(sockets=None if sock is None else [sock])
+
+
+_CRASH_LOOP_SECONDS = 10.0
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _run_worker(serve: Callable[[], None]) -> NoReturn:  # pragma: no cover - runs in a child
+    code = 1
+    try:
+        serve()
+        code = 0
+    except BaseException as exc:  # noqa: BLE001 - the worker's last word, then its exit status
+        _log.error("key broker worker %d failed: %s", os.getpid(), exc)
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _supervise(serve: Callable[[], None], workers: int) -> None:
+    """Fork ``workers`` processes running ``serve``; forward SIGINT/SIGTERM; replace dead ones."""
+    children: dict[int, float] = {}
+    stopping = False
+
+    def start() -> None:
+        # Signals wait until the child has dropped the parent's handlers (which would signal
+        # its siblings) and the parent has recorded the child.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                for sig in _SIGNALS:
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                _run_worker(serve)
+            children[pid] = time.monotonic()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def stop(signum: int = signal.SIGTERM, frame: object = None) -> None:
+        # Always SIGTERM: after a Ctrl-C the workers already have the terminal's SIGINT, and a
+        # second SIGINT would make uvicorn drop connections instead of finishing them.
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in _SIGNALS}
+    failed = False
+    try:
+        for _ in range(workers):
+            if not stopping:
+                start()
+        _log.info("key broker serving with %d worker processes %s", workers, sorted(children))
+        while children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            started = children.pop(pid, None)
+            if started is None or stopping:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if time.monotonic() - started < _CRASH_LOOP_SECONDS:
+                _log.error(
+                    "key broker worker %d exited (%d) right after starting; stopping the broker", pid, code
+                )
+                failed = True
+                stop()
+            else:
+                _log.error("key broker worker %d exited (%d); starting another", pid, code)
+                start()
+    finally:
+        stop()
+        for pid in list(children):
+            with suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failed:
+        raise RuntimeError("key broker worker processes exit right after starting; see the log above")
