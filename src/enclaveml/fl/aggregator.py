@@ -1,0 +1,389 @@
+"""The horizontal-FL aggregator core: enrolment, rounds, validation, aggregation and checkpoints.
+
+:class:`Aggregator` does no networking. Transports drive it: :class:`~enclaveml.fl.client.InProcessConnection`
+calls it directly (tests, simulating many clients in one process) and :mod:`enclaveml.fl.server`
+exposes it over RA-TLS; the strategy and every rule below are the same code in both.
+
+A round, as the aggregator runs it inside the TEE:
+
+1. round ``r`` opens; each enrolled client fetches the global model and the strategy's
+   ``configure_train`` config, trains locally and uploads *weights* for round ``r``;
+2. the round closes when every enrolled client has uploaded, or when ``round_timeout_s`` has
+   passed since it opened and at least ``min_clients`` have (clients that dropped out are
+   simply not waited for); with fewer than ``min_clients`` it keeps waiting past the deadline;
+3. :func:`~enclaveml.fl.validation.validate_updates` checks every update (shapes, dtypes,
+   NaN/Inf, norms): rejected ones are recorded with the validator's reason and left out;
+4. if at least ``min_clients`` updates were accepted, the strategy aggregates them into the next
+   global model and a sealed checkpoint is written; otherwise the attempt is recorded as failed,
+   the model stays as it was and round ``r`` runs again (``attempt`` + 1).
+
+Only the aggregate ever leaves: individual updates live in this object until their round
+closes and are never returned by any method. Credentials are random tokens handed to each
+client by the operator at enrolment; only their SHA-256 is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from enclaveml.errors import ConfigurationError
+from enclaveml.fl._checkpoint import Checkpoint, CheckpointStore, RoundRecord
+from enclaveml.fl._errors import (
+    DuplicateUpdateError,
+    InvalidUpdateError,
+    NotEnrolledError,
+    RoundMismatchError,
+    TrainingFinishedError,
+)
+from enclaveml.fl._wire import ModelMessage
+from enclaveml.fl.plan import TrainingPlan
+from enclaveml.fl.strategy import ClientUpdate, Strategy, Weights
+from enclaveml.fl.validation import validate_updates
+
+__all__ = ["Aggregator", "RoundRecord", "token_sha256"]
+
+_log = logging.getLogger(__name__)
+
+
+def token_sha256(token: str) -> bytes:
+    """What the aggregator stores of a client credential (the operator may precompute it)."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+class Aggregator:
+    """One federated training run. Thread-safe: transports call it from many threads at once.
+
+    ``checkpoints`` (optional) seals the state after every completed round; when it already
+    holds a checkpoint of the same plan, the run resumes from it (``resumed_from`` says which
+    round). ``clock`` is injectable so tests can drive round timeouts.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        initial_weights: Weights,
+        *,
+        rounds: int,
+        min_clients: int,
+        round_timeout_s: float = 600.0,
+        model_id: str = "model",
+        validation: Mapping[str, Any] | None = None,
+        checkpoints: CheckpointStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not isinstance(strategy, Strategy):
+            raise ConfigurationError("strategy must be an enclaveml.fl.strategy.Strategy")
+        weights = [np.array(w, copy=True) for w in initial_weights]
+        if not weights:
+            raise ConfigurationError("initial_weights must hold at least one array")
+        self.plan = TrainingPlan.create(
+            strategy,
+            weights,
+            rounds=rounds,
+            min_clients=min_clients,
+            round_timeout_s=round_timeout_s,
+            model_id=model_id,
+            validation=validation,
+        )
+        self._strategy = strategy
+        self._validation = dict(validation or {})
+        self._layout = [(w.shape, w.dtype) for w in weights]
+        self._weights = weights
+        self._checkpoints = checkpoints
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._credentials: dict[bytes, str] = {}
+        self._completed = 0
+        self._attempt = 1
+        self._uploads: dict[str, ClientUpdate] = {}
+        self._history: list[RoundRecord] = []
+        self._opened_at = clock()
+        self.resumed_from: int | None = None
+        if checkpoints is not None:
+            self._resume(checkpoints)
+
+    # --- enrolment (operator) ------------------------------------------------------------------
+
+    def enrol(self, client_id: str) -> str:
+        """Enrol ``client_id`` and return its new credential; hand it to the client, it is not kept."""
+        token = secrets.token_urlsafe(32)
+        self.enrol_hashed(client_id, token_sha256(token))
+        return token
+
+    def enrol_hashed(self, client_id: str, credential_sha256: bytes) -> None:
+        """Enrol ``client_id`` with a credential the operator issued elsewhere (its SHA-256)."""
+        if not isinstance(client_id, str) or not client_id or len(client_id) > 128:
+            raise ConfigurationError("client ids are non-empty strings of at most 128 characters")
+        if not isinstance(credential_sha256, bytes) or len(credential_sha256) != 32:
+            raise ConfigurationError("credential hashes are 32-byte SHA-256 digests")
+        with self._cond:
+            if credential_sha256 in self._credentials:
+                raise ConfigurationError("this credential is already enrolled for another client")
+            self._revoke_locked(client_id)
+            self._credentials[credential_sha256] = client_id
+
+    def revoke(self, client_id: str) -> None:
+        """Forget a client's credential; its upload for the open round, if any, is dropped too."""
+        with self._cond:
+            self._revoke_locked(client_id)
+            self._uploads.pop(client_id, None)
+
+    def _revoke_locked(self, client_id: str) -> None:
+        for digest in [d for d, c in self._credentials.items() if c == client_id]:
+            del self._credentials[digest]
+
+    @property
+    def enrolled(self) -> frozenset[str]:
+        with self._cond:
+            return frozenset(self._credentials.values())
+
+    def authenticate(self, token: str) -> str:
+        """The client id of a credential; NotEnrolledError for anything else (no hint which part failed)."""
+        # A dict lookup on the hash: timing may tell how a guess's *hash* compares with stored
+        # hashes, which does not help to find a 256-bit random credential. No lock: one dict read
+        # is atomic, and transports call this on their event loop, which must not wait for a round
+        # that is being aggregated and sealed.
+        client_id = self._credentials.get(token_sha256(token))
+        if client_id is not None:
+            return client_id
+        raise NotEnrolledError("unknown client credential: ask the operator to enrol this client")
+
+    # --- rounds (participants) -----------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        with self._cond:
+            return self._completed >= self.plan.rounds
+
+    @property
+    def completed_rounds(self) -> int:
+        with self._cond:
+            return self._completed
+
+    def has_uploaded(self, client_id: str) -> bool:
+        """Whether the open round already holds ``client_id``'s update.
+
+        Lock-free (one dict read), for transports that poll on an event loop; a stale answer
+        costs one more poll.
+        """
+        return client_id in self._uploads
+
+    def global_model(self, client_id: str | None = None) -> ModelMessage:
+        """The aggregate and the config for the open round; ``uploaded`` is about ``client_id``."""
+        with self._cond:
+            self._tick_locked()
+            finished = self._completed >= self.plan.rounds
+            round_ = self._completed if finished else self._completed + 1
+            config = {} if finished else dict(self._strategy.configure_train(round_, self._weights))
+            return ModelMessage(
+                round=round_,
+                completed_rounds=self._completed,
+                finished=finished,
+                uploaded=client_id in self._uploads,
+                config=config,
+                plan_sha256=self.plan.digest,
+                weights=[w.copy() for w in self._weights],
+            )
+
+    def submit(
+        self,
+        client_id: str,
+        round_: int,
+        weights: Weights,
+        num_examples: int,
+        metrics: Mapping[str, float] | None = None,
+    ) -> int:
+        """Accept ``client_id``'s update for ``round_`` (validated when the round closes).
+
+        Returns how many updates the round holds now. Raises TrainingFinishedError,
+        RoundMismatchError, DuplicateUpdateError or NotEnrolledError; never because of the
+        update's *values*, which are judged only together with the others at round close.
+        """
+        if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
+            raise InvalidUpdateError("num_examples must be a positive integer")
+        with self._cond:
+            if client_id not in self._credentials.values():
+                raise NotEnrolledError(f"client {client_id!r} is not enrolled")
+            if self._completed >= self.plan.rounds:
+                raise TrainingFinishedError(f"all {self.plan.rounds} rounds are complete")
+            current = self._completed + 1
+            if round_ != current:
+                raise RoundMismatchError(
+                    f"update is for round {round_}, but round {current} is open", current=current
+                )
+            if client_id in self._uploads:
+                raise DuplicateUpdateError(f"client {client_id!r} already uploaded for round {current}")
+            update = ClientUpdate(client_id, list(weights), num_examples, dict(metrics or {}))
+            self._uploads[client_id] = update
+            count = len(self._uploads)
+            self._tick_locked()
+            return count
+
+    def poll(self) -> bool:
+        """Close the open round if its deadline passed with enough updates; True if one closed."""
+        with self._cond:
+            before = (self._completed, self._attempt)
+            self._tick_locked()
+            return (self._completed, self._attempt) != before
+
+    def wait_for_work(self, client_id: str, timeout: float) -> bool:
+        """Block until ``client_id`` has something to do (train for an open round, or stop).
+
+        Returns False on timeout. Also drives round deadlines while it waits.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._tick_locked()
+                if self._completed >= self.plan.rounds or client_id not in self._uploads:
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.25))
+
+    # --- state for operators and status pages ---------------------------------------------------
+
+    @property
+    def history(self) -> list[RoundRecord]:
+        """Every attempt at every round, with accepted and rejected client ids (operator view)."""
+        with self._cond:
+            return list(self._history)
+
+    def status(self, client_id: str | None = None) -> dict[str, Any]:
+        """Counts only (no client ids but the caller's own): safe to show to any participant."""
+        with self._cond:
+            self._tick_locked()
+            finished = self._completed >= self.plan.rounds
+            left = self.plan.round_timeout_s - (self._clock() - self._opened_at)
+            out: dict[str, Any] = {
+                "round": self._completed if finished else self._completed + 1,
+                "attempt": self._attempt,
+                "completed_rounds": self._completed,
+                "rounds": self.plan.rounds,
+                "finished": finished,
+                "enrolled": len(set(self._credentials.values())),
+                "uploads": len(self._uploads),
+                "min_clients": self.plan.min_clients,
+                "seconds_left": None if finished else max(0.0, round(left, 3)),
+                "resumed_from": self.resumed_from,
+                "history": [
+                    {
+                        "round": r.round,
+                        "attempt": r.attempt,
+                        "status": r.status,
+                        "accepted": len(r.accepted),
+                        "rejected": len(r.rejected),
+                        "num_examples": r.num_examples,
+                        "metrics": dict(r.metrics),
+                    }
+                    for r in self._history
+                ],
+            }
+            if client_id is not None:
+                own = {"id": client_id, "uploaded": client_id in self._uploads}
+                out["client"] = {**own, **self._own(client_id)}
+            return out
+
+    def _own(self, client_id: str) -> dict[str, Any]:
+        """The caller's fate in the last attempt it took part in (never anyone else's)."""
+        for record in reversed(self._history):
+            if client_id in record.accepted:
+                return {"last_round": record.round, "last_result": "accepted"}
+            if client_id in record.rejected:
+                return {"last_round": record.round, "last_result": f"rejected: {record.rejected[client_id]}"}
+        return {}
+
+    # --- closing a round ------------------------------------------------------------------------
+
+    def _tick_locked(self) -> None:
+        if self._completed >= self.plan.rounds or len(self._uploads) < self.plan.min_clients:
+            return
+        enrolled = set(self._credentials.values())
+        if enrolled <= self._uploads.keys():
+            self._close_locked("all")
+        elif self._clock() - self._opened_at >= self.plan.round_timeout_s:
+            self._close_locked("timeout")
+
+    def _close_locked(self, closed_by: str) -> None:
+        round_ = self._completed + 1
+        updates = [self._uploads[c] for c in sorted(self._uploads)]
+        result = validate_updates(self._weights, updates, **self._validation)
+        accepted = list(result.accepted)
+        rejected = dict(result.rejected)
+        examples = sum(u.num_examples for u in accepted)
+        record = RoundRecord(
+            round=round_,
+            attempt=self._attempt,
+            status="completed" if len(accepted) >= self.plan.min_clients else "failed",
+            closed_by=closed_by,
+            accepted=tuple(u.client_id for u in accepted),
+            rejected=rejected,
+            num_examples=examples,
+            metrics=_weighted_metrics(accepted),
+        )
+        if rejected:
+            _log.warning("round %d: rejected updates from %s", round_, rejected)
+        if record.status == "completed":
+            new_weights = self._strategy.aggregate_train(round_, self._weights, accepted)
+            self._weights = self._conform(new_weights)
+            self._completed, self._attempt = round_, 1
+        else:
+            _log.warning("round %d attempt %d: %d valid updates", round_, self._attempt, len(accepted))
+            self._attempt += 1
+        self._history.append(record)
+        self._uploads.clear()
+        self._opened_at = self._clock()
+        if record.status == "completed" and self._checkpoints is not None:
+            self._checkpoints.save(self._checkpoint())
+        self._cond.notify_all()
+
+    def _conform(self, weights: Sequence[np.ndarray]) -> Weights:
+        """The strategy's output in the initial layout; a strategy that changes it is a bug."""
+        if len(weights) != len(self._layout) or any(
+            np.shape(w) != shape for w, (shape, _) in zip(weights, self._layout, strict=False)
+        ):
+            raise ConfigurationError(f"strategy {self._strategy.name!r} returned weights of another layout")
+        layout = zip(weights, self._layout, strict=True)
+        return [np.asarray(w, dtype=dtype).copy() for w, (_, dtype) in layout]
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def _checkpoint(self) -> Checkpoint:
+        return Checkpoint(
+            plan_sha256=self.plan.digest,
+            completed_rounds=self._completed,
+            weights=self._weights,
+            strategy_state=self._strategy.state(),
+            history=tuple(self._history),
+        )
+
+    def _resume(self, store: CheckpointStore) -> None:
+        checkpoint = store.load(self.plan.digest)
+        if checkpoint is None:
+            return
+        self._weights = self._conform(checkpoint.weights)
+        self._strategy.load_state(checkpoint.strategy_state)
+        self._completed = checkpoint.completed_rounds
+        self._history = list(checkpoint.history)
+        self.resumed_from = checkpoint.completed_rounds
+        _log.info("resumed after round %d from %s", self._completed, store.path)
+
+
+def _weighted_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
+    """Example-weighted mean of each metric every accepted client reported (finite values only)."""
+    if not updates:
+        return {}
+    names = set.intersection(*(set(u.metrics) for u in updates))
+    total = sum(u.num_examples for u in updates)
+    means = {n: sum(u.metrics[n] * u.num_examples for u in updates) / total for n in sorted(names)}
+    return {n: v for n, v in means.items() if math.isfinite(v)}

@@ -1,0 +1,242 @@
+"""The aggregator over HTTPS with RA-TLS: the network transport of :class:`~enclaveml.fl.Aggregator`.
+
+The certificate binds the TLS key *and the training plan* into TEE evidence (nonce claim
+:func:`~enclaveml.fl.plan.certificate_nonce`); ``/attestation?nonce=`` answers fresh evidence
+bound to the key and :func:`~enclaveml.fl.plan.fresh_nonce` of the plan and the client's nonce.
+Certificate, in-memory key files and the evidence hook are those of the inference server
+(:mod:`enclaveml.serving.secure`).
+
+Routes (``Authorization: Bearer <credential>`` where marked *auth*; errors are
+``{"error": "..."}`` with the status of their :class:`~enclaveml.fl._errors.FederatedError`):
+
+=======  ==================================  =====  ==================================================
+GET      ``/v1/fl/plan``                             ``{"plan": {...}, "plan_sha256": hex}``
+GET      ``/attestation?nonce=HEX``                  CBOR ``{"evidence", "endorsements"}`` (16-64 bytes)
+GET      ``/v1/fl/enrolment``                 auth   ``{"client_id": ...}`` or 401
+GET      ``/v1/fl/model?wait_s=S``            auth   the global model (:mod:`enclaveml.fl._wire`); waits up
+                                                     to S seconds (max 30) while this client has
+                                                     already uploaded for the open round
+POST     ``/v1/fl/rounds/{round}/update``     auth   an update (CBOR body) → 202 ``{"round", "uploads"}``
+GET      ``/v1/fl/status``                    auth   counts only, plus the caller's own last result
+=======  ==================================  =====  ==================================================
+
+Every request is counted per route (requests, body bytes, statuses) on ``app.state.stats``, so
+tests can prove that a refusing client sent nothing. Bodies larger than ``max_request_bytes``
+(default: four times the encoded model, at least 1 MiB) are refused from their
+``Content-Length`` before they are read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+import uvicorn
+from fastapi import FastAPI, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+
+from enclaveml.attestation import EvidenceProvider, RatlsCertificate, create_ratls_certificate
+from enclaveml.errors import ConfigurationError
+from enclaveml.fl._errors import FederatedError, NotEnrolledError, RoundMismatchError
+from enclaveml.fl._wire import MODEL_CONTENT_TYPE, decode_update, encode_model, encode_weights
+from enclaveml.fl.aggregator import Aggregator
+from enclaveml.fl.plan import certificate_nonce, fresh_nonce
+from enclaveml.serving._http import LimitAndCount, ServingStats
+from enclaveml.serving._protocol import RequestTooLargeError
+from enclaveml.serving.secure import RunningServer, attestation_hook, uvicorn_config
+
+__all__ = ["aggregator_certificate", "create_aggregator_app", "run_aggregator", "serve_aggregator"]
+
+_log = logging.getLogger(__name__)
+
+_HEX_NONCE = re.compile(r"[0-9a-fA-F]{32,128}")
+_MAX_WAIT_S = 30.0
+_POLL_S = 0.05
+_TICK_S = 0.2
+_MAX_ATTESTATIONS_IN_FLIGHT = 8
+# Module level: FastAPI resolves the (postponed) annotations of route functions in their globals.
+Auth = Annotated[str | None, Header()]
+
+
+def aggregator_certificate(provider: EvidenceProvider, aggregator: Aggregator, host: str) -> RatlsCertificate:
+    """An RA-TLS certificate whose evidence binds the TLS key and the aggregator's training plan."""
+    wildcard = host in ("localhost", "127.0.0.1", "0.0.0.0", "::")  # noqa: S104 - a name check, not a bind
+    names = ("localhost",) if wildcard else ("localhost", host)
+    nonce = certificate_nonce(aggregator.plan.digest)
+    return create_ratls_certificate(
+        provider, nonce=nonce, common_name="enclaveml FL aggregator", dns_names=names
+    )
+
+
+def create_aggregator_app(
+    aggregator: Aggregator,
+    *,
+    attestation: Callable[[bytes], bytes] | None = None,
+    max_request_bytes: int | None = None,
+) -> FastAPI:
+    """The FastAPI app of the aggregator; ``attestation`` is the plain RA-TLS evidence hook.
+
+    The hook gets the *plan-bound* nonce, so a plain :func:`enclaveml.serving.secure.attestation_hook`
+    is the right thing to pass.
+    """
+    if max_request_bytes is None:
+        max_request_bytes = max(1 << 20, 4 * len(encode_weights(aggregator.global_model().weights)))
+    registry = CollectorRegistry(auto_describe=True)
+    stats = ServingStats(registry)
+    plan_body = {"plan": aggregator.plan.to_dict(), "plan_sha256": aggregator.plan.digest.hex()}
+    in_flight = [0]  # attestations being produced (only touched on the event loop)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Round deadlines must pass even when no client is talking to us.
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(_TICK_S)
+                try:
+                    await run_in_threadpool(aggregator.poll)
+                except Exception:  # noqa: BLE001 - keep ticking; the failed round stays open and is retried
+                    _log.exception("closing a round failed")
+
+        task = asyncio.create_task(tick())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(title="enclaveml FL aggregator", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.aggregator = aggregator
+    app.state.stats = stats
+
+    def client_of(authorization: str | None) -> str:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise NotEnrolledError("send the client credential as 'Authorization: Bearer <credential>'")
+        return aggregator.authenticate(token.strip())
+
+    @app.get("/v1/fl/plan")
+    async def plan() -> dict[str, Any]:
+        return plan_body
+
+    @app.get("/attestation")
+    async def fresh_attestation(nonce: Annotated[str, Query(max_length=128)]) -> Response:
+        if attestation is None:
+            return JSONResponse({"error": "this aggregator has no attestation hook"}, status_code=404)
+        if not _HEX_NONCE.fullmatch(nonce) or len(nonce) % 2:
+            return JSONResponse({"error": "nonce must be 16-64 bytes as hex"}, status_code=400)
+        # Quotes are expensive and anyone may ask for one: bound the work, do not queue it.
+        if in_flight[0] >= _MAX_ATTESTATIONS_IN_FLIGHT:
+            return JSONResponse({"error": "too many attestations in flight"}, 429, {"Retry-After": "1"})
+        bound = fresh_nonce(aggregator.plan.digest, bytes.fromhex(nonce))
+        in_flight[0] += 1
+        try:
+            evidence = await run_in_threadpool(attestation, bound)
+        finally:
+            in_flight[0] -= 1
+        return Response(evidence, media_type="application/cbor", headers={"Cache-Control": "no-store"})
+
+    @app.get("/v1/fl/enrolment")
+    async def enrolment(authorization: Auth = None) -> dict[str, str]:
+        return {"client_id": client_of(authorization)}
+
+    @app.get("/v1/fl/model")
+    async def model(authorization: Auth = None, wait_s: Annotated[float, Query(ge=0)] = 0.0) -> Response:
+        client_id = client_of(authorization)
+        deadline = time.monotonic() + min(wait_s, _MAX_WAIT_S)
+        # Poll rather than block a worker thread per waiting client; the check is a dict lookup.
+        while time.monotonic() < deadline and aggregator.has_uploaded(client_id):
+            await asyncio.sleep(_POLL_S)
+        message = await run_in_threadpool(aggregator.global_model, client_id)
+        body = await run_in_threadpool(encode_model, message)
+        return Response(body, media_type=MODEL_CONTENT_TYPE, headers={"Cache-Control": "no-store"})
+
+    @app.post("/v1/fl/rounds/{round_}/update", status_code=202)
+    async def update(round_: int, request: Request, authorization: Auth = None) -> dict[str, int]:
+        client_id = client_of(authorization)  # before reading the body: strangers send nothing big
+        body = await request.body()
+        message = await run_in_threadpool(decode_update, body)
+        if message.round != round_:
+            raise RoundMismatchError("the body names another round than the URL", current=round_)
+        count = await run_in_threadpool(
+            aggregator.submit, client_id, round_, message.weights, message.num_examples, message.metrics
+        )
+        return {"round": round_, "uploads": count}
+
+    @app.get("/v1/fl/status")
+    async def status(authorization: Auth = None) -> dict[str, Any]:
+        return await run_in_threadpool(aggregator.status, client_of(authorization))
+
+    async def federated_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, FederatedError)
+        body: dict[str, Any] = {"error": str(exc)}
+        if isinstance(exc, RoundMismatchError):
+            body["current_round"] = exc.current
+        return JSONResponse(body, status_code=exc.status)
+
+    async def too_large(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=413, headers={"Connection": "close"})
+
+    app.add_exception_handler(FederatedError, federated_error)
+    app.add_exception_handler(RequestTooLargeError, too_large)
+    routes = app.router.routes
+    app.add_middleware(
+        LimitAndCount, stats=lambda: stats, routes=lambda: routes, max_request_bytes=max_request_bytes
+    )
+    return app
+
+
+def serve_aggregator(
+    aggregator: Aggregator,
+    provider: EvidenceProvider,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    startup_timeout: float = 30.0,
+    **app_options: Any,
+) -> RunningServer:
+    """Start the RA-TLS aggregator in a background thread (tests, the example, embedding)."""
+    ratls = aggregator_certificate(provider, aggregator, host)
+    app = create_aggregator_app(aggregator, attestation=attestation_hook(provider, ratls), **app_options)
+    stack = contextlib.ExitStack()
+    server = uvicorn.Server(stack.enter_context(uvicorn_config(app, ratls, host=host, port=port)))
+    thread = threading.Thread(target=server.run, name="enclaveml-fl-aggregator", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            stack.close()
+            raise ConfigurationError(f"the aggregator did not start on {host}:{port}")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    return RunningServer(f"https://{host}:{bound}", server, thread, ratls, app, stack)
+
+
+def run_aggregator(
+    aggregator: Aggregator,
+    provider: EvidenceProvider,
+    *,
+    host: str,
+    port: int,
+    on_ready: Callable[[str], object] | None = None,
+    **app_options: Any,
+) -> None:
+    """Serve until SIGINT/SIGTERM (the CLI); ``on_ready(url)`` runs once the socket listens."""
+    running = serve_aggregator(aggregator, provider, host=host, port=port, **app_options)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if on_ready is not None:
+        on_ready(running.url)
+    while not stop.wait(0.5) and running.thread.is_alive():
+        pass
+    running.stop(timeout=5.0)

@@ -1,0 +1,47 @@
+"""Aggregation strategies behind :class:`enclaveml.fl.strategy.Strategy`, one module per algorithm.
+
+==================  ===========================================================================
+FedAvg              example-weighted mean
+FedProx             FedAvg + ``proximal_mu`` sent to clients; :func:`proximal_term` for their loss
+FedAdam, FedYogi    adaptive server optimizers on the pseudo-gradient (checkpointable state)
+CoordinateMedian    per-parameter median (robust)
+TrimmedMean         per-parameter mean without the ``beta`` extremes (robust)
+Krum                (multi-)Krum: mean of the updates closest to their neighbours (robust)
+NormClipping        clip each update's change to ``max_norm``, then any inner strategy
+CentralDP           clip, average, Gaussian noise; (ε, δ) from opacus' RDP accountant
+==================  ===========================================================================
+
+:class:`UpdateMatrix` is optional storage for a round's updates as rows of one matrix, which
+the strategies aggregate with one BLAS call per array. :func:`strategy_from_plan` rebuilds a
+strategy from its :meth:`~enclaveml.fl.strategy.Strategy.plan` (``STRATEGIES`` maps names to classes).
+"""
+
+from __future__ import annotations
+
+from enclaveml.fl.strategies._registry import STRATEGIES, strategy_from_plan
+from enclaveml.fl.strategies._update_matrix import UpdateMatrix
+from enclaveml.fl.strategies.central_dp import CentralDP
+from enclaveml.fl.strategies.clipping import NormClipping
+from enclaveml.fl.strategies.fedadam import FedAdam
+from enclaveml.fl.strategies.fedavg import FedAvg
+from enclaveml.fl.strategies.fedprox import FedProx, proximal_term
+from enclaveml.fl.strategies.fedyogi import FedYogi
+from enclaveml.fl.strategies.krum import Krum
+from enclaveml.fl.strategies.median import CoordinateMedian
+from enclaveml.fl.strategies.trimmed_mean import TrimmedMean
+
+__all__ = [
+    "STRATEGIES",
+    "CentralDP",
+    "CoordinateMedian",
+    "FedAdam",
+    "FedAvg",
+    "FedProx",
+    "FedYogi",
+    "Krum",
+    "NormClipping",
+    "TrimmedMean",
+    "UpdateMatrix",
+    "proximal_term",
+    "strategy_from_plan",
+]

@@ -1,0 +1,305 @@
+"""Numeric kernels shared by the strategies and the validator: weighted sums, delta norms, Gram
+matrices and coordinate-wise reductions over the updates of one round.
+
+Why this module exists: a round holds N updates of P parameters (100 x 10M float32 is 4 GB),
+so every pass over them is bound by memory bandwidth, and a copy of them is both slow and may not
+fit. The kernels therefore
+
+* never stack the updates into one array, but walk the parameters in blocks of :data:`BLOCK`
+  elements: the accumulator and the scratch block stay in the CPU cache while each update is read
+  from memory once;
+* spread the blocks over a few threads (numpy releases the GIL inside its loops; no BLAS call runs
+  inside those threads, so BLAS's own threads never oversubscribe the cores);
+* use one BLAS matrix-vector product for clients whose arrays are rows of one matrix
+  (:class:`~enclaveml.fl.strategies.UpdateMatrix`): BLAS reads several updates at once and
+  reaches the memory bandwidth that one numpy stream does not.
+
+Accumulators are float32 for float16/float32 arrays (as Flower and BLAS do) and float64 otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from enclaveml.fl.strategies._update_matrix import flat, matrix_runs, whole_row_sum
+from enclaveml.fl.strategy import Weights
+
+__all__ = [
+    "BLOCK",
+    "accumulator_dtype",
+    "cast_like",
+    "coordinate_reduce",
+    "delta_gram",
+    "delta_sq_norms",
+    "weighted_sum",
+]
+
+BLOCK = 1 << 17  # elements: 512 KiB of float32, so accumulator + scratch fit in a 1 MiB L2
+_STACK_ELEMENTS = 1 << 21  # (clients x block) stacked for coordinate-wise reductions: 8 MiB of float32
+_PARALLEL_MIN = 1 << 22  # element-reads below which threads cost more than they save
+_MAX_THREADS = 4
+
+_local = threading.local()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+Job = Callable[[], None]
+
+
+def accumulator_dtype(dtype: np.dtype) -> np.dtype:
+    """float32 for float16/float32 arrays, float64 for everything else (float64, integers, bools)."""
+    if dtype in (np.dtype(np.float16), np.dtype(np.float32)):
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def cast_like(values: Sequence[np.ndarray], like: Weights) -> Weights:
+    """``values`` as arrays in the dtypes and shapes of ``like``; integers are rounded, not truncated.
+
+    (numpy turns 0-d results into scalars; ``np.asarray`` turns them back, since ``Weights`` holds
+    arrays only.)
+    """
+    out: Weights = []
+    for value, ref in zip(values, like, strict=True):
+        value = np.asarray(value).reshape(ref.shape)
+        if ref.dtype.kind in "iub" and value.dtype != ref.dtype:
+            value = np.rint(value)
+        out.append(np.asarray(value.astype(ref.dtype, copy=False)))
+    return out
+
+
+def weighted_sum(rows: Sequence[Weights], coeffs: Sequence[float] | np.ndarray, like: Weights) -> Weights:
+    """``Σ_i coeffs[i] · rows[i][j]`` for every array ``j``, in :func:`accumulator_dtype` of ``like[j]``.
+
+    ``rows`` are lists shaped like ``like`` (validated before); the result arrays are flat (and
+    may be views into one buffer).
+    """
+    c64 = np.asarray(coeffs, dtype=np.float64)
+    if len(rows) == 0 or c64.shape != (len(rows),):
+        raise ValueError("weighted_sum needs one coefficient per row and at least one row")
+    whole = whole_row_sum(rows, c64, like)
+    if whole is not None:
+        return whole
+    results: Weights = []
+    jobs: list[tuple[int, Job]] = []
+    for j, ref in enumerate(like):
+        acc = accumulator_dtype(ref.dtype)
+        c = c64.astype(acc)
+        flats = [flat(r[j]) for r in rows]
+        out = np.empty(ref.size, dtype=acc)
+        written = False
+        singles = list(range(len(rows)))
+        for start, stop, matrix in matrix_runs(flats):
+            # Outside the thread pool on purpose: BLAS runs its own threads.
+            if written:
+                out += np.matmul(c[start:stop], matrix)
+            else:
+                np.matmul(c[start:stop], matrix, out=out)
+                written = True
+            singles = [i for i in singles if not start <= i < stop]
+        if singles:
+            chosen, weights = [flats[i] for i in singles], c[singles]
+            for a in range(0, ref.size, BLOCK):
+                b = min(ref.size, a + BLOCK)
+                job = _axpy_job(chosen, weights, out, a, b, accumulate=written)
+                jobs.append(((b - a) * len(chosen), job))
+        elif not written:  # pragma: no cover - rows is never empty
+            out.fill(0)
+        results.append(out)
+    _run(jobs)
+    return results
+
+
+def delta_sq_norms(global_weights: Weights, rows: Sequence[Weights]) -> np.ndarray:
+    """Squared L2 norm of ``rows[i] - global_weights`` over the float arrays, per row (float64).
+
+    Integer arrays (counters such as BatchNorm's ``num_batches_tracked``) are left out: they are
+    not model directions, and a counter's change would dwarf the change of the weights.
+    A NaN or Inf anywhere makes that row's result non-finite (and so can float32 overflow of a
+    finite but absurd update: callers tell the two apart with ``np.isfinite`` when it matters).
+    """
+    norms = np.zeros(len(rows), dtype=np.float64)
+    flat_global = [flat(g) for g in global_weights]
+
+    def job(i: int) -> Job:
+        def run() -> None:
+            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite norm is the answer
+                norms[i] = squared_norm(rows[i])
+
+        return run
+
+    def squared_norm(row: Weights) -> float:
+        total = 0.0
+        for x, g in zip(row, flat_global, strict=True):
+            if g.dtype.kind != "f":
+                continue
+            x = flat(x)
+            scratch = _scratch(accumulator_dtype(g.dtype), min(BLOCK, g.size))
+            for a in range(0, g.size, BLOCK):
+                b = min(g.size, a + BLOCK)
+                t = scratch[: b - a]
+                np.subtract(x[a:b], g[a:b], out=t, dtype=t.dtype)
+                np.square(t, out=t)
+                total += float(t.sum())  # pairwise summation in numpy: no BLAS thread here
+        return total
+
+    size = sum(g.size for g in flat_global)
+    _run([(size, job(i)) for i in range(len(rows))])
+    return norms
+
+
+def delta_gram(global_weights: Weights, rows: Sequence[Weights]) -> np.ndarray:
+    """Gram matrix ``G[i, k] = <d_i, d_k>`` (float64) of the deltas ``d_i = rows[i] - global``
+    over the float arrays (as :func:`delta_sq_norms`).
+
+    Each block is centred on its coordinate-wise mean first: distances
+    ``G[i, i] + G[k, k] - 2 G[i, k]`` do not change, and the cancellation in that formula stays
+    small when all updates moved the same way. Runs in this thread, so BLAS may use its threads.
+    """
+    n = len(rows)
+    gram = np.zeros((n, n), dtype=np.float64)
+    block = max(256, _STACK_ELEMENTS // n)
+    for j, g in enumerate(global_weights):
+        if g.dtype.kind != "f":
+            continue
+        flat_g = flat(g)
+        flats = [flat(r[j]) for r in rows]
+        stack = np.empty((n, min(block, g.size)), dtype=accumulator_dtype(g.dtype))
+        for a in range(0, g.size, block):
+            b = min(g.size, a + block)
+            buf = stack[:, : b - a]
+            for i, x in enumerate(flats):
+                np.subtract(x[a:b], flat_g[a:b], out=buf[i], dtype=buf.dtype)
+            buf -= buf.mean(axis=0)
+            gram += np.matmul(buf, buf.T)
+    return gram
+
+
+def coordinate_reduce(
+    rows: Sequence[Weights], like: Weights, reducer: Callable[[np.ndarray, np.ndarray], None]
+) -> Weights:
+    """Per coordinate, ``reducer(stacked, out)`` over the rows: ``stacked`` is (rows x block).
+
+    ``stacked`` is scratch space the reducer may reorder (``np.partition`` in place);
+    ``out`` is the matching block of the flat result, in :func:`accumulator_dtype`.
+    """
+    n = len(rows)
+    block = max(256, _STACK_ELEMENTS // n)
+    results: Weights = []
+    jobs: list[tuple[int, Job]] = []
+    for j, ref in enumerate(like):
+        acc = accumulator_dtype(ref.dtype)
+        out = np.empty(ref.size, dtype=acc)
+        flats = [flat(r[j]) for r in rows]
+        for a in range(0, ref.size, block):
+            b = min(ref.size, a + block)
+            jobs.append(((b - a) * n, _stack_job(flats, out, a, b, block, reducer)))
+        results.append(out)
+    _run(jobs)
+    return results
+
+
+# --- internals ---------------------------------------------------------------------------------
+
+
+def _scratch(dtype: np.dtype, size: int, rows: int = 0) -> np.ndarray:
+    """This thread's reusable buffer: fresh large allocations cost a page fault per 4 KiB."""
+    cache: dict[tuple[np.dtype, int], np.ndarray] | None = getattr(_local, "buffers", None)
+    if cache is None:
+        cache = _local.buffers = {}
+    key = (dtype, rows)
+    needed = size * max(rows, 1)
+    buf = cache.get(key)
+    if buf is None or buf.size < needed:
+        buf = cache[key] = np.empty(needed if rows else max(needed, BLOCK), dtype=dtype)
+    flat = buf[:needed]
+    return flat.reshape(rows, size) if rows else flat
+
+
+def _axpy_job(
+    rows: list[np.ndarray], coeffs: np.ndarray, out: np.ndarray, a: int, b: int, *, accumulate: bool
+) -> Job:
+    def run() -> None:
+        o = out[a:b]
+        t = _scratch(out.dtype, b - a)
+        first = 0
+        if not accumulate:
+            np.multiply(rows[0][a:b], coeffs[0], out=o, dtype=o.dtype)
+            first = 1
+        for x, c in zip(rows[first:], coeffs[first:], strict=True):
+            if c == 1:
+                np.add(o, x[a:b], out=o, dtype=o.dtype)
+            else:
+                np.multiply(x[a:b], c, out=t, dtype=t.dtype)
+                np.add(o, t, out=o)
+
+    return run
+
+
+def _stack_job(
+    rows: list[np.ndarray],
+    out: np.ndarray,
+    a: int,
+    b: int,
+    block: int,
+    reducer: Callable[[np.ndarray, np.ndarray], None],
+) -> Job:
+    def run() -> None:
+        stacked = _scratch(out.dtype, block, rows=len(rows))[:, : b - a]
+        for i, x in enumerate(rows):
+            stacked[i] = x[a:b]
+        reducer(stacked, out[a:b])
+
+    return run
+
+
+def _threads() -> int:
+    """Threads for the block loops: ``ENCLAVEML_FL_THREADS`` if set, else the usable cores (at most 4).
+
+    The override exists for enclaves, whose affinity mask may not match the cores they really
+    get, and for benchmarks that compare single-threaded kernels.
+    """
+    configured = os.environ.get("ENCLAVEML_FL_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(_MAX_THREADS, cores))
+
+
+def _run(jobs: list[tuple[int, Job]]) -> None:
+    """Run the jobs, split into contiguous groups of similar cost, one group per thread."""
+    threads = _threads()
+    total = sum(cost for cost, _ in jobs)
+    if threads == 1 or total < _PARALLEL_MIN or len(jobs) < 2:
+        for _, job in jobs:
+            job()
+        return
+    groups: list[list[Job]] = [[] for _ in range(threads)]
+    done = 0
+    for cost, job in jobs:
+        groups[min(threads - 1, done * threads // total)].append(job)
+        done += cost
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < threads:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="enclaveml-fl")
+            _pool_size = threads
+        pool = _pool
+    for _ in pool.map(_run_group, [g for g in groups if g]):
+        pass
+
+
+def _run_group(group: list[Job]) -> None:
+    for job in group:
+        job()

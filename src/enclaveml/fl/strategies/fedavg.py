@@ -1,0 +1,46 @@
+"""FedAvg (McMahan et al., 2017): the next global model is the example-weighted mean of the updates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from enclaveml.fl.strategies._common import require_updates
+from enclaveml.fl.strategies._kernels import cast_like, weighted_sum
+from enclaveml.fl.strategy import ClientUpdate, Strategy, Weights
+
+__all__ = ["FedAvg", "example_weighted_mean"]
+
+
+def example_weighted_mean(global_weights: Weights, updates: Sequence[ClientUpdate]) -> Weights:
+    """``Σ n_i w_i / Σ n_i`` in the accumulator dtype (float32 for float32 models), flat arrays.
+
+    The coefficients are computed in float64 so that a client with many examples does not lose
+    the others to rounding.
+    """
+    counts = np.array([u.num_examples for u in updates], dtype=np.float64)
+    return weighted_sum([u.weights for u in updates], counts / counts.sum(), global_weights)
+
+
+class FedAvg(Strategy):
+    """Example-weighted average of the participants' weights.
+
+    Each client's weight is its reported ``num_examples``. That count is not verifiable by the
+    aggregator: a participant that lies about it gains influence, so use a robust strategy (or
+    :class:`~enclaveml.fl.strategies.NormClipping`) when participants may be malicious.
+    """
+
+    name: ClassVar[str] = "fedavg"
+
+    def aggregate_train(
+        self, server_round: int, global_weights: Weights, updates: Sequence[ClientUpdate]
+    ) -> Weights:
+        """The example-weighted mean of ``updates``, in ``global_weights``' dtypes and shapes."""
+        require_updates(self.name, updates)
+        return cast_like(example_weighted_mean(global_weights, updates), global_weights)
+
+    def plan(self) -> dict[str, Any]:
+        """``{"name": "fedavg"}``: FedAvg has no hyperparameters on the server."""
+        return {"name": self.name}
