@@ -170,16 +170,22 @@ def session(path: Path) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def prepare(folder: Path) -> tuple[Path, dict[str, Path], dict[str, Any]]:
-    """Export and quantize (or take from the cache) the FP32 model and every INT8 variant."""
-    key, info = model_key(), dict[str, dict[str, Any]]()
-    fp32 = folder / f"resnet50-fp32-{key}.onnx"
-    info["fp32"] = {"cached": fp32.exists()}
+def prepare_fp32(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """Export (or take from the cache) the FP32 model; also used by ``benchmarks.serving``."""
+    fp32 = folder / f"resnet50-fp32-{model_key()}.onnx"
+    info: dict[str, Any] = {"cached": fp32.exists()}
     if not fp32.exists():
         started = time.perf_counter()
         build_fp32(fp32)
-        info["fp32"]["export_seconds"] = round(time.perf_counter() - started, 1)
-    info["fp32"]["bytes"] = fp32.stat().st_size
+        info["export_seconds"] = round(time.perf_counter() - started, 1)
+    info["bytes"] = fp32.stat().st_size
+    return fp32, info
+
+
+def prepare(folder: Path) -> tuple[Path, dict[str, Path], dict[str, Any]]:
+    """Export and quantize (or take from the cache) the FP32 model and every INT8 variant."""
+    key, info = model_key(), dict[str, dict[str, Any]]()
+    fp32, info["fp32"] = prepare_fp32(folder)
     calibration = images(CALIBRATION_IMAGES, 1)
     quantized = {}
     for name, options in VARIANTS.items():

@@ -46,10 +46,10 @@ class QueueWorker:
         return encode_tensors(outputs)
 
     async def run(self, stop_event: asyncio.Event) -> WorkerStats:
-        """Serve until ``stop_event``; as many requests in flight as a batch holds, so batches can form."""
+        """Serve until ``stop_event``; two batches' worth in flight, so the next gathers while one runs."""
         try:
             return await self.queue.run_worker(
-                self.handle, stop_event=stop_event, concurrency=self.max_batch_size
+                self.handle, stop_event=stop_event, concurrency=2 * self.max_batch_size
             )
         finally:
             for batcher in self._batchers.values():
