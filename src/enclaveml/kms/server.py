@@ -34,8 +34,6 @@ request carries a data key.
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import logging
 import os
 import signal
@@ -47,14 +45,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from enclaveml.attestation import Verifier
 from enclaveml.errors import (
@@ -171,7 +168,7 @@ def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": code, "message": message, **extra}, status_code=status)
 
 
-def broker_error_response(exc: Exception, method: str, path: str) -> JSONResponse:
+def _broker_error_response(exc: Exception, method: str, path: str) -> JSONResponse:
     """The answer to a KeyBrokerError or ConfigurationError (table in the module docstring)."""
     if isinstance(exc, KeyReleaseDeniedError):
         return _error(403, "denied", str(exc), rule=exc.rule, observed=exc.observed, expected=exc.expected)
@@ -201,13 +198,13 @@ def broker_error_response(exc: Exception, method: str, path: str) -> JSONRespons
 def _fast_path_error(exc: Exception, scope: MutableMapping[str, Any]) -> JSONResponse | None:
     """What the exception handlers below would answer, for the release fast path (None: re-raise)."""
     if isinstance(exc, KeyBrokerError | ConfigurationError):
-        return broker_error_response(exc, scope["method"], scope["path"])
+        return _broker_error_response(exc, scope["method"], scope["path"])
     return None
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     async def broker_error(request: Request, exc: Exception) -> JSONResponse:
-        return broker_error_response(exc, request.method, request.url.path)
+        return _broker_error_response(exc, request.method, request.url.path)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
@@ -318,73 +315,6 @@ class _Timing:
             self.metrics.observe_request(template, scope["method"], status, time.perf_counter() - started)
 
 
-class _CoalescingTransport:
-    """Joins the writes of one event-loop step into one transport write.
-
-    uvicorn writes a response's status line and headers, then its body, as two writes; on a
-    TLS transport each becomes its own TLS record and its own ``send`` system call. Writes
-    made in one step of the event loop (a response's head and body are) are buffered and
-    handed on together at the end of that step, in order; closing writes out what is pending.
-    Everything else goes straight to the real transport.
-    """
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._pending: list[bytes] = []
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._pending:
-            self._loop.call_soon(self._flush)
-        self._pending.append(bytes(data))
-
-    def _flush(self) -> None:
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            if not self._transport.is_closing():
-                self._transport.write(data)
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._transport.get_extra_info(name, default)
-
-    def pause_reading(self) -> None:
-        self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._transport.resume_reading()
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._flush()
-        self._transport.set_protocol(protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._transport.get_protocol()
-
-    def abort(self) -> None:
-        self._pending.clear()
-        self._transport.abort()
-
-    def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
-
-
-class _HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol writing each response with one TLS record and one send."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's TLS transport implements asyncio.Transport without subclassing it.
-        coalescing: Any = _CoalescingTransport(cast(asyncio.Transport, transport), self.loop)
-        super().connection_made(coalescing)
-
-
 def run_broker(
     config: BrokerConfig,
     host: str = "127.0.0.1",
@@ -425,7 +355,7 @@ def run_broker(
             ssl_keyfile=str(keyfile),
             ssl_context_factory=tls_context,
             loop="uvloop",
-            http=_HttpProtocol,
+            http="httptools",
             lifespan="on",
             proxy_headers=False,  # the audit and logs must show the real peer, not a claimed one
             server_header=False,
@@ -445,11 +375,6 @@ def run_broker(
 
 
 def _serve(server: uvicorn.Server, sock: socket.socket | None) -> None:
-    # Objects alive now (modules, the app, its routes) live as long as the server: keep the
-    # cyclic garbage collector from scanning them again and again during requests.
-    if not os.environ.get("KBS_NOFREEZE"):  # EXPERIMENT
-        gc.collect()
-        gc.freeze()
     server.run(sockets=None if sock is None else [sock])
 
 
