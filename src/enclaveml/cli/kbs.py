@@ -344,6 +344,7 @@ def serve(
     ] = None,
     nonce_ttl: Annotated[float, typer.Option(help="Seconds a release challenge stays valid.")] = 60.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    workers: Annotated[int, typer.Option(help="Broker processes sharing the port and the database.")] = 1,
 ) -> None:
     """Run the key broker over HTTPS until interrupted."""
     import tempfile
@@ -382,7 +383,9 @@ def serve(
             err_console.print(
                 f"key broker listening on https://{_url_host(host)}:{port}", markup=False, soft_wrap=True
             )
-            run_broker(config, host, port, certfile=certfile, keyfile=keyfile, log_level=log_level)
+            run_broker(
+                config, host, port, certfile=certfile, keyfile=keyfile, log_level=log_level, workers=workers
+            )
 
 
 def _broker_verifier(simulation_key: Path | None, collateral: Path | None, pccs: str | None) -> Any:
