@@ -31,11 +31,11 @@ The whole-artifact functions return or write no plaintext unless the final chunk
 Why the streaming paths look the way they do: ``update_into`` with reused buffers runs at
 cipher speed, while the bytes-returning ``update`` is 3-5x slower (page faults on fresh output
 memory for every call). With the cipher that fast, copying in and out of the page cache costs
-as much CPU as the cipher itself, so ``seal_file`` and ``unseal_file`` read ahead in one thread
-and write behind in another while the calling thread runs the cipher (:mod:`._pipeline`), with
-three 512 KiB buffers each way, and reserve the output's disk space ahead of the writes.
-Progress callbacks still run in the calling thread, and errors from either helper thread
-surface there unchanged.
+as much CPU as the cipher itself, so ``seal_file`` and ``unseal_file`` read and run the cipher
+in the calling thread while a writer thread writes the previous block (:mod:`._pipeline`,
+about 3 MiB of reused buffers), and reserve the output's disk space ahead of the writes.
+Progress callbacks still run in the calling thread, and the writer's errors surface there
+unchanged.
 """
 
 from __future__ import annotations
@@ -97,14 +97,12 @@ DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
 Progress = Callable[[int], object]
 """Called after each block with the number of *input* bytes consumed so far (ends at the input size)."""
 
-# seal_file and unseal_file run a pipeline (_pipeline.py): a reader thread, the cipher in the
-# calling thread and a writer thread, with _DEPTH reused buffers each way (about 3 MiB in all).
-# 32 Cobblestone chunks (512 KiB) per block: a block and its output fit in L2; the kernel's
-# page-cache copies took 10-15% more CPU from 1-4 MiB buffers, and larger pools ran slower.
-_PIPE_CHUNKS: Final = 32
-_DEPTH: Final = 3
-# unseal_file_to_bytes and unseal_stream read 64 chunks (1 MiB) at a time into one reused buffer.
-_SERIAL_CHUNKS: Final = 64
+# 64 Cobblestone chunks (1 MiB) per read: large enough for full cipher speed, small enough for L2.
+_BLOCK_CHUNKS: Final = 64
+# seal_file and unseal_file write behind in a writer thread (_pipeline.py) from this many output
+# buffers: one being filled by the cipher while the other is written. Measured on an idle 2-core
+# machine, 0.5-1 MiB blocks with 2-4 buffers all ran at 0.85-1.0x openssl; more did not help.
+_DEPTH: Final = 2
 
 
 def _seal_sizes(chunks: int) -> tuple[int, int]:
@@ -123,9 +121,8 @@ def _unseal_sizes(chunks: int) -> tuple[int, int]:
     return read, read + CHUNK_SIZE
 
 
-_SEAL_READ, _SEAL_OUT = _seal_sizes(_PIPE_CHUNKS)
-_UNSEAL_READ, _UNSEAL_OUT = _unseal_sizes(_PIPE_CHUNKS)
-_SERIAL_UNSEAL_READ, _SERIAL_UNSEAL_OUT = _unseal_sizes(_SERIAL_CHUNKS)
+_SEAL_READ, _SEAL_OUT = _seal_sizes(_BLOCK_CHUNKS)
+_UNSEAL_READ, _UNSEAL_OUT = _unseal_sizes(_BLOCK_CHUNKS)
 
 
 # --- sealing ---------------------------------------------------------------------------------
@@ -181,7 +178,7 @@ def seal_file(
         with atomic_output(dst_path) as output:
             if size is not None:
                 output.expect(header.size + payload_size(size))
-            with _pipeline(reader, output, size, _SEAL_READ, _SEAL_OUT) as pipe:
+            with _pipeline(reader, output, _SEAL_READ, _SEAL_OUT) as pipe:
                 pipe.send_bytes(header.encoded)
                 done = 0
                 for block in pipe.blocks():
@@ -267,7 +264,7 @@ def unseal_file_to_bytes(
         remaining = status.st_size - header.size
         decryptor = Cobblestone256Decryptor(_unwrap(header, unwrapper), header.encoded)
         out = FreshBytes(plaintext_size(remaining))
-        in_view = memoryview(bytearray(_SERIAL_UNSEAL_READ))
+        in_view = memoryview(bytearray(_UNSEAL_READ))
         try:
             written, done = 0, header.size
             while remaining:
@@ -307,7 +304,7 @@ def unseal_file(
             if size is not None:
                 with contextlib.suppress(DecryptionError):  # an impossible size fails at the end
                     output.expect(plaintext_size(size - header.size))
-            with _pipeline(reader, output, size, _UNSEAL_READ, _UNSEAL_OUT) as pipe:
+            with _pipeline(reader, output, _UNSEAL_READ, _UNSEAL_OUT) as pipe:
                 done = header.size
                 for block in pipe.blocks():
                     out = pipe.output()
@@ -393,26 +390,17 @@ def _finish(decryptor: Cobblestone256Decryptor, out: memoryview, written: int) -
     out[written:] = tail
 
 
-def _pipeline(
-    reader: io.FileIO, output: OutputFile, size: int | None, read_size: int, out_size: int
-) -> BlockPipeline:
-    """Overlap reads and writes with the cipher, unless the input may block (not a regular file)."""
-    return BlockPipeline(
-        reader,
-        output.write,
-        read_size=read_size,
-        out_size=out_size,
-        depth=_DEPTH,
-        threaded=size is not None,
-    )
+def _pipeline(reader: io.FileIO, output: OutputFile, read_size: int, out_size: int) -> BlockPipeline:
+    """Read and run the cipher in this thread, with the writes in a writer thread behind it."""
+    return BlockPipeline(reader, output.write, read_size=read_size, out_size=out_size, depth=_DEPTH)
 
 
 def _decrypt_blocks(
     reader: ByteReader, decryptor: Cobblestone256Decryptor, progress: Progress | None, done: int
 ) -> Iterator[memoryview]:
     """Yield views of one reused plaintext buffer (valid until the next step), the verified tail last."""
-    in_view = memoryview(bytearray(_SERIAL_UNSEAL_READ))
-    out_view = memoryview(bytearray(_SERIAL_UNSEAL_OUT))
+    in_view = memoryview(bytearray(_UNSEAL_READ))
+    out_view = memoryview(bytearray(_UNSEAL_OUT))
     try:
         while count := fill(reader, in_view):
             produced = _update(decryptor, in_view[:count], out_view)
