@@ -1,0 +1,1 @@
+"""Vertical federated learning: private set intersection, vertical boosted trees and logistic regression."""
