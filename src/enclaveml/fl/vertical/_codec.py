@@ -23,11 +23,11 @@ from typing import Any
 import cbor2
 import numpy as np
 
-from enclaveml.vfl._errors import MessageError
+from enclaveml.fl.vertical._errors import MessageError
 
 __all__ = ["CONTENT_TYPE", "Payload", "decode", "encode"]
 
-CONTENT_TYPE = "application/vnd.enclaveml.vfl+cbor"
+CONTENT_TYPE = "application/vnd.enclaveml.fl.vertical+cbor"
 
 Payload = dict[str, Any]
 """A message: text keys to CBOR values and numpy arrays."""

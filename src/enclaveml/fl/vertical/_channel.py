@@ -1,14 +1,14 @@
 """How the server talks to the parties: it calls, each party answers.
 
 Every vertical-FL protocol here (PSI, boosting, logistic regression) is driven by the server in
-the TEE: it calls a *method* on a party with a :data:`~enclaveml.vfl._codec.Payload` and gets a
+the TEE: it calls a *method* on a party with a :data:`~enclaveml.fl.vertical._codec.Payload` and gets a
 payload back. Parties never talk to each other. Two implementations of the server's view of a
 party, :class:`PartyChannel`, run the same protocol code:
 
 - :class:`InProcessChannel`: the party's :class:`PartyEndpoint` lives in this process. Every
   message is still encoded to bytes and decoded again, so nothing is shared by reference and
   tests can read exactly what crossed (:attr:`InProcessChannel.transcript`).
-- the network channel of :mod:`enclaveml.vfl.server`: the party is a client of the attested
+- the network channel of :mod:`enclaveml.fl.vertical.server`: the party is a client of the attested
   server (it verified the server's RA-TLS evidence first) and fetches the server's calls.
 
 A party's handler that raises becomes :class:`PartyFailedError` naming only the exception type:
@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from enclaveml.vfl._codec import Payload, decode, encode
-from enclaveml.vfl._errors import MessageError, PartyFailedError
+from enclaveml.fl.vertical._codec import Payload, decode, encode
+from enclaveml.fl.vertical._errors import MessageError, PartyFailedError
 
 __all__ = [
     "Exchange",
