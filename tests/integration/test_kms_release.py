@@ -10,9 +10,6 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +18,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 
+from enclaveml._web import start_in_thread
 from enclaveml.attestation.evidence import Evidence, TeeType
 from enclaveml.attestation.policy import AllOf, MeasurementAllowlist, UnsafeAllowSimulation
 from enclaveml.attestation.simulation import SimulationKey, SimulationProvider, SimulationVerifier
@@ -67,26 +65,15 @@ def running_broker(
         create_self_signed_certificate(cert, key)
     app = create_app(BrokerConfig(db_path=db, root_key=root_key, verifier=verifier))
     token = app.state.broker.create_token(f"test-{os.urandom(3).hex()}", scopes)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(
-        app, ssl_certfile=str(cert), ssl_keyfile=str(key), log_level="info", lifespan="on", loop="asyncio"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test broker did not start")
-        time.sleep(0.02)
+        app, host="127.0.0.1", port=0, ssl_certfile=str(cert), ssl_keyfile=str(key),
+        log_level="info", lifespan="on", loop="asyncio",
+    )  # fmt: skip
+    running = start_in_thread(config, name="test-kbs", startup_timeout=20)
     try:
-        yield RunningBroker(f"https://127.0.0.1:{sock.getsockname()[1]}", cert, token)
+        yield RunningBroker(running.url, cert, token)
     finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
+        running.stop(timeout=20)
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ import uvicorn
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
+from enclaveml._web import start_in_thread
 from enclaveml.attestation import EvidenceVerifier
 from enclaveml.attestation.policy import AllOf, MeasurementAllowlist, UnsafeAllowSimulation
 from enclaveml.attestation.simulation import SimulationKey, SimulationProvider, SimulationVerifier
@@ -183,29 +184,18 @@ class InProcessBroker:
 
     def __init__(self, env: Env, config: BrokerConfig) -> None:
         self.env = env
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.url = f"https://127.0.0.1:{port}"
         settings = uvicorn.Config(
-            create_app(config), host="127.0.0.1", port=port, log_level="warning",
+            create_app(config), host="127.0.0.1", port=0, log_level="warning",
             ssl_certfile=str(env.cert), ssl_keyfile=str(env.tls_key),
         )  # fmt: skip
-        self.server = uvicorn.Server(settings)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive(), "in-process broker stopped during startup"
-            assert time.monotonic() < deadline, "in-process broker did not start"
-            time.sleep(0.02)
+        self.running = start_in_thread(settings, name="test-kbs")
+        self.url = self.running.url
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, verify=self.env.trust(), timeout=30)
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.running.stop(timeout=30)
 
 
 def config_for(env: Env, db: Db, root_key: Path | None = None, **overrides: Any) -> BrokerConfig:

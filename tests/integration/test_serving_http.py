@@ -11,7 +11,6 @@ import contextlib
 import datetime
 import gzip
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -31,6 +30,7 @@ from skl2onnx import to_onnx
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
+from enclaveml._web import start_in_thread
 from enclaveml.attestation.tls import in_memory_key_files
 from enclaveml.serving import ModelRepository, OnnxModel, create_app
 
@@ -68,26 +68,15 @@ def slow_model(model_bytes: bytes, delay_s: float) -> SlowModel:
 @contextlib.contextmanager
 def serve(app: FastAPI, **config: object) -> Iterator[str]:
     """Run ``app`` under uvicorn in a thread on an ephemeral port; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, loop="uvloop", http="httptools", log_level="warning", **config)  # type: ignore[arg-type]
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert thread.is_alive(), "uvicorn did not start"
-        assert time.monotonic() < deadline, "uvicorn did not start in time"
-        time.sleep(0.01)
-    scheme = "https" if "ssl_certfile" in config else "http"
+    running = start_in_thread(
+        uvicorn.Config(app, host="127.0.0.1", port=0, loop="uvloop", http="httptools", log_level="warning",
+                       **config),  # type: ignore[arg-type]
+        name="test-serve", startup_timeout=15,
+    )  # fmt: skip
     try:
-        yield f"{scheme}://127.0.0.1:{port}"
+        yield running.url
     finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+        running.stop(15)
 
 
 def attest(nonce: bytes) -> bytes:

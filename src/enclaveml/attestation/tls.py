@@ -23,18 +23,27 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import cbor2
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from enclaveml.attestation._policy_base import Policy
 from enclaveml.attestation._time import Instant
-from enclaveml.attestation.ratls import RatlsCertificate, VerifiedPeer, verify_ratls_certificate
+from enclaveml.attestation.claims import Claims
+from enclaveml.attestation.ratls import (
+    RatlsCertificate,
+    VerifiedPeer,
+    spki_der,
+    verify_key_binding,
+    verify_ratls_certificate,
+)
 from enclaveml.attestation.verifier import Verifier
-from enclaveml.errors import AttestationError, ConfigurationError
+from enclaveml.errors import AttestationError, ConfigurationError, VerificationError
 
 __all__ = [
     "AttestedServer",
+    "AttestedSession",
     "attest_server",
     "fetch_peer_certificate",
     "in_memory_key_files",
@@ -138,3 +147,43 @@ def attest_server(
     der = fetch_peer_certificate(parts.hostname, port, timeout=timeout)
     peer = verify_ratls_certificate(der, verifier=verifier, policy=policy, now=now)
     return AttestedServer(f"https://{parts.hostname}:{port}", peer)
+
+
+class AttestedSession:
+    """A verified, pinned RA-TLS server and the check of the fresh evidence it answers later.
+
+    Construction runs :func:`attest_server` (certificate fetched, verified, appraised, pinned).
+    :meth:`check_fresh` verifies an ``/attestation?nonce=`` answer: CBOR ``{"evidence": bstr,
+    "endorsements": bstr / null}`` (:func:`enclaveml.attestation.ratls.bind_public_key`) whose
+    evidence must bind the same TLS key and ``nonce`` and satisfy the same policy. The clients of
+    the inference server, the FL aggregator and the vertical-FL server all connect through it.
+    """
+
+    def __init__(self, url: str, policy: Policy, verifier: Verifier, now: Instant, timeout: float) -> None:
+        self._policy, self._verifier, self._now = policy, verifier, now
+        self.server: AttestedServer = attest_server(
+            url, verifier=verifier, policy=policy, now=now, timeout=timeout
+        )
+        self._spki = spki_der(x509.load_der_x509_certificate(self.server.peer.certificate_der).public_key())
+        self.claims: Claims = self.server.peer.claims
+
+    def check_fresh(self, nonce: bytes, response: httpx.Response) -> Claims:
+        """Verify the answer to ``GET /attestation?nonce=...``; the claims, or an AttestationError."""
+        if response.status_code != 200:
+            raise AttestationError(f"server refused fresh attestation ({response.status_code})")
+        try:
+            token = cbor2.loads(response.content)
+            evidence, endorsements = token["evidence"], token.get("endorsements")
+        except Exception as exc:  # cbor2 raises several unrelated types on garbage
+            raise VerificationError("malformed /attestation answer") from exc
+        claims, _ = verify_key_binding(
+            evidence,
+            public_key_spki=self._spki,
+            verifier=self._verifier,
+            policy=self._policy,
+            nonce=nonce,
+            endorsements=endorsements,
+            now=self._now,
+        )
+        self.claims = claims
+        return claims

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 import uvicorn
 from rich.table import Table
 
+from enclaveml._web import start_in_thread
 from enclaveml.attestation import (
     AllOf,
     DebugMode,
@@ -72,22 +71,14 @@ def _broker(workdir: Path, verifier: EvidenceVerifier) -> Iterator[tuple[str, Pa
     token = app.state.broker.create_token(
         "demo-owner", ["keys:write", "keys:read", "keys:wrap", "policy:write"]
     )
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, ssl_certfile=str(cert), ssl_keyfile=str(key), log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the demo key broker did not start")
-        time.sleep(0.01)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, ssl_certfile=str(cert), ssl_keyfile=str(key), log_level="warning"
+    )
+    running = start_in_thread(config, name="enclaveml-demo-kbs")
     try:
-        yield f"https://127.0.0.1:{sock.getsockname()[1]}", cert, token
+        yield running.url, cert, token
     finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+        running.stop()
 
 
 def run_demo() -> None:

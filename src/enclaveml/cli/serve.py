@@ -123,11 +123,12 @@ def _run_server(
 ) -> None:
     import uvicorn
 
+    from enclaveml._web import attestation_hook, uvicorn_config
     from enclaveml.attestation import create_ratls_certificate
     from enclaveml.kms import KeyBrokerClient
     from enclaveml.serving import RedisStreamsQueue
     from enclaveml.serving.app import create_app
-    from enclaveml.serving.secure import attestation_hook, load_sealed_models, uvicorn_config
+    from enclaveml.serving.secure import load_sealed_models
 
     with KeyBrokerClient(kbs, provider, verify=str(kbs_ca) if kbs_ca else True) as broker:
         # A front end in queue mode only needs the models' signatures, not compute threads.

@@ -16,8 +16,8 @@ its credential) leaves the process before the third:
 If the aggregator goes away (a crash, a restart from its checkpoint), calls reconnect and
 repeat all four steps against the new certificate, for up to ``reconnect_s`` seconds; a new
 aggregator that fails any check is refused, never used. ``wait_for_aggregator_s`` does the same
-for the first connection (participants started before the aggregator). The attestation steps are those of the
-inference client (:mod:`enclaveml.serving.client`), shared rather than copied.
+for the first connection (participants started before the aggregator). The attestation steps are
+:class:`enclaveml.attestation.tls.AttestedSession`, shared with the inference client.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import httpx
 
 from enclaveml.attestation import Claims, Policy, Verifier
 from enclaveml.attestation._time import Instant
+from enclaveml.attestation.tls import AttestedSession
 from enclaveml.errors import AttestationError, PolicyRejectedError
 from enclaveml.fl._errors import (
     DuplicateUpdateError,
@@ -52,7 +53,6 @@ from enclaveml.fl._torch import state_dict_to_weights, weights_to_state_dict
 from enclaveml.fl._wire import UPDATE_CONTENT_TYPE, ModelMessage, decode_model, encode_update
 from enclaveml.fl.plan import TrainingPlan, certificate_nonce, fresh_nonce
 from enclaveml.fl.strategy import Weights
-from enclaveml.serving.client import _Attested
 
 __all__ = [
     "AggregatorClient",
@@ -106,7 +106,7 @@ class AggregatorClient:
 
     def _connect(self) -> None:
         """Steps 1-4 of the module docstring; on any failure nothing is left open."""
-        attested = _Attested(self.url, self._policy, self._verifier, self._now, self._timeout)
+        attested = AttestedSession(self.url, self._policy, self._verifier, self._now, self._timeout)
         expected = certificate_nonce(self.plan.digest)
         if attested.server.peer.nonce != expected:
             raise PolicyRejectedError(

@@ -38,21 +38,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-import uvicorn
 from fastapi import FastAPI, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
+from enclaveml._web import LimitAndCount, RunningServer, ServingStats, attestation_hook, serve_ratls_app
 from enclaveml.attestation import EvidenceProvider, RatlsCertificate, create_ratls_certificate
-from enclaveml.errors import ConfigurationError
 from enclaveml.fl._errors import FederatedError, NotEnrolledError, RoundMismatchError
 from enclaveml.fl._wire import MODEL_CONTENT_TYPE, decode_update, encode_model, encode_weights
 from enclaveml.fl.aggregator import Aggregator
 from enclaveml.fl.plan import certificate_nonce, fresh_nonce
-from enclaveml.serving._http import LimitAndCount, ServingStats
 from enclaveml.serving._protocol import RequestTooLargeError
-from enclaveml.serving.secure import RunningServer, attestation_hook, uvicorn_config
 
 __all__ = ["aggregator_certificate", "create_aggregator_app", "run_aggregator", "serve_aggregator"]
 
@@ -190,7 +187,11 @@ def create_aggregator_app(
     app.add_exception_handler(RequestTooLargeError, too_large)
     routes = app.router.routes
     app.add_middleware(
-        LimitAndCount, stats=lambda: stats, routes=lambda: routes, max_request_bytes=max_request_bytes
+        LimitAndCount,
+        stats=lambda: stats,
+        routes=lambda: routes,
+        max_request_bytes=max_request_bytes,
+        too_large=RequestTooLargeError,
     )
     return app
 
@@ -207,18 +208,9 @@ def serve_aggregator(
     """Start the RA-TLS aggregator in a background thread (tests, the example, embedding)."""
     ratls = aggregator_certificate(provider, aggregator, host)
     app = create_aggregator_app(aggregator, attestation=attestation_hook(provider, ratls), **app_options)
-    stack = contextlib.ExitStack()
-    server = uvicorn.Server(stack.enter_context(uvicorn_config(app, ratls, host=host, port=port)))
-    thread = threading.Thread(target=server.run, name="enclaveml-fl-aggregator", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            stack.close()
-            raise ConfigurationError(f"the aggregator did not start on {host}:{port}")
-        time.sleep(0.01)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    return RunningServer(f"https://{host}:{bound}", server, thread, ratls, app, stack)
+    return serve_ratls_app(
+        app, ratls, name="enclaveml-fl-aggregator", host=host, port=port, startup_timeout=startup_timeout
+    )
 
 
 def run_aggregator(

@@ -1,6 +1,7 @@
 """Confidential model serving: ONNX models unsealed in memory, dynamic batching, and the Open Inference
 Protocol (KServe v2) REST API with the binary tensor data extension."""
 
+from enclaveml._web import ServingStats
 from enclaveml.serving._batching import (
     BatcherClosedError,
     BatcherStats,
@@ -18,7 +19,6 @@ from enclaveml.serving._engine import (
     ServingError,
     TensorSpec,
 )
-from enclaveml.serving._http import ServingStats
 from enclaveml.serving._protocol import InvalidRequestError, RequestTooLargeError
 from enclaveml.serving._queue import (
     InProcessQueue,

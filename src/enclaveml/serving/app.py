@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from enclaveml import __version__
+from enclaveml._web import LimitAndCount, ServingStats
 from enclaveml.errors import AttestationError, ConfigurationError
 from enclaveml.serving._batching import (
     BatcherClosedError,
@@ -44,7 +45,7 @@ from enclaveml.serving._engine import (
     OnnxModel,
     ServingError,
 )
-from enclaveml.serving._http import BatcherCollector, LimitAndCount, ServingStats
+from enclaveml.serving._http import BatcherCollector
 from enclaveml.serving._protocol import InvalidRequestError, RequestTooLargeError
 from enclaveml.serving._queue import (
     HandlerError,
@@ -194,6 +195,7 @@ def create_app(
         stats=lambda: state.stats,
         routes=lambda: app.router.routes,
         max_request_bytes=max_request_bytes,
+        too_large=RequestTooLargeError,
     )
     # Our errors are answered by ExceptionMiddleware; a handler for bare Exception would sit in
     # ServerErrorMiddleware, which re-raises after answering (that is what an unexpected bug should do).

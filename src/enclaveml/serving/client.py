@@ -11,8 +11,7 @@ leaves the process:
    replayed by a server that no longer runs the attested code).
 
 Only then does ``infer`` send inputs (binary tensor extension of the Open Inference Protocol).
-The ``/attestation`` answer is CBOR ``{"evidence": bstr, "endorsements": bstr / null}``, the
-RA-TLS encoding of :func:`enclaveml.attestation.ratls.bind_public_key`.
+Steps 1-3 are :class:`enclaveml.attestation.tls.AttestedSession`, which the FL clients share.
 """
 
 from __future__ import annotations
@@ -21,53 +20,18 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import cbor2
 import httpx
 import numpy as np
-from cryptography import x509
 
-from enclaveml.attestation import AttestedServer, Claims, Policy, Verifier, attest_server
+from enclaveml.attestation import Claims, Policy, Verifier
 from enclaveml.attestation._time import Instant
-from enclaveml.attestation.ratls import spki_der, verify_key_binding
-from enclaveml.errors import AttestationError, VerificationError
+from enclaveml.attestation.tls import AttestedSession
 from enclaveml.serving._oip_codec import HEADER_LENGTH, InferenceError, decode_response, encode_request
 
 __all__ = ["AsyncClient", "Client", "InferenceError"]
 
 _NONCE_SIZE = 32
 Inputs = Mapping[str, np.ndarray] | np.ndarray
-
-
-class _Attested:
-    """What both clients share: the verified server and the checks of its fresh evidence."""
-
-    def __init__(self, url: str, policy: Policy, verifier: Verifier, now: Instant, timeout: float) -> None:
-        self._policy, self._verifier, self._now = policy, verifier, now
-        self.server: AttestedServer = attest_server(
-            url, verifier=verifier, policy=policy, now=now, timeout=timeout
-        )
-        self._spki = spki_der(x509.load_der_x509_certificate(self.server.peer.certificate_der).public_key())
-        self.claims: Claims = self.server.peer.claims
-
-    def check_fresh(self, nonce: bytes, response: httpx.Response) -> Claims:
-        if response.status_code != 200:
-            raise AttestationError(f"server refused fresh attestation ({response.status_code})")
-        try:
-            token = cbor2.loads(response.content)
-            evidence, endorsements = token["evidence"], token.get("endorsements")
-        except Exception as exc:  # cbor2 raises several unrelated types on garbage
-            raise VerificationError("malformed /attestation answer") from exc
-        claims, _ = verify_key_binding(
-            evidence,
-            public_key_spki=self._spki,
-            verifier=self._verifier,
-            policy=self._policy,
-            nonce=nonce,
-            endorsements=endorsements,
-            now=self._now,
-        )
-        self.claims = claims
-        return claims
 
 
 def _as_inputs(inputs: Inputs, default_name: str | None) -> Mapping[str, np.ndarray]:
@@ -94,7 +58,7 @@ class Client:
     def __init__(
         self, url: str, *, policy: Policy, verifier: Verifier, timeout: float = 30.0, now: Instant = None
     ) -> None:
-        self._attested = _Attested(url, policy, verifier, now, timeout)
+        self._attested = AttestedSession(url, policy, verifier, now, timeout)
         self._http = self._attested.server.client(timeout=timeout)
         self._input_names: dict[str, str | None] = {}
         try:
@@ -149,7 +113,7 @@ class Client:
 class AsyncClient:
     """Asynchronous client; create with ``await AsyncClient.connect(url, policy=..., verifier=...)``."""
 
-    def __init__(self, attested: _Attested, http: httpx.AsyncClient) -> None:
+    def __init__(self, attested: AttestedSession, http: httpx.AsyncClient) -> None:
         self._attested = attested
         self._http = http
 
@@ -158,7 +122,7 @@ class AsyncClient:
         cls, url: str, *, policy: Policy, verifier: Verifier, timeout: float = 30.0, now: Instant = None
     ) -> AsyncClient:
         # Certificate fetch and verification are short and CPU-bound; run them before the first await.
-        attested = _Attested(url, policy, verifier, now, timeout)
+        attested = AttestedSession(url, policy, verifier, now, timeout)
         client = cls(attested, attested.server.async_client(timeout=timeout))
         try:
             await client.reattest()

@@ -15,21 +15,12 @@ Order of operations, and where each secret lives:
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import cbor2
-import uvicorn
-from fastapi import FastAPI
-
-from enclaveml.attestation import EvidenceProvider, RatlsCertificate, create_ratls_certificate
-from enclaveml.attestation.ratls import bind_public_key
-from enclaveml.attestation.tls import in_memory_key_files
+from enclaveml._web import RunningServer, attestation_hook, serve_ratls_app, uvicorn_config
+from enclaveml.attestation import EvidenceProvider, create_ratls_certificate
 from enclaveml.crypto import DataKeyUnwrapper, read_header, unseal_file_to_bytes
 from enclaveml.errors import ConfigurationError
 from enclaveml.serving._engine import ModelRepository, OnnxModel
@@ -60,53 +51,6 @@ def load_sealed_models(
     return repository
 
 
-def attestation_hook(provider: EvidenceProvider, ratls: RatlsCertificate) -> Callable[[bytes], bytes]:
-    """The ``/attestation`` handler: fresh evidence bound to the client's nonce and the TLS key."""
-    public_key = ratls.private_key.public_key()
-
-    def hook(nonce: bytes) -> bytes:
-        binding = bind_public_key(provider, public_key, nonce=nonce)
-        return bytes(cbor2.dumps({"evidence": binding.evidence, "endorsements": binding.endorsements}))
-
-    return hook
-
-
-@contextlib.contextmanager
-def uvicorn_config(
-    app: FastAPI, ratls: RatlsCertificate, *, host: str, port: int
-) -> Iterator[uvicorn.Config]:
-    """A uvicorn config serving ``app`` with the RA-TLS certificate; the key stays in memory files."""
-    with in_memory_key_files(ratls.certificate_pem, ratls.private_key_pem()) as (certfile, keyfile):
-        yield uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            ssl_certfile=certfile,
-            ssl_keyfile=keyfile,
-            loop="uvloop",
-            http="httptools",
-            log_level="warning",
-            access_log=False,
-        )
-
-
-@dataclass
-class RunningServer:
-    """A server started by :func:`serve_in_thread`; ``stop()`` shuts it down."""
-
-    url: str
-    server: uvicorn.Server
-    thread: threading.Thread
-    ratls: RatlsCertificate
-    app: FastAPI
-    _exit: contextlib.ExitStack = field(repr=False)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-        self._exit.close()
-
-
 def serve_in_thread(
     models: ModelRepository | Mapping[str, OnnxModel],
     provider: EvidenceProvider,
@@ -119,16 +63,6 @@ def serve_in_thread(
     """Start the RA-TLS inference server in a background thread (tests, the demo, embedding)."""
     ratls = create_ratls_certificate(provider, dns_names=("localhost",))
     app = create_app(models, attestation=attestation_hook(provider, ratls), **app_options)
-    stack = contextlib.ExitStack()
-    config = stack.enter_context(uvicorn_config(app, ratls, host=host, port=port))
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="enclaveml-serve", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            stack.close()
-            raise ConfigurationError("the inference server did not start")
-        time.sleep(0.01)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    return RunningServer(f"https://{host}:{bound}", server, thread, ratls, app, stack)
+    return serve_ratls_app(
+        app, ratls, name="enclaveml-serve", host=host, port=port, startup_timeout=startup_timeout
+    )

@@ -1,0 +1,27 @@
+"""Web plumbing shared by every enclaveml server: size limits, per-route counters, threaded uvicorn.
+
+Private: the inference server (:mod:`enclaveml.serving`), the FL aggregator (:mod:`enclaveml.fl`)
+and the vertical-FL server use it; applications use those packages instead.
+"""
+
+from enclaveml._web._limits import LimitAndCount, RouteStats, ServingStats
+from enclaveml._web._server import (
+    RunningServer,
+    ServerThread,
+    attestation_hook,
+    serve_ratls_app,
+    start_in_thread,
+    uvicorn_config,
+)
+
+__all__ = [
+    "LimitAndCount",
+    "RouteStats",
+    "RunningServer",
+    "ServerThread",
+    "ServingStats",
+    "attestation_hook",
+    "serve_ratls_app",
+    "start_in_thread",
+    "uvicorn_config",
+]

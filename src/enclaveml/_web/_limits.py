@@ -1,0 +1,169 @@
+"""HTTP plumbing under the routes of every enclaveml server: request-size limit and per-route counters.
+
+:class:`LimitAndCount` is a pure ASGI middleware, so it sees every request before FastAPI reads
+a byte of the body. It answers 413 from ``Content-Length`` alone when that is too large (the body
+is never read), and otherwise counts body bytes as the application receives them, raising the app's own "too
+large" error (``too_large(message)``, answered 413 by the app) the moment a streamed body (no
+``Content-Length``) passes the limit.
+
+:class:`ServingStats` records, per route template, the requests, the body bytes received and the
+response statuses. Tests use it to prove what a client did or did not send; ``/metrics`` exports
+the same numbers from a registry private to the app (so several apps in one process, as in tests,
+never collide). The inference server, the FL aggregator and the vertical-FL server all use them.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["LimitAndCount", "RouteStats", "ServingStats"]
+
+UNMATCHED = "<unmatched>"
+
+
+@dataclass
+class RouteStats:
+    requests: int = 0
+    request_bytes: int = 0
+    statuses: collections.Counter[int] = field(default_factory=collections.Counter)
+
+
+class ServingStats:
+    """Requests, request body bytes and response statuses per route template (``/v2/models/{name}/infer``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.routes: dict[str, RouteStats] = collections.defaultdict(RouteStats)
+        self._children: dict[tuple[str, int], tuple[Counter, Counter, Histogram]] = {}
+        self._requests = Counter(
+            "enclaveml_http_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=registry,
+        )
+        self._bytes = Counter(
+            "enclaveml_http_request_body_bytes", "request body bytes received", ["route"], registry=registry
+        )
+        self._latency = Histogram(
+            "enclaveml_http_request_duration_seconds",
+            "time from request start to response end",
+            ["route"],
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+
+    def record(self, route: str, status: int, body_bytes: int, seconds: float) -> None:
+        stats = self.routes[route]
+        stats.requests += 1
+        stats.request_bytes += body_bytes
+        stats.statuses[status] += 1
+        # labels() costs a lock and a tuple hash per call; the children are few, so keep them.
+        children = self._children.get((route, status))
+        if children is None:
+            children = (
+                self._requests.labels(route, str(status)),
+                self._bytes.labels(route),
+                self._latency.labels(route),
+            )
+            self._children[(route, status)] = children
+        requests, received, latency = children
+        requests.inc()
+        received.inc(body_bytes)
+        latency.observe(seconds)
+
+    def requests(self, route: str | None = None) -> int:
+        return sum(s.requests for r, s in list(self.routes.items()) if route in (None, r))
+
+    def request_bytes(self, route: str | None = None) -> int:
+        return sum(s.request_bytes for r, s in list(self.routes.items()) if route in (None, r))
+
+    def status_count(self, status: int, route: str | None = None) -> int:
+        return sum(s.statuses[status] for r, s in list(self.routes.items()) if route in (None, r))
+
+
+class LimitAndCount:
+    """ASGI middleware: enforce ``max_request_bytes`` and feed :class:`ServingStats`."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        stats: Callable[[], ServingStats],
+        routes: Callable[[], list[BaseRoute]],
+        max_request_bytes: int,
+        too_large: Callable[[str], Exception],
+    ) -> None:
+        self.app = app
+        self._too_large = too_large
+        self._stats = stats
+        self._routes = routes
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        received = 0
+        status = 500  # if the app dies before starting a response, uvicorn answers 500
+        limit = self.max_request_bytes
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise self._too_large(f"request body exceeds the {limit}-byte limit")
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            declared = _content_length(scope)
+            if declared is not None and declared > limit:
+                status = 413
+                await _reject(send, 413, f"request body of {declared} bytes exceeds the {limit}-byte limit")
+            else:
+                await self.app(scope, counting_receive, tracking_send)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or self._match(scope)
+            self._stats().record(label, status, received, time.perf_counter() - started)
+
+    def _match(self, scope: Scope) -> str:
+        for route in self._routes():
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return str(getattr(route, "path", UNMATCHED))
+        return UNMATCHED
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+async def _reject(send: Send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        # The unread body is still on the wire: do not reuse this connection.
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,154 @@
+"""Running uvicorn servers: in a background thread, and with an RA-TLS certificate held in memory.
+
+Every enclaveml server (inference, FL aggregator, vertical-FL server, the demo's key broker) and
+the tests start uvicorn the same way, so it lives here once:
+
+- :func:`start_in_thread` runs a ``uvicorn.Config`` in a daemon thread, waits until the socket
+  listens (or the thread dies, or the start-up timeout passes) and returns a :class:`ServerThread`;
+- :func:`uvicorn_config` builds the config of an RA-TLS server: certificate and private key are
+  handed to uvicorn through anonymous memory files (``memfd``), never a path on disk;
+- :func:`attestation_hook` is the ``/attestation?nonce=`` handler of every RA-TLS server: fresh
+  evidence bound to the client's nonce and the server's TLS key;
+- :func:`serve_ratls_app` puts the three together and returns a :class:`RunningServer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import cbor2
+import uvicorn
+from fastapi import FastAPI
+
+from enclaveml.attestation import EvidenceProvider, RatlsCertificate
+from enclaveml.attestation.ratls import bind_public_key
+from enclaveml.attestation.tls import in_memory_key_files
+from enclaveml.errors import ConfigurationError
+
+__all__ = [
+    "RunningServer",
+    "ServerThread",
+    "attestation_hook",
+    "serve_ratls_app",
+    "start_in_thread",
+    "uvicorn_config",
+]
+
+
+@dataclass
+class ServerThread:
+    """A uvicorn server running in a daemon thread of this process; ``stop()`` shuts it down."""
+
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def start_in_thread(
+    config: uvicorn.Config,
+    *,
+    name: str,
+    sock: socket.socket | None = None,
+    startup_timeout: float = 30.0,
+) -> ServerThread:
+    """Serve ``config`` in a thread named ``name``; return once it listens.
+
+    ``sock`` is an already bound socket to serve on (its port is known before the start);
+    otherwise uvicorn binds ``config.host:config.port`` itself (port 0: an ephemeral one).
+
+    :raises ConfigurationError: the server stopped or did not listen within ``startup_timeout``.
+    """
+    server = uvicorn.Server(config)
+    kwargs = {"sockets": [sock]} if sock is not None else {}
+    thread = threading.Thread(target=server.run, kwargs=kwargs, name=name, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise ConfigurationError(f"{name} did not start on {config.host}:{config.port}")
+        time.sleep(0.01)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    scheme = "https" if config.ssl_certfile or config.ssl_keyfile else "http"
+    return ServerThread(f"{scheme}://{host}:{port}", server, thread)
+
+
+@contextlib.contextmanager
+def uvicorn_config(
+    app: FastAPI, ratls: RatlsCertificate, *, host: str, port: int
+) -> Iterator[uvicorn.Config]:
+    """A uvicorn config serving ``app`` with the RA-TLS certificate; the key stays in memory files."""
+    with in_memory_key_files(ratls.certificate_pem, ratls.private_key_pem()) as (certfile, keyfile):
+        yield uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
+            loop="uvloop",
+            http="httptools",
+            log_level="warning",
+            access_log=False,
+        )
+
+
+def attestation_hook(provider: EvidenceProvider, ratls: RatlsCertificate) -> Callable[[bytes], bytes]:
+    """The ``/attestation`` handler: fresh evidence bound to the client's nonce and the TLS key.
+
+    The answer is CBOR ``{"evidence": bstr, "endorsements": bstr / null}``, the encoding of
+    :func:`enclaveml.attestation.ratls.bind_public_key` that the clients verify.
+    """
+    public_key = ratls.private_key.public_key()
+
+    def hook(nonce: bytes) -> bytes:
+        binding = bind_public_key(provider, public_key, nonce=nonce)
+        return bytes(cbor2.dumps({"evidence": binding.evidence, "endorsements": binding.endorsements}))
+
+    return hook
+
+
+@dataclass
+class RunningServer:
+    """An RA-TLS server started by :func:`serve_ratls_app`; ``stop()`` shuts it down."""
+
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+    ratls: RatlsCertificate
+    app: FastAPI
+    _exit: contextlib.ExitStack = field(repr=False)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self._exit.close()
+
+
+def serve_ratls_app(
+    app: FastAPI,
+    ratls: RatlsCertificate,
+    *,
+    name: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    startup_timeout: float = 30.0,
+) -> RunningServer:
+    """Serve ``app`` over TLS with ``ratls`` in a background thread (tests, the demo, embedding)."""
+    stack = contextlib.ExitStack()
+    try:
+        config = stack.enter_context(uvicorn_config(app, ratls, host=host, port=port))
+        running = start_in_thread(config, name=name, startup_timeout=startup_timeout)
+    except BaseException:
+        stack.close()
+        raise
+    port = int(running.url.rsplit(":", 1)[1])
+    return RunningServer(f"https://{host}:{port}", running.server, running.thread, ratls, app, stack)
