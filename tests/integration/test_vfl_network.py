@@ -122,7 +122,7 @@ def test_logreg_over_ratls_matches_in_process_training(
             if "labels" in answer:
                 assert name == "bank"
             for value in answer.values():
-                if isinstance(value, np.ndarray) and value.dtype == np.float64:
+                if isinstance(value, np.ndarray) and value.shape == y_train.shape:
                     assert not any(np.allclose(value, column) for column in x_train.T)
     for name in PARTIES[1:]:
         for exchange in outcomes[name].transcript:
