@@ -103,12 +103,17 @@ class RemoteChannel:
         """
         self.connected.set()
         with self._lock:
-            self._lock.wait_for(lambda: self._pending is not None or self._closed is not None, wait_s)
-            pending = self._pending
-            if pending is None or pending.done.is_set():
+            self._lock.wait_for(lambda: self._open_call() is not None or self._closed is not None, wait_s)
+            pending = self._open_call()
+            if pending is None:
                 return None
             pending.fetched = True
             return pending
+
+    def _open_call(self) -> PendingCall | None:
+        """The call in flight if it still waits for its answer (caller holds the lock)."""
+        pending = self._pending
+        return pending if pending is not None and not pending.done.is_set() else None
 
     def answer(self, call_id: str, response: bytes) -> None:
         """Deliver the party's answer to the call in flight.

@@ -1,0 +1,185 @@
+"""The vertical-FL job plan, the server's remote channel and the session, without sockets."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from enclaveml.errors import ConfigurationError
+from enclaveml.fl.plan import certificate_nonce
+from enclaveml.fl.vertical._channel import PartyChannel, PartyEndpoint, answer
+from enclaveml.fl.vertical._codec import decode
+from enclaveml.fl.vertical._errors import PartyFailedError, ProtocolError
+from enclaveml.fl.vertical._remote import PartyGoneError, RemoteChannel
+from enclaveml.fl.vertical._session import NotEnrolledError, VerticalSession, token_sha256
+from enclaveml.fl.vertical.plan import VerticalPlan
+
+
+def test_plan_round_trips_and_every_field_changes_the_digest() -> None:
+    plan = VerticalPlan(
+        task="train", parties=("bank", "insurer"), algorithm="boosting", params={"max_depth": 4}
+    )
+    again = VerticalPlan.from_dict(plan.to_dict())
+    assert again == plan
+    assert again.digest == plan.digest
+    assert plan.label_party == "bank"
+    assert list(plan.passive_parties) == ["insurer"]
+    variants = [
+        VerticalPlan(
+            task="train", parties=("insurer", "bank"), algorithm="boosting", params={"max_depth": 4}
+        ),
+        VerticalPlan(task="train", parties=("bank", "insurer"), algorithm="logreg", params={"max_depth": 4}),
+        VerticalPlan(
+            task="train", parties=("bank", "insurer"), algorithm="boosting", params={"max_depth": 5}
+        ),
+        VerticalPlan(task="psi", parties=("bank", "insurer")),
+    ]
+    assert len({plan.digest, *(v.digest for v in variants)}) == 5
+    # A vertical plan's nonce can never equal a horizontal plan's: the digests cover "kind".
+    assert certificate_nonce(plan.digest) != certificate_nonce(b"\x00" * 32)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"task": "steal", "parties": ("a", "b")},
+        {"task": "psi", "parties": ("a",)},
+        {"task": "psi", "parties": ("a", "a")},
+        {"task": "psi", "parties": ("a", "b c")},
+        {"task": "psi", "parties": ("a", "b"), "psi_mode": "plain"},
+        {"task": "train", "parties": ("a", "b")},
+        {"task": "predict", "parties": ("a", "b"), "algorithm": "logreg"},
+        {"task": "psi", "parties": ("a", "b"), "call_timeout_s": 0},
+        {"task": "train", "parties": ("a", "b"), "algorithm": "logreg", "params": {"x": object()}},
+    ],
+)
+def test_invalid_plans_are_refused(fields: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        VerticalPlan(**fields)
+
+
+def test_from_dict_refuses_other_documents() -> None:
+    with pytest.raises(ConfigurationError, match="kind"):
+        VerticalPlan.from_dict({"v": 1, "strategy": {"name": "fedavg"}})
+    with pytest.raises(ConfigurationError, match="lacks"):
+        VerticalPlan.from_dict({"v": 1, "kind": "enclaveml-vertical-fl", "parties": ["a", "b"]})
+
+
+def serve_party(channel: RemoteChannel, endpoint: PartyEndpoint, calls: int) -> threading.Thread:
+    """A party loop without HTTP: fetch, answer, post — what party.py does over the network."""
+
+    def loop() -> None:
+        for _ in range(calls):
+            pending = channel.next_call(5.0)
+            assert pending is not None
+            channel.answer(pending.id, answer(endpoint, pending.method, pending.request))
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_remote_channel_round_trip_and_refusals() -> None:
+    channel = RemoteChannel("p", call_timeout_s=5.0, record=True)
+    endpoint = PartyEndpoint(
+        "p", {"m.add": lambda p: {"sum": p["a"] + p["b"]}, "m.fail": lambda p: {"x": 1 // 0}}
+    )
+    thread = serve_party(channel, endpoint, 2)
+    assert channel.call("m.add", {"a": 2, "b": 3}) == {"sum": 5}
+    with pytest.raises(PartyFailedError, match="ZeroDivisionError"):
+        channel.call("m.fail", {})
+    thread.join(5)
+    assert [e.method for e in channel.transcript] == ["m.add", "m.fail"]
+    assert decode(channel.transcript[0].request) == {"a": 2, "b": 3}
+    # An answer for no call in flight is refused and changes nothing.
+    with pytest.raises(ProtocolError):
+        channel.answer("0" * 32, b"\xa0")
+    assert channel.next_call(0.01) is None
+
+
+def test_a_wrong_call_id_is_refused_and_the_right_one_still_lands() -> None:
+    channel = RemoteChannel("p", call_timeout_s=5.0)
+    result: list[Any] = []
+    caller = threading.Thread(target=lambda: result.append(channel.call("m.echo", {"v": 1})))
+    caller.start()
+    pending = channel.next_call(5.0)
+    assert pending is not None
+    with pytest.raises(ProtocolError):
+        channel.answer(
+            "f" * 32, answer(PartyEndpoint("p", {"m.echo": lambda p: {"v": 666}}), "m.echo", pending.request)
+        )
+    # Fetched again (e.g. after a dropped connection), answered once.
+    assert channel.next_call(0.1) is pending
+    channel.answer(pending.id, answer(PartyEndpoint("p", {"m.echo": lambda p: p}), "m.echo", pending.request))
+    caller.join(5)
+    assert result == [{"v": 1}]
+
+
+def test_a_silent_party_times_out_and_a_closed_channel_fails_fast() -> None:
+    channel = RemoteChannel("quiet", call_timeout_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(PartyGoneError, match="quiet"):
+        channel.call("m.x", {})
+    assert time.monotonic() - started < 2
+    channel.close("the job has failed")
+    with pytest.raises(PartyGoneError, match="failed"):
+        channel.call("m.x", {})
+
+
+def test_one_call_in_flight_per_party() -> None:
+    channel = RemoteChannel("p", call_timeout_s=2.0)
+    errors: list[BaseException] = []
+
+    def call_and_keep_the_error() -> None:
+        try:
+            channel.call("m.a", {})
+        except PartyGoneError as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=call_and_keep_the_error)
+    first.start()
+    assert channel.next_call(2.0) is not None
+    with pytest.raises(ProtocolError, match="in flight"):
+        channel.call("m.b", {})
+    channel.close("done")
+    first.join(5)
+    assert len(errors) == 1
+
+
+def test_session_authenticates_runs_the_job_and_reports_only_safe_text() -> None:
+    plan = VerticalPlan(task="psi", parties=("a", "b"))
+    tokens = {"a": "token-a", "b": "token-b"}
+    secret = "row 17 has income 123456"
+
+    def job(channels: Sequence[PartyChannel]) -> Any:
+        raise KeyError(secret)  # a bug whose text holds data: parties must not see it
+
+    session = VerticalSession(plan, {p: token_sha256(t) for p, t in tokens.items()}, job, connect_timeout_s=5)
+    assert session.authenticate("token-b") == "b"
+    with pytest.raises(NotEnrolledError):
+        session.authenticate("token-c")
+    session.start()
+    for channel in session.channels.values():
+        assert channel.next_call(0.01) is None  # connects
+    assert session.wait(5)
+    assert session.state == "failed"
+    assert secret not in str(session.outcome())
+    assert session.outcome()["error"].startswith("KeyError")
+    with pytest.raises(ConfigurationError):
+        VerticalSession(plan, {"a": token_sha256("x")}, job)
+
+
+def test_session_fails_when_a_party_never_connects() -> None:
+    plan = VerticalPlan(task="psi", parties=("a", "b"))
+    session = VerticalSession(
+        plan, {p: token_sha256(p) for p in plan.parties}, lambda c: None, connect_timeout_s=0.2
+    )
+    session.start()
+    session.channels["a"].next_call(0.0)
+    assert session.wait(5)
+    assert session.state == "failed"
+    assert "'b' did not connect" in session.outcome()["error"]
