@@ -114,7 +114,7 @@ def weights_sha256(weights: Weights) -> str:
     return hashlib.sha256(encode_weights(weights)).hexdigest()
 
 
-def _array(item: Any) -> np.ndarray:
+def _array(item: Any, copy: bool = True) -> np.ndarray:
     if not (isinstance(item, list) and len(item) == 3):
         raise InvalidUpdateError("each tensor must be [dtype, shape, data]")
     dtype_str, shape, data = item
@@ -131,15 +131,19 @@ def _array(item: Any) -> np.ndarray:
     dtype = np.dtype(dtype_str)
     if len(data) != math.prod(shape) * dtype.itemsize:
         raise InvalidUpdateError(f"tensor data is {len(data)} bytes, shape {shape} of {dtype_str} needs more")
-    # A copy, not a read-only view of the message: strategies may compute in place.
-    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    return array.copy() if copy else array
 
 
-def weights_from_item(value: Any) -> Weights:
-    """Arrays from a decoded ``weights`` item; raises InvalidUpdateError on anything malformed."""
+def weights_from_item(value: Any, *, copy: bool = True) -> Weights:
+    """Arrays from a decoded ``weights`` item; raises InvalidUpdateError on anything malformed.
+
+    ``copy=False`` returns read-only views of the decoded byte strings (no second copy of the
+    data); the default returns writable arrays of their own, which callers may change in place.
+    """
     if not isinstance(value, list) or len(value) > _MAX_TENSORS:
         raise InvalidUpdateError(f"weights must be a list of at most {_MAX_TENSORS} tensors")
-    return [_array(item) for item in value]
+    return [_array(item, copy) for item in value]
 
 
 def decode_weights(data: bytes) -> Weights:
@@ -158,7 +162,9 @@ def encode_update(round_: int, weights: Weights, num_examples: int, metrics: Map
     return bytes(cbor2.dumps(body, canonical=True))
 
 
-def decode_update(data: bytes) -> UpdateMessage:
+def decode_update(data: bytes, *, copy: bool = True) -> UpdateMessage:
+    """An update from its bytes; ``copy=False``: read-only weights (the aggregator copies them once,
+    into the round's matrix, in :meth:`~enclaveml.fl.aggregator.Aggregator.submit`)."""
     body = _message(data)
     round_: Any = body.get("round")
     examples: Any = body.get("num_examples")
@@ -169,7 +175,7 @@ def decode_update(data: bytes) -> UpdateMessage:
         isinstance(k, str) and _is_number(v) for k, v in metrics.items()
     ):
         raise InvalidUpdateError("update 'metrics' must map names to numbers")
-    weights = weights_from_item(body.get("weights"))
+    weights = weights_from_item(body.get("weights"), copy=copy)
     return UpdateMessage(round_, weights, examples, {k: float(v) for k, v in metrics.items()})
 
 

@@ -7,15 +7,17 @@ exposes it over RA-TLS; the strategy and every rule below are the same code in b
 A round, as the aggregator runs it inside the TEE:
 
 1. round ``r`` opens; each enrolled client fetches the global model and the strategy's
-   ``configure_train`` config, trains locally and uploads *weights* for round ``r``;
+   ``configure_train`` config, trains locally and uploads *weights* for round ``r``; each upload
+   is checked for layout and dtypes and copied into its row of the round's matrix as it arrives,
+   with the norm of its change (:mod:`enclaveml.fl._round`);
 2. the round closes when every enrolled client has uploaded, or when ``round_timeout_s`` has
    passed since it opened and at least ``min_clients`` have (clients that dropped out are
    simply not waited for); with fewer than ``min_clients`` it keeps waiting past the deadline;
-3. :func:`~enclaveml.fl.validation.validate_updates` checks every update (shapes, dtypes,
-   NaN/Inf, norms): rejected ones are recorded with the validator's reason and left out;
-4. if at least ``min_clients`` updates were accepted, the strategy aggregates them into the next
-   global model and a sealed checkpoint is written; otherwise the attempt is recorded as failed,
-   the model stays as it was and round ``r`` runs again (``attempt`` + 1).
+3. the validation rules (:mod:`enclaveml.fl.validation`: layout, dtypes, NaN/Inf, norm bound,
+   norm outliers) reject updates, which are recorded with the reason and left out;
+4. if at least ``min_clients`` updates were accepted, the strategy aggregates their rows into the
+   next global model and a sealed checkpoint is written; otherwise the attempt is recorded as
+   failed, the model stays as it was and round ``r`` runs again (``attempt`` + 1).
 
 Only the aggregate ever leaves: individual updates live in this object until their round
 closes and are never returned by any method. Credentials are random tokens handed to each
@@ -44,10 +46,11 @@ from enclaveml.fl._errors import (
     RoundMismatchError,
     TrainingFinishedError,
 )
+from enclaveml.fl._round import RoundUploads
 from enclaveml.fl._wire import ModelMessage
 from enclaveml.fl.plan import TrainingPlan
-from enclaveml.fl.strategy import ClientUpdate, Strategy, Weights
-from enclaveml.fl.validation import validate_updates
+from enclaveml.fl.strategy import Strategy, Weights
+from enclaveml.fl.validation import DEFAULT_NORM_OUTLIER_FACTOR, check_options, structure_problem
 
 __all__ = ["Aggregator", "RoundRecord", "token_sha256"]
 
@@ -95,7 +98,7 @@ class Aggregator:
             validation=validation,
         )
         self._strategy = strategy
-        self._validation = dict(validation or {})
+        self._max_norm, self._outlier_factor = _validation_options(validation or {})
         self._layout = [(w.shape, w.dtype) for w in weights]
         self._weights = weights
         self._checkpoints = checkpoints
@@ -104,12 +107,12 @@ class Aggregator:
         self._credentials: dict[bytes, str] = {}
         self._completed = 0
         self._attempt = 1
-        self._uploads: dict[str, ClientUpdate] = {}
         self._history: list[RoundRecord] = []
         self._opened_at = clock()
         self.resumed_from: int | None = None
         if checkpoints is not None:
             self._resume(checkpoints)
+        self._round = RoundUploads(self._weights)
 
     # --- enrolment (operator) ------------------------------------------------------------------
 
@@ -135,7 +138,7 @@ class Aggregator:
         """Forget a client's credential; its upload for the open round, if any, is dropped too."""
         with self._cond:
             self._revoke_locked(client_id)
-            self._uploads.pop(client_id, None)
+            self._round.discard(client_id)
 
     def _revoke_locked(self, client_id: str) -> None:
         for digest in [d for d, c in self._credentials.items() if c == client_id]:
@@ -175,7 +178,7 @@ class Aggregator:
         Lock-free (one dict read), for transports that poll on an event loop; a stale answer
         costs one more poll.
         """
-        return client_id in self._uploads
+        return client_id in self._round.committed
 
     def global_model(self, client_id: str | None = None) -> ModelMessage:
         """The aggregate and the config for the open round; ``uploaded`` is about ``client_id``."""
@@ -188,7 +191,7 @@ class Aggregator:
                 round=round_,
                 completed_rounds=self._completed,
                 finished=finished,
-                uploaded=client_id in self._uploads,
+                uploaded=client_id in self._round.committed,
                 config=config,
                 plan_sha256=self.plan.digest,
                 weights=[w.copy() for w in self._weights],
@@ -202,31 +205,52 @@ class Aggregator:
         num_examples: int,
         metrics: Mapping[str, float] | None = None,
     ) -> int:
-        """Accept ``client_id``'s update for ``round_`` (validated when the round closes).
+        """Accept ``client_id``'s update for ``round_``: copied into the round's matrix now, judged
+        together with the others when the round closes.
 
-        Returns how many updates the round holds now. Raises TrainingFinishedError,
-        RoundMismatchError, DuplicateUpdateError or NotEnrolledError; never because of the
-        update's *values*, which are judged only together with the others at round close.
+        The arrays are copied (the caller may reuse them). Returns how many updates the round
+        holds now. Raises TrainingFinishedError, RoundMismatchError (also if the round closed
+        while this update was being copied), DuplicateUpdateError or NotEnrolledError; never
+        because of the update's *values* or layout, which only get it rejected at round close.
         """
         if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
             raise InvalidUpdateError("num_examples must be a positive integer")
+        reason = structure_problem(self._weights, weights)  # the layout never changes: no lock
         with self._cond:
-            if client_id not in self._credentials.values():
-                raise NotEnrolledError(f"client {client_id!r} is not enrolled")
-            if self._completed >= self.plan.rounds:
-                raise TrainingFinishedError(f"all {self.plan.rounds} rounds are complete")
-            current = self._completed + 1
-            if round_ != current:
-                raise RoundMismatchError(
-                    f"update is for round {round_}, but round {current} is open", current=current
-                )
-            if client_id in self._uploads:
+            current = self._check_open_locked(client_id, round_)
+            uploads = self._round
+            if client_id in uploads:
                 raise DuplicateUpdateError(f"client {client_id!r} already uploaded for round {current}")
-            update = ClientUpdate(client_id, list(weights), num_examples, dict(metrics or {}))
-            self._uploads[client_id] = update
-            count = len(self._uploads)
+            capacity = len(set(self._credentials.values()))
+            upload = uploads.reserve(client_id, reason, capacity)
+        try:
+            uploads.write(upload, weights)  # the copy, outside the lock
+        except BaseException:
+            with self._cond:
+                if uploads.holds(upload):
+                    uploads.discard(client_id)
+            raise
+        with self._cond:
+            if self._round is not uploads or not uploads.holds(upload):
+                current = self._check_open_locked(client_id, round_)
+                raise RoundMismatchError(
+                    f"round {round_} closed while this update was being stored", current=current
+                )
+            count = uploads.commit(upload, num_examples, metrics or {})
             self._tick_locked()
             return count
+
+    def _check_open_locked(self, client_id: str, round_: int) -> int:
+        """The open round, if ``client_id`` may upload for ``round_`` now; else the matching error."""
+        if client_id not in self._credentials.values():
+            raise NotEnrolledError(f"client {client_id!r} is not enrolled")
+        if self._completed >= self.plan.rounds:
+            raise TrainingFinishedError(f"all {self.plan.rounds} rounds are complete")
+        current = self._completed + 1
+        if round_ != current:
+            message = f"update is for round {round_}, but round {current} is open"
+            raise RoundMismatchError(message, current=current)
+        return current
 
     def poll(self) -> bool:
         """Close the open round if its deadline passed with enough updates; True if one closed."""
@@ -244,7 +268,7 @@ class Aggregator:
         with self._cond:
             while True:
                 self._tick_locked()
-                if self._completed >= self.plan.rounds or client_id not in self._uploads:
+                if self._completed >= self.plan.rounds or client_id not in self._round.committed:
                     return True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -272,7 +296,7 @@ class Aggregator:
                 "rounds": self.plan.rounds,
                 "finished": finished,
                 "enrolled": len(set(self._credentials.values())),
-                "uploads": len(self._uploads),
+                "uploads": len(self._round.committed),
                 "min_clients": self.plan.min_clients,
                 "seconds_left": None if finished else max(0.0, round(left, 3)),
                 "resumed_from": self.resumed_from,
@@ -290,7 +314,7 @@ class Aggregator:
                 ],
             }
             if client_id is not None:
-                own = {"id": client_id, "uploaded": client_id in self._uploads}
+                own = {"id": client_id, "uploaded": client_id in self._round.committed}
                 out["client"] = {**own, **self._own(client_id)}
             return out
 
@@ -306,42 +330,46 @@ class Aggregator:
     # --- closing a round ------------------------------------------------------------------------
 
     def _tick_locked(self) -> None:
-        if self._completed >= self.plan.rounds or len(self._uploads) < self.plan.min_clients:
+        committed = self._round.committed
+        if self._completed >= self.plan.rounds or len(committed) < self.plan.min_clients:
             return
         enrolled = set(self._credentials.values())
-        if enrolled <= self._uploads.keys():
+        if enrolled <= committed.keys():
             self._close_locked("all")
         elif self._clock() - self._opened_at >= self.plan.round_timeout_s:
             self._close_locked("timeout")
 
     def _close_locked(self, closed_by: str) -> None:
         round_ = self._completed + 1
-        updates = [self._uploads[c] for c in sorted(self._uploads)]
-        result = validate_updates(self._weights, updates, **self._validation)
-        accepted = list(result.accepted)
-        rejected = dict(result.rejected)
-        examples = sum(u.num_examples for u in accepted)
+        uploads = self._round
+        verdict = uploads.close(max_norm=self._max_norm, norm_outlier_factor=self._outlier_factor)
+        accepted = verdict.accepted
+        ids = () if accepted is None else tuple(sorted(accepted.client_ids))
         record = RoundRecord(
             round=round_,
             attempt=self._attempt,
-            status="completed" if len(accepted) >= self.plan.min_clients else "failed",
+            status="completed" if len(ids) >= self.plan.min_clients else "failed",
             closed_by=closed_by,
-            accepted=tuple(u.client_id for u in accepted),
-            rejected=rejected,
-            num_examples=examples,
-            metrics=_weighted_metrics(accepted),
+            accepted=ids,
+            rejected=dict(verdict.rejected),
+            num_examples=0 if accepted is None else sum(accepted.num_examples),
+            metrics={} if accepted is None else _weighted_metrics(accepted.num_examples, accepted.metrics),
         )
-        if rejected:
-            _log.warning("round %d: rejected updates from %s", round_, rejected)
-        if record.status == "completed":
-            new_weights = self._strategy.aggregate_train(round_, self._weights, accepted)
-            self._weights = self._conform(new_weights)
+        if verdict.rejected:
+            _log.warning("round %d: rejected updates from %s", round_, verdict.rejected)
+        if record.status == "completed" and accepted is not None:
+            try:
+                self._weights = self._conform(self._strategy.aggregate_train(round_, self._weights, accepted))
+            except BaseException:
+                uploads.refresh_norms()  # the round stays open and is closed again later
+                raise
             self._completed, self._attempt = round_, 1
         else:
-            _log.warning("round %d attempt %d: %d valid updates", round_, self._attempt, len(accepted))
+            _log.warning("round %d attempt %d: %d valid updates", round_, self._attempt, len(ids))
             self._attempt += 1
+        del accepted, verdict  # the round's matrix goes with the last reference to its rows
         self._history.append(record)
-        self._uploads.clear()
+        self._round = RoundUploads(self._weights)
         self._opened_at = self._clock()
         if record.status == "completed" and self._checkpoints is not None:
             self._checkpoints.save(self._checkpoint())
@@ -379,11 +407,23 @@ class Aggregator:
         _log.info("resumed after round %d from %s", self._completed, store.path)
 
 
-def _weighted_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
+def _validation_options(options: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """``max_norm`` and ``norm_outlier_factor`` from the plan's validation options, checked now."""
+    unknown = set(options) - {"max_norm", "norm_outlier_factor"}
+    if unknown:
+        known = "max_norm, norm_outlier_factor"
+        raise ConfigurationError(f"unknown validation options {sorted(unknown)}; known: {known}")
+    max_norm = options.get("max_norm")
+    factor = options.get("norm_outlier_factor", DEFAULT_NORM_OUTLIER_FACTOR)
+    check_options(max_norm, factor)
+    return max_norm, factor
+
+
+def _weighted_metrics(counts: Sequence[int], metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """Example-weighted mean of each metric every accepted client reported (finite values only)."""
-    if not updates:
+    if not metrics:
         return {}
-    names = set.intersection(*(set(u.metrics) for u in updates))
-    total = sum(u.num_examples for u in updates)
-    means = {n: sum(u.metrics[n] * u.num_examples for u in updates) / total for n in sorted(names)}
+    names = set.intersection(*(set(m) for m in metrics))
+    total = sum(counts)
+    means = {n: sum(m[n] * c for m, c in zip(metrics, counts, strict=True)) / total for n in sorted(names)}
     return {n: v for n, v in means.items() if math.isfinite(v)}

@@ -12,6 +12,12 @@ Checks, in order; the first that fails rejects the update with a short reason:
    typical catch. With one or two updates the rule cannot reject anything (for a factor >= 2):
    there is no majority to compare with.
 
+The aggregator applies the same rules in two steps (:mod:`enclaveml.fl._round`): 2-4 on each
+upload as it arrives (:func:`structure_problem`, then the norm of the change computed while the
+upload is copied into its row, and :func:`nonfinite_reason`), 5-6 on the norms alone when the
+round closes (:func:`judge_norms`); so closing a round reads no update a second time.
+:func:`validate_updates` applies all of them to a list of updates at once.
+
 The round goes on without the rejected updates. Reasons are fixed phrases plus array indices,
 shapes and dtypes from the model's layout: never parameter values or statistics of them (a
 norm says something about a client's data), because the reasons are logged and returned to
@@ -31,7 +37,15 @@ from enclaveml.errors import ConfigurationError
 from enclaveml.fl.strategies._kernels import delta_sq_norms
 from enclaveml.fl.strategy import ClientUpdate, Weights
 
-__all__ = ["DEFAULT_NORM_OUTLIER_FACTOR", "ValidationResult", "validate_updates"]
+__all__ = [
+    "DEFAULT_NORM_OUTLIER_FACTOR",
+    "ValidationResult",
+    "check_options",
+    "judge_norms",
+    "nonfinite_reason",
+    "structure_problem",
+    "validate_updates",
+]
 
 DEFAULT_NORM_OUTLIER_FACTOR = 10.0
 
@@ -58,7 +72,7 @@ def validate_updates(
     relative to the median over the round. Both come from the training plan, so participants
     see them in the attested plan.
     """
-    _check_options(max_norm, norm_outlier_factor)
+    check_options(max_norm, norm_outlier_factor)
     counts = Counter(u.client_id for u in updates)
     rejected: dict[str, str] = {}
     well_formed: list[ClientUpdate] = []
@@ -67,38 +81,61 @@ def validate_updates(
         reason = (
             "duplicate client_id"
             if counts[update.client_id] > 1
-            else _structure_problem(global_weights, update)
+            else _examples_problem(update.num_examples) or structure_problem(global_weights, update.weights)
         )
         if reason is None:
             well_formed.append(update)
         else:
             rejected[update.client_id] = reason
 
-    norms = np.sqrt(delta_sq_norms(global_weights, [u.weights for u in well_formed]))
-    bounded: list[tuple[ClientUpdate, float]] = []
-    for update, norm in zip(well_formed, norms, strict=True):
-        if not math.isfinite(norm):
-            finite = all(np.isfinite(w).all() for w in update.weights if w.dtype.kind in "fc")
-            rejected[update.client_id] = "update norm overflows" if finite else "contains NaN or Inf"
-        elif max_norm is not None and norm > max_norm:
-            rejected[update.client_id] = "update norm exceeds max_norm"
+    sq_norms = delta_sq_norms(global_weights, [u.weights for u in well_formed])
+    finite: list[ClientUpdate] = []
+    for update, sq in zip(well_formed, sq_norms, strict=True):
+        if math.isfinite(sq):
+            finite.append(update)
         else:
-            bounded.append((update, float(norm)))
-
-    accepted = [u for u, _ in bounded]
-    if norm_outlier_factor is not None and bounded:
-        median = float(np.median([n for _, n in bounded]))
-        if median > 0:
-            accepted = []
-            for update, norm in bounded:
-                if norm > norm_outlier_factor * median:
-                    rejected[update.client_id] = "update norm is an outlier (above factor x median)"
-                else:
-                    accepted.append(update)
+            rejected[update.client_id] = nonfinite_reason(update.weights)
+    verdicts = judge_norms(
+        sq_norms[np.isfinite(sq_norms)], max_norm=max_norm, norm_outlier_factor=norm_outlier_factor
+    )
+    accepted = []
+    for update, verdict in zip(finite, verdicts, strict=True):
+        if verdict is None:
+            accepted.append(update)
+        else:
+            rejected[update.client_id] = verdict
     return ValidationResult(accepted=accepted, rejected=rejected)
 
 
-def _check_options(max_norm: float | None, factor: float | None) -> None:
+def judge_norms(
+    sq_norms: np.ndarray, *, max_norm: float | None, norm_outlier_factor: float | None
+) -> list[str | None]:
+    """Rules 5 and 6 on the (finite) squared norms of the changes: a reason per update, or None."""
+    norms = np.sqrt(np.asarray(sq_norms, dtype=np.float64))
+    verdicts: list[str | None] = [None] * len(norms)
+    bounded: list[int] = []
+    for i, norm in enumerate(norms):
+        if max_norm is not None and norm > max_norm:
+            verdicts[i] = "update norm exceeds max_norm"
+        else:
+            bounded.append(i)
+    if norm_outlier_factor is not None and bounded:
+        median = float(np.median(norms[bounded]))
+        if median > 0:
+            for i in bounded:
+                if norms[i] > norm_outlier_factor * median:
+                    verdicts[i] = "update norm is an outlier (above factor x median)"
+    return verdicts
+
+
+def nonfinite_reason(weights: Weights) -> str:
+    """Why an update whose norm is not finite is rejected: NaN/Inf, or a float overflow."""
+    finite = all(np.isfinite(w).all() for w in weights if w.dtype.kind in "fc")
+    return "update norm overflows" if finite else "contains NaN or Inf"
+
+
+def check_options(max_norm: float | None, factor: float | None) -> None:
+    """Refuse validation options that are not numbers in range (they come from the plan)."""
     for name, value, low in (("max_norm", max_norm, 0.0), ("norm_outlier_factor", factor, 1.0)):
         if value is None:
             continue
@@ -106,12 +143,14 @@ def _check_options(max_norm: float | None, factor: float | None) -> None:
             raise ConfigurationError(f"validation option {name} must be a number > {low} or None")
 
 
-def _structure_problem(global_weights: Weights, update: ClientUpdate) -> str | None:
-    """Why ``update`` cannot be aggregated with ``global_weights`` as template, or None."""
-    count = update.num_examples
+def _examples_problem(count: object) -> str | None:
     if isinstance(count, bool) or not isinstance(count, int | np.integer) or count <= 0:
         return "num_examples must be a positive integer"
-    weights = update.weights
+    return None
+
+
+def structure_problem(global_weights: Weights, weights: object) -> str | None:
+    """Why ``weights`` cannot be aggregated with ``global_weights`` as template, or None."""
     if not isinstance(weights, list | tuple) or len(weights) != len(global_weights):
         got = len(weights) if isinstance(weights, list | tuple) else "no list of"
         return f"expected {len(global_weights)} arrays, got {got}"

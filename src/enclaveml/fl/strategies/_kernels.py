@@ -12,7 +12,13 @@ fit. The kernels therefore
   inside those threads, so BLAS's own threads never oversubscribe the cores);
 * use one BLAS matrix-vector product for clients whose arrays are rows of one matrix
   (:class:`~enclaveml.fl.strategies.UpdateMatrix`): BLAS reads several updates at once and
-  reaches the memory bandwidth that one numpy stream does not.
+  reaches the memory bandwidth that one numpy stream does not. Given a
+  :class:`~enclaveml.fl.strategies._update_matrix.MatrixRows` (what the aggregator passes), that is
+  one call per dtype region per run of consecutive rows, with no per-array work at all.
+
+The aggregator's ingest path lives here too: :func:`ingest` copies an upload into its row and
+computes the squared norm of its delta in the same pass, block by block, while the block is in
+cache; :func:`scale_deltas` is norm clipping in place on rows the aggregator owns.
 
 Accumulators are float32 for float16/float32 arrays (as Flower and BLAS do) and float64 otherwise.
 """
@@ -26,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from enclaveml.fl.strategies._update_matrix import flat, matrix_runs, whole_row_sum
+from enclaveml.fl.strategies._update_matrix import MatrixRows, flat, matrix_runs, whole_row_sum
 from enclaveml.fl.strategy import Weights
 
 __all__ = [
@@ -36,6 +42,8 @@ __all__ = [
     "coordinate_reduce",
     "delta_gram",
     "delta_sq_norms",
+    "ingest",
+    "scale_deltas",
     "weighted_sum",
 ]
 
@@ -43,6 +51,7 @@ BLOCK = 1 << 17  # elements: 512 KiB of float32, so accumulator + scratch fit in
 _STACK_ELEMENTS = 1 << 21  # (clients x block) stacked for coordinate-wise reductions: 8 MiB of float32
 _PARALLEL_MIN = 1 << 22  # element-reads below which threads cost more than they save
 _MAX_THREADS = 4
+_BLAS_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
@@ -83,6 +92,8 @@ def weighted_sum(rows: Sequence[Weights], coeffs: Sequence[float] | np.ndarray, 
     c64 = np.asarray(coeffs, dtype=np.float64)
     if len(rows) == 0 or c64.shape != (len(rows),):
         raise ValueError("weighted_sum needs one coefficient per row and at least one row")
+    if isinstance(rows, MatrixRows):
+        return _matrix_weighted_sum(rows, c64, like)
     whole = whole_row_sum(rows, c64, like)
     if whole is not None:
         return whole
@@ -114,6 +125,96 @@ def weighted_sum(rows: Sequence[Weights], coeffs: Sequence[float] | np.ndarray, 
         results.append(out)
     _run(jobs)
     return results
+
+
+def _matrix_weighted_sum(rows: MatrixRows, c64: np.ndarray, like: Weights) -> Weights:
+    """:func:`weighted_sum` over matrix rows: per dtype region, one BLAS call per run of rows
+    (float32/float64), or the threaded block loop over the region's rows (float16, integers)."""
+    results: Weights = [np.empty(0)] * len(like)
+    jobs: list[tuple[int, Job]] = []
+    for region in rows.regions:
+        acc = accumulator_dtype(region.dtype)
+        c = c64.astype(acc)
+        out = np.empty(region.size, dtype=acc)
+        if region.dtype in _BLAS_DTYPES:
+            for k, (start, stop, matrix) in enumerate(rows.runs(region)):
+                # Outside the thread pool on purpose: BLAS runs its own threads.
+                if k:
+                    out += np.matmul(c[start:stop], matrix)
+                else:
+                    np.matmul(c[start:stop], matrix, out=out)
+        else:
+            flats = [rows.region_row(i, region) for i in range(len(rows))]
+            for a in range(0, region.size, BLOCK):
+                b = min(region.size, a + BLOCK)
+                jobs.append(((b - a) * len(flats), _axpy_job(flats, c, out, a, b, accumulate=False)))
+        for j, start, size in region.members:
+            results[j] = out[start : start + size]
+    _run(jobs)
+    return results
+
+
+def ingest(source: Weights, row: Weights, global_weights: Weights) -> float:
+    """Copy ``source`` into ``row`` and return the squared L2 norm of ``row - global_weights``.
+
+    One pass: each block is copied, then subtracted from the global model while it is still in
+    cache (the norm is defined as in :func:`delta_sq_norms`: float arrays only, non-finite on
+    NaN/Inf). Arrays must already match in count, shape and dtype (validated before).
+    """
+    jobs: list[tuple[int, Job]] = []
+    partials: list[float] = []
+
+    def job(src: np.ndarray, dst: np.ndarray, g: np.ndarray | None, a: int, b: int, slot: int) -> Job:
+        def run() -> None:
+            np.copyto(dst[a:b], src[a:b])
+            if g is None:
+                return
+            t = _scratch(accumulator_dtype(g.dtype), b - a)
+            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite norm is the answer
+                np.subtract(dst[a:b], g[a:b], out=t, dtype=t.dtype)
+                np.square(t, out=t)
+                partials[slot] = float(t.sum())
+
+        return run
+
+    for src, dst, g in zip(source, row, global_weights, strict=True):
+        if not dst.flags.c_contiguous:  # flat() would copy it, and the copy would be written
+            raise ValueError("ingest needs C-contiguous destination arrays")
+        s, d, gf = flat(src), flat(dst), flat(g)
+        for a in range(0, d.size, BLOCK):
+            b = min(d.size, a + BLOCK)
+            partials.append(0.0)
+            jobs.append((b - a, job(s, d, gf if g.dtype.kind == "f" else None, a, b, len(partials) - 1)))
+    _run(jobs)
+    return float(np.sum(partials, dtype=np.float64)) if partials else 0.0
+
+
+def scale_deltas(global_weights: Weights, rows: Sequence[Weights], factors: np.ndarray) -> None:
+    """In place, ``rows[i] ← g + factors[i] · (rows[i] - g)`` on the float arrays, where the factor is
+    below 1 (norm clipping on rows the caller owns; same arithmetic as clipping into a new array)."""
+    jobs: list[tuple[int, Job]] = []
+
+    def job(x: np.ndarray, g: np.ndarray, factor: float, a: int, b: int) -> Job:
+        def run() -> None:
+            t = _scratch(accumulator_dtype(g.dtype), b - a)
+            np.subtract(x[a:b], g[a:b], out=t, dtype=t.dtype)
+            t *= factor
+            t += g[a:b]
+            np.copyto(x[a:b], t, casting="unsafe")
+
+        return run
+
+    for row, factor in zip(rows, factors, strict=True):
+        if not factor < 1.0:
+            continue
+        for x, g in zip(row, global_weights, strict=True):
+            if g.dtype.kind != "f":
+                continue
+            fx, fg = flat(x), flat(g)
+            for a in range(0, fx.size, BLOCK):
+                b = min(fx.size, a + BLOCK)
+                jobs.append((b - a, job(fx, fg, float(factor), a, b)))
+    _run(jobs)
 
 
 def delta_sq_norms(global_weights: Weights, rows: Sequence[Weights]) -> np.ndarray:

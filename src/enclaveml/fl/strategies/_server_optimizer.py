@@ -27,6 +27,7 @@ import numpy as np
 from enclaveml.errors import ConfigurationError
 from enclaveml.fl.strategies._common import check_number, require_updates
 from enclaveml.fl.strategies._kernels import cast_like, weighted_sum
+from enclaveml.fl.strategies._round_updates import example_counts, update_rows
 from enclaveml.fl.strategy import ClientUpdate, Strategy, Weights
 
 __all__ = ["ServerOptimizer"]
@@ -55,8 +56,8 @@ class ServerOptimizer(Strategy):
     ) -> Weights:
         """One adaptive step from ``global_weights`` along the mean pseudo-gradient of ``updates``."""
         require_updates(self.name, updates)
-        counts = np.array([u.num_examples for u in updates], dtype=np.float64)
-        means = weighted_sum([u.weights for u in updates], counts / counts.sum(), global_weights)
+        counts = example_counts(updates)
+        means = weighted_sum(update_rows(updates), counts / counts.sum(), global_weights)
         if self._m is None or self._v is None:
             self._m = [np.zeros(g.shape, _state_dtype(g)) for g in global_weights]
             self._v = [np.full(g.shape, self.tau**2, _state_dtype(g)) for g in global_weights]

@@ -33,6 +33,7 @@ import numpy as np
 from enclaveml.errors import ConfigurationError
 from enclaveml.fl.strategies._common import check_number, require_updates
 from enclaveml.fl.strategies._kernels import cast_like, weighted_sum
+from enclaveml.fl.strategies._round_updates import update_rows
 from enclaveml.fl.strategies._server_optimizer import ServerOptimizer
 from enclaveml.fl.strategies.clipping import clip_factors
 from enclaveml.fl.strategies.fedavg import FedAvg
@@ -109,7 +110,7 @@ class CentralDP(Strategy):
         n = len(updates)
         factors = clip_factors(global_weights, updates, self.clip_norm)
         # The mean of g + f_i·(w_i - g) minus g is Σ (f_i/n)·w_i - (Σ f_i/n)·g.
-        means = weighted_sum([u.weights for u in updates], factors / n, global_weights)
+        means = weighted_sum(update_rows(updates), factors / n, global_weights)
         kept = float(factors.sum() / n)
         rng = self._seeded if self._seeded is not None else np.random.default_rng()
         sigma = self.noise_std(n)

@@ -4,6 +4,11 @@ Every update's change ``d_i = w_i - w_global`` is scaled down to L2 norm at most
 (over all arrays together) before the inner strategy sees it. Why: a boosted (scaled-up)
 malicious update then has no more influence than an honest one of norm ``max_norm``, whatever
 the inner strategy; honest updates below the bound pass unchanged (and are not copied).
+
+On the aggregator's own rows (:class:`~enclaveml.fl.strategies._round_updates.RoundUpdates` with
+``owned``) the norms are those computed as the uploads arrived and the clipped deltas are written
+back into the rows: no pass to measure them and no second copy of the round. Anything else is
+clipped into new arrays, leaving the caller's arrays alone.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import numpy as np
 
 from enclaveml.errors import ConfigurationError
 from enclaveml.fl.strategies._common import check_number
-from enclaveml.fl.strategies._kernels import accumulator_dtype, delta_sq_norms
+from enclaveml.fl.strategies._kernels import accumulator_dtype, delta_sq_norms, scale_deltas
+from enclaveml.fl.strategies._round_updates import RoundUpdates, delta_norms_of, update_rows
 from enclaveml.fl.strategy import ClientUpdate, Strategy, Weights
 
 __all__ = ["NormClipping", "clip_factors"]
@@ -24,7 +30,8 @@ __all__ = ["NormClipping", "clip_factors"]
 
 def clip_factors(global_weights: Weights, updates: Sequence[ClientUpdate], max_norm: float) -> np.ndarray:
     """Per update, ``min(1, max_norm / ||w_i - w_global||)`` (1 for an unchanged model)."""
-    norms = np.sqrt(delta_sq_norms(global_weights, [u.weights for u in updates]))
+    known = delta_norms_of(updates)
+    norms = np.sqrt(known if known is not None else delta_sq_norms(global_weights, update_rows(updates)))
     with np.errstate(divide="ignore"):
         factors: np.ndarray = np.minimum(1.0, max_norm / norms)
     return factors
@@ -66,7 +73,12 @@ class NormClipping(Strategy):
     ) -> Weights:
         """``inner.aggregate_train`` on the clipped updates."""
         factors = clip_factors(global_weights, updates, self.max_norm)
-        bounded = [clipped(global_weights, u, float(f)) for u, f in zip(updates, factors, strict=True)]
+        bounded: Sequence[ClientUpdate]
+        if isinstance(updates, RoundUpdates) and updates.owned:
+            scale_deltas(global_weights, updates.rows, factors)
+            bounded = updates.with_norms(updates.delta_sq_norms * np.square(factors))
+        else:
+            bounded = [clipped(global_weights, u, float(f)) for u, f in zip(updates, factors, strict=True)]
         return self.inner.aggregate_train(server_round, global_weights, bounded)
 
     def plan(self) -> dict[str, Any]:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import numpy as np
-
 from enclaveml.fl.strategies._common import require_updates
 from enclaveml.fl.strategies._kernels import cast_like, weighted_sum
+from enclaveml.fl.strategies._round_updates import example_counts, update_rows
 from enclaveml.fl.strategy import ClientUpdate, Strategy, Weights
 
 __all__ = ["FedAvg", "example_weighted_mean"]
@@ -20,8 +19,8 @@ def example_weighted_mean(global_weights: Weights, updates: Sequence[ClientUpdat
     The coefficients are computed in float64 so that a client with many examples does not lose
     the others to rounding.
     """
-    counts = np.array([u.num_examples for u in updates], dtype=np.float64)
-    return weighted_sum([u.weights for u in updates], counts / counts.sum(), global_weights)
+    counts = example_counts(updates)
+    return weighted_sum(update_rows(updates), counts / counts.sum(), global_weights)
 
 
 class FedAvg(Strategy):

@@ -20,6 +20,7 @@ import numpy as np
 from enclaveml.errors import ConfigurationError
 from enclaveml.fl.strategies._common import require_updates
 from enclaveml.fl.strategies._kernels import cast_like, delta_gram, weighted_sum
+from enclaveml.fl.strategies._round_updates import select_rows, update_rows
 from enclaveml.fl.strategy import ClientUpdate, Strategy, Weights
 
 __all__ = ["Krum", "krum_scores"]
@@ -56,16 +57,16 @@ class Krum(Strategy):
     def select(self, global_weights: Weights, updates: Sequence[ClientUpdate]) -> list[int]:
         """Indices of the chosen updates, best score first (ties: the earlier update)."""
         require_updates(self.name, updates, self.min_updates)
-        scores = krum_scores(delta_gram(global_weights, [u.weights for u in updates]), self.num_malicious)
+        scores = krum_scores(delta_gram(global_weights, update_rows(updates)), self.num_malicious)
         return [int(i) for i in np.argsort(scores, kind="stable")[: self.multi]]
 
     def aggregate_train(
         self, server_round: int, global_weights: Weights, updates: Sequence[ClientUpdate]
     ) -> Weights:
         """The uniform mean of the selected updates."""
-        chosen = self.select(global_weights, updates)
+        chosen = sorted(self.select(global_weights, updates))  # row order: consecutive rows stay one run
         coeffs = np.full(len(chosen), 1.0 / len(chosen))
-        mean = weighted_sum([updates[i].weights for i in chosen], coeffs, global_weights)
+        mean = weighted_sum(select_rows(update_rows(updates), chosen), coeffs, global_weights)
         return cast_like(mean, global_weights)
 
     def plan(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from enclaveml.fl.strategies._common import require_updates
 from enclaveml.fl.strategies._kernels import cast_like, coordinate_reduce
+from enclaveml.fl.strategies._round_updates import update_rows
 from enclaveml.fl.strategy import ClientUpdate, Strategy, Weights
 
 __all__ = ["CoordinateMedian"]
@@ -39,7 +40,7 @@ class CoordinateMedian(Strategy):
     ) -> Weights:
         """The coordinate-wise median of the updates' weights."""
         require_updates(self.name, updates)
-        medians = coordinate_reduce([u.weights for u in updates], global_weights, _median)
+        medians = coordinate_reduce(update_rows(updates), global_weights, _median)
         return cast_like(medians, global_weights)
 
     def plan(self) -> dict[str, Any]:

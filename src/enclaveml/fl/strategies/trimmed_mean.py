@@ -16,6 +16,7 @@ import numpy as np
 
 from enclaveml.fl.strategies._common import check_number, require_updates
 from enclaveml.fl.strategies._kernels import cast_like, coordinate_reduce
+from enclaveml.fl.strategies._round_updates import update_rows
 from enclaveml.fl.strategy import ClientUpdate, Strategy, Weights
 
 __all__ = ["TrimmedMean"]
@@ -42,7 +43,7 @@ class TrimmedMean(Strategy):
                 stacked.sort(axis=0)  # vectorised; faster than np.partition on two cut points
             np.mean(stacked[k : n - k], axis=0, out=out)
 
-        means = coordinate_reduce([u.weights for u in updates], global_weights, trimmed)
+        means = coordinate_reduce(update_rows(updates), global_weights, trimmed)
         return cast_like(means, global_weights)
 
     def plan(self) -> dict[str, Any]:
