@@ -21,6 +21,7 @@ the server checks the order (which also rules out repeats) and intersects sorted
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from enclaveml.crypto import KeyHandle
 from enclaveml.fl.vertical._channel import PartyChannel, call_all, require
 from enclaveml.fl.vertical._codec import Payload
 from enclaveml.fl.vertical._errors import MessageError, ProtocolError
-from enclaveml.fl.vertical._psi_ids import Rows
+from enclaveml.fl.vertical._psi_ids import Rows, canonical_rows
 
 __all__ = ["SESSION_SIZE", "TAG_SIZE", "TeeRun", "run_tee"]
 
@@ -63,17 +64,30 @@ def positions_of(payload: Payload, key: str, n: int) -> Rows:
     return value
 
 
+def _tags(mac_key: bytes, ids: Sequence[bytes]) -> NDArray[np.bytes_]:
+    """The 16-byte tags of ``ids`` as a 1-D ``S16`` array, in the order of ``ids``."""
+    keyed = hmac.new(mac_key, digestmod=hashlib.sha256)
+
+    def tag(value: bytes) -> bytes:
+        # Copying the keyed state skips re-keying per ID (a third faster than hmac.digest).
+        h = keyed.copy()
+        h.update(value)
+        return h.digest()
+
+    digests = np.frombuffer(b"".join(map(tag, ids)), dtype=np.uint8).reshape(len(ids), 32)
+    return np.ascontiguousarray(digests[:, :TAG_SIZE]).view(_TAG)[:, 0]
+
+
 class TeeRun:
     """One party's side of one TEE-mode run: its tags, their order, and the keys of the run."""
 
     def __init__(self, ids: Sequence[bytes], key: KeyHandle, session: bytes) -> None:
         self._ids = ids
         self._mac_key, self._confirm_key = _derive(key, session)
-        digests = b"".join([hmac.digest(self._mac_key, i, "sha256")[:TAG_SIZE] for i in ids])
-        tags = np.frombuffer(digests, dtype=_TAG)
+        self._row_tags = _tags(self._mac_key, ids)
         # order[p] is the row whose tag is uploaded at position p.
-        self._order = np.argsort(tags, kind="stable").astype(np.int64)
-        self._tags = tags[self._order]
+        self._order = np.argsort(self._row_tags, kind="stable").astype(np.int64)
+        self._tags = self._row_tags[self._order]
 
     def upload(self) -> Payload:
         """``psi.hashes``'s answer: the tags, sorted, as an (n, 16) uint8 array."""
@@ -85,11 +99,9 @@ class TeeRun:
         size = require(payload, "size", int)
         if size != len(positions):
             raise MessageError("the server's intersection size does not match its positions")
-        ids, order = self._ids, self._order.tolist()
-        canonical = sorted(positions.tolist(), key=lambda p: ids[order[p]])
-        chosen = np.asarray(canonical, dtype=np.int64)
-        confirm = hmac.digest(self._confirm_key, self._tags[chosen].tobytes(), "sha256")
-        return self._order[chosen], {"confirm": confirm}
+        rows = canonical_rows(self._ids, self._order[positions])
+        confirm = hmac.digest(self._confirm_key, self._row_tags[rows].tobytes(), "sha256")
+        return rows, {"confirm": confirm}
 
 
 def _sorted_tags(party: str, payload: Payload) -> NDArray[np.bytes_]:

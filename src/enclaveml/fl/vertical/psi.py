@@ -172,9 +172,7 @@ class PsiParty(PartyEndpoint):
         self._enter(payload, "tee", start=False)
         if self._tee is None or self._rows is not None:
             raise ProtocolError("psi.result comes once, after psi.hashes")
-        rows, answer = self._tee.finish(payload)
-        rows.flags.writeable = False
-        self._rows = rows
+        self._rows, answer = self._tee.finish(payload)
         return answer
 
     # Cryptographic mode
