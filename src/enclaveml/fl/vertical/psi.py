@@ -17,7 +17,31 @@ measurement and not the server's**: a server with the key could hash guesses of 
 (account numbers, phone numbers) and recognise them. Key schedule and tag size:
 :mod:`enclaveml.fl.vertical._psi_tee` (HMAC-SHA256 under an HKDF-derived per-run key, 16-byte tags).
 
-=======::
+::
+
+    method      server → party                           party → server
+    psi.hashes  session: 32 random bytes                 tags: (n, 16) uint8, the party's tags sorted
+    psi.result  session; positions: ascending int64      confirm: 32 bytes, an HMAC of the
+                positions in the party's upload; size    intersection's tags in canonical order
+
+The server intersects the sorted uploads and returns to each party the positions of the common
+tags in its own upload; the party maps them to its rows and sorts them canonically.
+
+Who learns what. *The server*: each party's set size; its tags, which are pseudorandom without the
+key and unlinkable to other runs (the session enters the key derivation); which uploaded tags
+match, so the size of the intersection of every subset of parties, not just of all of them; and
+whether the confirmation values agree (it checks them when the intersection is not empty). Not an
+ID, not a row order (uploads are sorted by tag). *Each party*: which of its own IDs are in the
+intersection, hence its size. Nothing about the other parties' IDs or set sizes.
+
+Cryptographic mode (``mode="ecdh"``): ECDH-PSI between the parties, the server only relays
+-------------------------------------------------------------------------------------------
+
+For parties that do not trust a TEE. ECDH-PSI through openmined-psi (P-256; details in
+:mod:`enclaveml.fl.vertical._psi_ecdh`); each party blinds with fresh keys each run. The first
+channel is the *coordinator* (the label party), the others are *members*. ``H(x)^a`` is ID ``x``
+hashed to the curve and blinded by key ``a``; every list of points is an (n, 33) uint8 array.
+Every call also carries the run's ``session`` (32 random bytes)::
 
     #  method              to             server → party                    party → server
     1  psi.ecdh.blind      coordinator    session                           blinded: H(x)^a, random order
@@ -33,7 +57,9 @@ measurement and not the server's**: a server with the key could hash guesses of 
 
 That is 2(m - 1) PSI runs for m parties: the coordinator runs as PSI client against each member
 (one blinded request, reused) and intersects the results; then each member runs as PSI client
-against the coordinator holding the final intersection. Who learns what, assuming the DDH problem
+against the coordinator holding the final intersection. Cost: about (2m - 1) n_A + 4 sum_j n_j + k
+elliptic-curve operations for set sizes n_A (coordinator), n_j (members) and k (intersection),
+against 4n for one bare openmined-psi run between two sets of n. Who learns what, assuming the DDH problem
 is hard on P-256 and everyone follows the protocol. *The relay*: every set size and the final
 intersection size; the points are blinded under keys it never holds. *The coordinator*: which of
 its IDs each member holds (the pairwise intersections, more than the final one) and each member's
@@ -41,8 +67,9 @@ set size. *A member*: the coordinator's set size and which of its own IDs are in
 intersection. Limits: a malicious relay can replace a request with blinded guesses of its own
 (step 2 or 6) and learn which guesses a member holds, or which lie in the intersection; the run then
 no longer aligns, and the parties cannot tell without authenticating each other end to end, which
-this mode does not do. Each party answers at most once per member per run, so that is one set of
-guesses per run. A party may also lie about its own set (inherent to PSI without certified inputs).
+this mode does not do. A member answers over its set once per run and the coordinator over the
+intersection once per member, so that is one set of guesses per member and run. A party may also
+lie about its own set (inherent to PSI without certified inputs).
 
 Both modes validate every message both ways and raise :class:`ProtocolError` (server side, naming
 the party) or :class:`MessageError` (party side); no error text holds an ID or a key.
