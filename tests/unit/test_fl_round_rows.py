@@ -286,3 +286,24 @@ def test_norm_clipping_scales_owned_rows_in_place_and_leaves_other_rows_alone() 
     assert np.all(np.sqrt(delta_sq_norms(MODEL, lists)) > 0.2)
     clipped = np.sqrt(delta_sq_norms(MODEL, [owned[i].weights for i in range(5)]))
     np.testing.assert_allclose(clipped, 0.1, rtol=0.01)  # written back (float16 rounds a little)
+
+
+def test_the_new_model_is_taken_over_without_a_copy_only_when_nothing_else_holds_it() -> None:
+    _, updates = _matrix_round(3)
+    previous = [np.array(g) for g in MODEL]
+    fresh = [np.asarray(g + 1) for g in MODEL]
+    kept = _round.take_over(fresh, previous, updates)
+    assert all(np.shares_memory(k, f) for k, f in zip(kept, fresh, strict=True))
+    read_only = [np.array(g) for g in MODEL]
+    read_only[0].flags.writeable = False
+    mixed = _round.take_over(read_only, previous, updates)
+    assert [np.shares_memory(m, r) for m, r in zip(mixed, read_only, strict=True)] == [False, *[True] * 4]
+    over_bytes = [np.frombuffer(g.tobytes(), g.dtype).reshape(g.shape) for g in MODEL]
+    for aliased in (updates[0].weights, previous, over_bytes):
+        copied = _round.take_over(aliased, previous, updates)
+        for c, a, ref in zip(copied, aliased, MODEL, strict=True):
+            assert not np.shares_memory(c, a)
+            assert (c.dtype, c.shape) == (ref.dtype, ref.shape)
+            assert c.flags.writeable
+    (cast,) = _round.take_over([MODEL[0].astype(np.float64)], [MODEL[0]], None)
+    assert cast.dtype == np.float32

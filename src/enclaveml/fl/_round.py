@@ -25,7 +25,8 @@ for closing the round; one still being copied when the round closes is refused a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +37,7 @@ from enclaveml.fl.strategies._update_matrix import MatrixRows, UpdateMatrix
 from enclaveml.fl.strategy import Weights
 from enclaveml.fl.validation import judge_norms, nonfinite_reason
 
-__all__ = ["ClosedRound", "RoundUploads", "Upload"]
+__all__ = ["ClosedRound", "RoundUploads", "Upload", "take_over", "weighted_metrics"]
 
 
 @dataclass
@@ -161,3 +162,44 @@ class RoundUploads:
             if upload.row is not None and upload.reason is None:
                 matrix, index = upload.row
                 upload.sq_norm = float(delta_sq_norms(self.global_weights, [matrix.row(index)])[0])
+
+
+def take_over(weights: Sequence[np.ndarray], previous: Weights, rows: RoundUpdates | None) -> Weights:
+    """A strategy's output (already in the model's shapes) as the new global model.
+
+    Arrays are taken over without a copy (at 10M parameters a copy costs a third of aggregating
+    10 clients) when they are writable arrays of their own buffer, of the model's dtype, sharing
+    no memory with the previous model or the round's rows; anything else is copied. A strategy
+    must therefore not keep and later change the arrays it returns.
+    """
+    owned = [
+        isinstance(w, np.ndarray)
+        and _owns_buffer(w)
+        and w.dtype == old.dtype
+        and w.flags.writeable
+        and not np.may_share_memory(w, old)
+        for w, old in zip(weights, previous, strict=True)
+    ]
+    if rows is not None and rows.rows.shares_memory(
+        [w for w, mine in zip(weights, owned, strict=True) if mine]
+    ):
+        owned = [False] * len(owned)  # a strategy that hands back rows: copy everything
+    layout = zip(weights, previous, owned, strict=True)
+    return [w.reshape(old.shape) if mine else np.array(w, dtype=old.dtype) for w, old, mine in layout]
+
+
+def _owns_buffer(array: np.ndarray) -> bool:
+    """Whether ``array`` is (a view of) an ndarray with memory of its own, not of bytes, mmap..."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array.base is None
+
+
+def weighted_metrics(counts: Sequence[int], metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Example-weighted mean of each metric every accepted client reported (finite values only)."""
+    if not metrics:
+        return {}
+    names = set.intersection(*(set(m) for m in metrics))
+    total = sum(counts)
+    means = {n: sum(m[n] * c for m, c in zip(metrics, counts, strict=True)) / total for n in sorted(names)}
+    return {n: v for n, v in means.items() if math.isfinite(v)}

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import secrets
 import threading
 import time
@@ -46,11 +45,12 @@ from enclaveml.fl._errors import (
     RoundMismatchError,
     TrainingFinishedError,
 )
-from enclaveml.fl._round import RoundUploads
+from enclaveml.fl._round import RoundUploads, take_over, weighted_metrics
 from enclaveml.fl._wire import ModelMessage
 from enclaveml.fl.plan import TrainingPlan
+from enclaveml.fl.strategies._round_updates import RoundUpdates
 from enclaveml.fl.strategy import Strategy, Weights
-from enclaveml.fl.validation import DEFAULT_NORM_OUTLIER_FACTOR, check_options, structure_problem
+from enclaveml.fl.validation import structure_problem, validation_options
 
 __all__ = ["Aggregator", "RoundRecord", "token_sha256"]
 
@@ -98,7 +98,7 @@ class Aggregator:
             validation=validation,
         )
         self._strategy = strategy
-        self._max_norm, self._outlier_factor = _validation_options(validation or {})
+        self._max_norm, self._outlier_factor = validation_options(validation or {})
         self._layout = [(w.shape, w.dtype) for w in weights]
         self._weights = weights
         self._checkpoints = checkpoints
@@ -353,13 +353,14 @@ class Aggregator:
             accepted=ids,
             rejected=dict(verdict.rejected),
             num_examples=0 if accepted is None else sum(accepted.num_examples),
-            metrics={} if accepted is None else _weighted_metrics(accepted.num_examples, accepted.metrics),
+            metrics={} if accepted is None else weighted_metrics(accepted.num_examples, accepted.metrics),
         )
         if verdict.rejected:
             _log.warning("round %d: rejected updates from %s", round_, verdict.rejected)
         if record.status == "completed" and accepted is not None:
             try:
-                self._weights = self._conform(self._strategy.aggregate_train(round_, self._weights, accepted))
+                new_weights = self._strategy.aggregate_train(round_, self._weights, accepted)
+                self._weights = self._conform(new_weights, accepted)
             except BaseException:
                 uploads.refresh_norms()  # the round stays open and is closed again later
                 raise
@@ -367,7 +368,7 @@ class Aggregator:
         else:
             _log.warning("round %d attempt %d: %d valid updates", round_, self._attempt, len(ids))
             self._attempt += 1
-        del accepted, verdict  # the round's matrix goes with the last reference to its rows
+        del accepted, verdict, uploads  # the round's matrix goes with the last reference to its rows
         self._history.append(record)
         self._round = RoundUploads(self._weights)
         self._opened_at = self._clock()
@@ -375,14 +376,13 @@ class Aggregator:
             self._checkpoints.save(self._checkpoint())
         self._cond.notify_all()
 
-    def _conform(self, weights: Sequence[np.ndarray]) -> Weights:
+    def _conform(self, weights: Sequence[np.ndarray], rows: RoundUpdates | None = None) -> Weights:
         """The strategy's output in the initial layout; a strategy that changes it is a bug."""
         if len(weights) != len(self._layout) or any(
             np.shape(w) != shape for w, (shape, _) in zip(weights, self._layout, strict=False)
         ):
             raise ConfigurationError(f"strategy {self._strategy.name!r} returned weights of another layout")
-        layout = zip(weights, self._layout, strict=True)
-        return [np.asarray(w, dtype=dtype).copy() for w, (_, dtype) in layout]
+        return take_over(weights, self._weights, rows)
 
     # --- checkpoints ----------------------------------------------------------------------------
 
@@ -405,25 +405,3 @@ class Aggregator:
         self._history = list(checkpoint.history)
         self.resumed_from = checkpoint.completed_rounds
         _log.info("resumed after round %d from %s", self._completed, store.path)
-
-
-def _validation_options(options: Mapping[str, Any]) -> tuple[float | None, float | None]:
-    """``max_norm`` and ``norm_outlier_factor`` from the plan's validation options, checked now."""
-    unknown = set(options) - {"max_norm", "norm_outlier_factor"}
-    if unknown:
-        known = "max_norm, norm_outlier_factor"
-        raise ConfigurationError(f"unknown validation options {sorted(unknown)}; known: {known}")
-    max_norm = options.get("max_norm")
-    factor = options.get("norm_outlier_factor", DEFAULT_NORM_OUTLIER_FACTOR)
-    check_options(max_norm, factor)
-    return max_norm, factor
-
-
-def _weighted_metrics(counts: Sequence[int], metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Example-weighted mean of each metric every accepted client reported (finite values only)."""
-    if not metrics:
-        return {}
-    names = set.intersection(*(set(m) for m in metrics))
-    total = sum(counts)
-    means = {n: sum(m[n] * c for m, c in zip(metrics, counts, strict=True)) / total for n in sorted(names)}
-    return {n: v for n, v in means.items() if math.isfinite(v)}

@@ -27,9 +27,11 @@ operators outside the TEE.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +47,7 @@ __all__ = [
     "nonfinite_reason",
     "structure_problem",
     "validate_updates",
+    "validation_options",
 ]
 
 DEFAULT_NORM_OUTLIER_FACTOR = 10.0
@@ -111,7 +114,7 @@ def judge_norms(
     sq_norms: np.ndarray, *, max_norm: float | None, norm_outlier_factor: float | None
 ) -> list[str | None]:
     """Rules 5 and 6 on the (finite) squared norms of the changes: a reason per update, or None."""
-    norms = np.sqrt(np.asarray(sq_norms, dtype=np.float64))
+    norms = [math.sqrt(float(sq)) for sq in sq_norms]  # a few hundred at most: plain Python is faster
     verdicts: list[str | None] = [None] * len(norms)
     bounded: list[int] = []
     for i, norm in enumerate(norms):
@@ -120,7 +123,7 @@ def judge_norms(
         else:
             bounded.append(i)
     if norm_outlier_factor is not None and bounded:
-        median = float(np.median(norms[bounded]))
+        median = statistics.median(norms[i] for i in bounded)
         if median > 0:
             for i in bounded:
                 if norms[i] > norm_outlier_factor * median:
@@ -132,6 +135,18 @@ def nonfinite_reason(weights: Weights) -> str:
     """Why an update whose norm is not finite is rejected: NaN/Inf, or a float overflow."""
     finite = all(np.isfinite(w).all() for w in weights if w.dtype.kind in "fc")
     return "update norm overflows" if finite else "contains NaN or Inf"
+
+
+def validation_options(options: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """``max_norm`` and ``norm_outlier_factor`` from a plan's validation options, checked now."""
+    unknown = set(options) - {"max_norm", "norm_outlier_factor"}
+    if unknown:
+        known = "max_norm, norm_outlier_factor"
+        raise ConfigurationError(f"unknown validation options {sorted(unknown)}; known: {known}")
+    max_norm = options.get("max_norm")
+    factor = options.get("norm_outlier_factor", DEFAULT_NORM_OUTLIER_FACTOR)
+    check_options(max_norm, factor)
+    return max_norm, factor
 
 
 def check_options(max_norm: float | None, factor: float | None) -> None:

@@ -167,6 +167,11 @@ class MatrixRows(Sequence[Weights]):
             start = k
         return out
 
+    def shares_memory(self, arrays: Sequence[np.ndarray]) -> bool:
+        """Whether any of ``arrays`` may lie in a matrix these rows come from (bounds check)."""
+        matrices = {id(m): m for m, _ in self._rows}.values()
+        return any(np.may_share_memory(a, m._data) for m in matrices for a in arrays)
+
     def region_row(self, position: int, region: Region) -> np.ndarray:
         """Row ``position``'s part of ``region`` as one writable 1-D view."""
         matrix, row = self._rows[position]
