@@ -7,7 +7,7 @@ import logging
 import typer
 
 from enclaveml import __version__
-from enclaveml.cli import attest, fl, kbs, quantize, seal, serve
+from enclaveml.cli import attest, fl, kbs, quantize, seal, serve, vfl
 
 app = typer.Typer(
     name="enclaveml",
@@ -18,6 +18,7 @@ app = typer.Typer(
 app.add_typer(attest.app, name="attest")
 app.add_typer(kbs.app, name="kbs")
 app.add_typer(fl.app, name="fl")
+app.add_typer(vfl.app, name="vfl")
 app.command("seal")(seal.seal)
 app.command("unseal")(seal.unseal)
 app.command("quantize")(quantize.quantize)

@@ -14,8 +14,9 @@ One plan is one job, one of:
 
 - ``psi``: align the parties' rows (``psi_mode`` ``"tee"`` or ``"ecdh"``);
 - ``train``: train ``algorithm`` (``"boosting"`` or ``"logreg"``) with ``params`` on the aligned rows;
-- ``predict``: predict the rows of a dataset with the server's part of a trained model, identified
-  by ``model_sha256`` (SHA-256 of its plaintext), and hand the predictions to the label party.
+- ``predict``: predict the rows of ``dataset`` (a name every party gave its rows) and hand the
+  predictions to the label party; for boosting, with the server's part of a trained model,
+  pinned by ``model_sha256`` (SHA-256 of its plaintext). Logistic regression has no server part.
 
 ``parties`` lists every party by name, the **label party first**: it holds the labels, is the
 coordinator of cryptographic PSI and receives the predictions. Plan digest: SHA-256 of the
@@ -74,12 +75,15 @@ class VerticalPlan:
             raise ConfigurationError(f"plan 'algorithm' must be one of {', '.join(ALGORITHMS)}")
         if not isinstance(self.params, Mapping):
             raise ConfigurationError("plan 'params' must be a mapping of hyperparameters")
-        if self.task == "predict" and not (
+        pins_model = self.task == "predict" and self.algorithm == "boosting"
+        if pins_model and not (
             isinstance(self.model_sha256, str) and re.fullmatch(r"[0-9a-f]{64}", self.model_sha256)
         ):
             raise ConfigurationError(
-                "a predict plan pins the model: 'model_sha256' of 64 lowercase hex digits"
+                "a boosting predict plan pins the server's model: 'model_sha256' (64 hex)"
             )
+        if not pins_model and self.model_sha256 is not None:
+            raise ConfigurationError("'model_sha256' belongs to boosting predict plans only")
         if not isinstance(self.dataset, str) or not _NAME.fullmatch(self.dataset):
             raise ConfigurationError("plan 'dataset' must be a short name")
         if not (isinstance(self.call_timeout_s, int | float) and 0 < self.call_timeout_s < math.inf):
