@@ -1,0 +1,147 @@
+"""The server's side of the party placement: histograms and partitions asked of the parties.
+
+Every answer is checked before it is used, and a bad one raises :class:`ProtocolError` naming the
+party and the method, never a value: shapes and dtypes, finiteness, and consistency with what the
+server already knows from the labels. A party's histogram of a node must add up (over each
+feature's bins, missing slot included) to the node's gradient and hessian sums; the rows a party
+sends left at a split must add up to the split's left sums. A party cannot pass off made-up
+histograms or partitions that the gradients contradict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from enclaveml.fl.vertical._channel import PartyChannel, call_all
+from enclaveml.fl.vertical._codec import Payload
+from enclaveml.fl.vertical._errors import ProtocolError
+
+__all__ = ["PartySource", "check_array", "unpack_bits"]
+
+_TOL = 1e-6
+
+
+def check_array(
+    party: str, method: str, answer: Payload, key: str, dtype: type, shape: tuple[int, ...]
+) -> np.ndarray:
+    """``answer[key]`` if it is an array of ``dtype`` and ``shape``; :class:`ProtocolError` otherwise."""
+    value = answer.get(key)
+    if not isinstance(value, np.ndarray) or value.dtype != np.dtype(dtype) or value.shape != shape:
+        raise ProtocolError(f"party {party!r} answered {method!r} with a malformed {key!r}")
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise ProtocolError(f"party {party!r} answered {method!r} with non-finite {key!r}")
+    return value
+
+
+def unpack_bits(party: str, method: str, packed: np.ndarray, n_bits: int) -> np.ndarray:
+    """``np.packbits`` undone along the last axis; padding bits must be zero."""
+    bits = np.unpackbits(packed, axis=-1).astype(np.bool_)
+    if bits[..., n_bits:].any():
+        raise ProtocolError(f"party {party!r} answered {method!r} with bits past the last row")
+    return bits[..., :n_bits]
+
+
+def _close(actual: np.ndarray, expected: np.ndarray) -> bool:
+    scale = np.abs(expected.real) + np.abs(expected.imag) + 1.0
+    return bool((np.abs(actual - expected) <= _TOL * scale).all())
+
+
+class PartySource:
+    """A :class:`~enclaveml.fl.vertical._boost_grower.HistogramSource` whose codes stay with the parties."""
+
+    def __init__(
+        self, channels: Sequence[PartyChannel], n_features: Sequence[int], max_bin: int, n_rows: int
+    ) -> None:
+        self.channels = list(channels)
+        self.offsets = np.concatenate([[0], np.cumsum(n_features, dtype=np.int64)])
+        self.stride = max_bin + 1
+        self.n_rows = n_rows
+        self.tree = -1
+        self._gh = np.empty(0, dtype=np.complex128)
+        self._local: list[np.ndarray] = []
+
+    def _owner(self, feature: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.offsets, feature, side="right") - 1
+
+    def begin_tree(self, gh: np.ndarray, features: np.ndarray) -> None:
+        self.tree += 1
+        self._gh = gh
+        owner = self._owner(features)
+        self._local = [features[owner == p] - self.offsets[p] for p in range(len(self.channels))]
+        active = [p for p, local in enumerate(self._local) if len(local)]
+        payloads = [
+            {"tree": self.tree, "grad": gh.real.astype(np.float32), "hess": gh.imag.astype(np.float32),
+             "features": self._local[p]}
+            for p in active
+        ]  # fmt: skip
+        call_all([self.channels[p] for p in active], "boost.gradients", payloads)
+
+    def histograms(self, rows: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
+        active = [p for p, local in enumerate(self._local) if len(local)]
+        request: Payload = {"tree": self.tree, "counts": counts.astype(np.int64)}
+        if rows is not None:
+            request["rows"] = rows.astype(np.int32)
+        answers = call_all([self.channels[p] for p in active], "boost.histograms", request)
+        n_nodes = len(counts)
+        expected = self._node_sums(rows, counts)
+        parts = []
+        for p, answer in zip(active, answers, strict=True):
+            name = self.channels[p].name
+            shape = (n_nodes, len(self._local[p]), self.stride, 2)
+            hist = check_array(name, "boost.histograms", answer, "hist", np.float64, shape)
+            hist = np.ascontiguousarray(hist).view(np.complex128).reshape(shape[:3])
+            if (hist.imag < 0).any() or not _close(hist.sum(axis=2), expected[:, None]):
+                raise ProtocolError(f"party {name!r} sent histograms that do not add up to the node sums")
+            parts.append(hist)
+        return np.concatenate(parts, axis=1)
+
+    def _node_sums(self, rows: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
+        if rows is None:
+            return np.array([self._gh.sum()])
+        sums = np.zeros(len(counts), dtype=np.complex128)
+        nonempty = counts > 0
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        if nonempty.any():
+            sums[nonempty] = np.add.reduceat(self._gh[rows], starts[nonempty])
+        return sums
+
+    def partition(
+        self, node_rows: list[np.ndarray], splits: np.ndarray, expected_left: np.ndarray
+    ) -> list[np.ndarray]:
+        owner = self._owner(splits[:, 0])
+        parties = sorted(set(owner.tolist()))
+        counts = np.array([len(r) for r in node_rows], dtype=np.int64)
+        payloads, rows_of = [], []
+        for p in parties:
+            nodes = np.flatnonzero(owner == p)
+            local = splits[nodes].copy()
+            local[:, 0] -= self.offsets[p]
+            rows = np.concatenate([node_rows[k] for k in nodes])
+            rows_of.append(rows)
+            payload = {
+                "tree": self.tree,
+                "rows": rows.astype(np.int32),
+                "counts": counts[nodes],
+                "splits": local,
+            }
+            payloads.append(payload)
+        answers = call_all([self.channels[p] for p in parties], "boost.partition", payloads)
+        masks: list[np.ndarray] = [np.empty(0, dtype=np.bool_)] * len(node_rows)
+        for p, rows, answer in zip(parties, rows_of, answers, strict=True):
+            name = self.channels[p].name
+            nodes = np.flatnonzero(owner == p)
+            packed = check_array(name, "boost.partition", answer, "left", np.uint8, ((len(rows) + 7) // 8,))
+            bits = unpack_bits(name, "boost.partition", packed, len(rows))
+            # The rows a party sends left must carry the left sums its histograms promised.
+            starts = np.concatenate([[0], np.cumsum(counts[nodes])])
+            sums = np.zeros(len(nodes), dtype=np.complex128)
+            nonempty = counts[nodes] > 0
+            if nonempty.any():
+                sums[nonempty] = np.add.reduceat(np.where(bits, self._gh[rows], 0), starts[:-1][nonempty])
+            if not np.isclose(sums, expected_left[nodes], rtol=_TOL, atol=_TOL).all():
+                raise ProtocolError(f"party {name!r} sent a partition that contradicts the histograms")
+            for i, k in enumerate(nodes.tolist()):
+                masks[k] = bits[starts[i] : starts[i + 1]]
+        return masks

@@ -1,0 +1,68 @@
+"""Vertical gradient-boosted trees: xgboost's ``hist`` algorithm over columns that stay with their owners.
+
+The rows are aligned already (PSI). Each party bins each of its features into quantile bins computed
+on its own training rows (at most ``max_bin``, default 256) and keeps the cut points: the model
+records a split as (party, feature, bin) and only the party can turn it into a threshold. The
+algorithm is xgboost's ``tree_method="hist"``, depthwise: the same gradients (float32), histograms
+(float64 sums), gain and leaf weight, ``min_child_weight``/``gamma`` checks, tie-breaking, default
+direction for missing values and intercept (``base_score`` = the mean label when not given, as
+xgboost 3 estimates it); so on the same bins it grows the same trees (see the parity tests).
+
+**Two placements of the histograms, one algorithm** (``histograms=``):
+
+``"tee"`` (default): each party uploads its bin codes (never a raw value, never a cut point) once,
+and the label party its labels; the server builds every histogram inside the TEE. Passive
+parties receive nothing derived from the labels while the model is trained.
+
+``"party"``: the server sends every party the gradients and hessians of each tree, and per level
+the rows of the nodes it needs; each party answers its histograms, and the owner of a chosen split
+answers which rows go left. The codes never leave the parties, but **a passive party receives
+every row's gradient, and for ``binary:logistic`` the sign of ``g = p - y`` is the label**: this
+placement protects the labels from nobody but outsiders. It is there for parties that will not
+upload even bin codes; it is not the default for that reason.
+
+Who receives what, per call (the server calls, the party answers; payloads of
+:mod:`enclaveml.fl.vertical._codec`; ``n`` rows, ``F`` features of the party, ``S = max_bin + 1``)::
+
+    boost.setup       server -> party: {max_bin, train, datasets, upload_codes}
+                      party -> server: {n_features, n_bins: int64[F], n_rows: {name: n},
+                                        codes: {name: uint8|uint16[F, n]} (tee only)}
+    boost.labels      server -> label party: {datasets};  label party -> server: {labels: {name: float64[n]}}
+    boost.gradients   server -> party (party only): {tree, grad: float32[n], hess: float32[n],
+                                                     features: int64[k] (this tree's columns)}
+    boost.histograms  server -> party (party only): {tree, counts: int64[K], rows: int32[m] (absent: all)}
+                      party -> server: {hist: float64[K, k, S, 2]} (grad, hess sums; slot S-1: missing)
+    boost.partition   server -> split owner (party only): {tree, rows, counts, splits: int64[K, 3]}
+                      party -> server: {left: packed bits[m]}
+    boost.predict     server -> party: {dataset, splits: int64[k, 3] (feature, bin, default_left)}
+                      party -> server: {left: packed bits[k, n], n_rows}
+    boost.finish      server -> party: {features: int64[] (its features the model uses)}
+
+In the ``"tee"`` placement a passive party receives ``boost.setup`` during training and
+``boost.finish`` at the end, and ``boost.predict`` to score (training with a validation set needs
+none: the server holds the validation codes). What is derived from the labels and reaches a passive
+party is only the model itself: which of its features and bins the trees split on (``finish``,
+``predict``). The server receives codes, histograms, bin counts and left/right bits: never a
+feature value or a cut point; it keeps the tree structure and the leaf values (:class:`BoostedTrees`),
+each party its cut points (:class:`PartyThresholds`), each sealed for its owner by the caller.
+
+Every answer is checked on the server (shapes, dtypes, ranges, finiteness, and that histograms and
+partitions add up to the sums the labels give) and a bad one raises :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+from enclaveml.fl.vertical._boost_model import BoostedTrees, PartyThresholds, Tree
+from enclaveml.fl.vertical._boost_params import BoostingParams
+from enclaveml.fl.vertical._boost_party import BoostingParty
+from enclaveml.fl.vertical._boost_train import predict_boosting, train_boosting
+
+__all__ = [
+    "BoostedTrees",
+    "BoostingParams",
+    "BoostingParty",
+    "PartyThresholds",
+    "Tree",
+    "predict_boosting",
+    "train_boosting",
+]
