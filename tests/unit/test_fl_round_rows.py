@@ -15,7 +15,7 @@ import pytest
 
 from enclaveml.errors import ConfigurationError
 from enclaveml.fl import _round
-from enclaveml.fl._errors import RoundMismatchError
+from enclaveml.fl._errors import NotEnrolledError, RoundMismatchError
 from enclaveml.fl._wire import decode_update, encode_update
 from enclaveml.fl.aggregator import Aggregator
 from enclaveml.fl.strategies import (
@@ -225,6 +225,46 @@ def test_an_upload_still_being_copied_when_the_round_closes_is_refused(
     assert aggregator.history[-1].accepted == ("c0", "c1")
     for w in aggregator.global_model().weights:
         np.testing.assert_array_equal(w, np.full_like(w, 2.0))
+
+
+def test_a_row_still_being_written_by_a_revoked_client_is_not_given_to_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    aggregator = aggregator_for(FedAvg(), 5, min_clients=2, clock=clock)  # c4 never uploads
+    entered, release = threading.Event(), threading.Event()
+    write = _round.RoundUploads.write
+
+    def slow_write(self: _round.RoundUploads, upload: _round.Upload, weights: Weights) -> None:
+        if upload.client_id == "c2":
+            entered.set()
+            release.wait(10)
+        write(self, upload, weights)
+
+    monkeypatch.setattr(_round.RoundUploads, "write", slow_write)
+    aggregator.submit("c0", 1, [np.full_like(g, 1.0) for g in MODEL], 1)
+    aggregator.submit("c1", 1, [np.full_like(g, 3.0) for g in MODEL], 1)
+    errors: list[BaseException] = []
+
+    def revoked_later() -> None:
+        try:
+            aggregator.submit("c2", 1, [np.full_like(g, 500.0) for g in MODEL], 1)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    thread = threading.Thread(target=revoked_later)
+    thread.start()
+    assert entered.wait(10)
+    aggregator.revoke("c2")
+    aggregator.submit("c3", 1, [np.full_like(g, 5.0) for g in MODEL], 1)
+    release.set()  # c2's copy lands now, after c3's
+    thread.join(10)
+    assert [type(e) for e in errors] == [NotEnrolledError]
+    clock.now += 31
+    assert aggregator.poll()
+    assert aggregator.history[-1].accepted == ("c0", "c1", "c3")
+    for w in aggregator.global_model().weights:
+        np.testing.assert_array_equal(w, np.full_like(w, 3.0))
 
 
 def test_unknown_validation_options_fail_at_construction() -> None:

@@ -113,11 +113,16 @@ class RoundUploads:
         self.committed[upload.client_id] = upload
         return len(self.committed)
 
-    def discard(self, client_id: str) -> None:
-        """Forget ``client_id``'s upload (revocation, a failed copy); its row is free again."""
+    def discard(self, client_id: str, *, copy_done: bool = False) -> None:
+        """Forget ``client_id``'s upload (revocation, a failed copy).
+
+        Its row is free again once nobody writes to it: a committed upload's copy is done, and so
+        is the caller's own failed one (``copy_done``); a revoked upload still being copied keeps
+        its row out of use until the round ends.
+        """
         upload = self._uploads.pop(client_id, None)
         self.committed.pop(client_id, None)
-        if upload is not None and upload.row is not None:
+        if upload is not None and upload.row is not None and (upload.committed or copy_done):
             self._free.append(upload.row)
 
     def close(self, *, max_norm: float | None, norm_outlier_factor: float | None) -> ClosedRound:

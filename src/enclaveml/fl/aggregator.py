@@ -228,7 +228,7 @@ class Aggregator:
         except BaseException:
             with self._cond:
                 if uploads.holds(upload):
-                    uploads.discard(client_id)
+                    uploads.discard(client_id, copy_done=True)
             raise
         with self._cond:
             if self._round is not uploads or not uploads.holds(upload):
