@@ -11,8 +11,9 @@ NormClipping        clip each update's change to ``max_norm``, then any inner st
 CentralDP           clip, average, Gaussian noise; (ε, δ) from opacus' RDP accountant
 ==================  ===========================================================================
 
-:class:`UpdateMatrix` is optional storage for a round's updates as rows of one matrix, which
-the strategies aggregate with one BLAS call per array. :func:`strategy_from_plan` rebuilds a
+:class:`UpdateMatrix` stores a round's updates as rows of one matrix: the aggregator copies each
+upload into a row as it arrives and hands the strategy the accepted rows, which FedAvg and its
+kin aggregate with one BLAS call per dtype region (any ``Sequence[ClientUpdate]`` still works). :func:`strategy_from_plan` rebuilds a
 strategy from its :meth:`~enclaveml.fl.strategy.Strategy.plan` (``STRATEGIES`` maps names to classes).
 """
 
