@@ -54,15 +54,39 @@ def write_tables(tmp_path: Path) -> dict[str, object]:
     return {"x": x, "y": y, "ids": ids, "common": common}
 
 
-def run_job(env: dict[str, str], tmp_path: Path, plan: Path, registry: Path, party_args: dict[str, list[str]],
-            command_name: str, server_args: Sequence[str] = ()) -> dict[str, str]:  # fmt: skip
-    """Start the server of ``plan``, then every party's ``command``; return each party's output."""
+def server_measurement(env: dict[str, str], plan: Path) -> bytes:
+    """What the parties' policy must allow: the simulated server running exactly this plan."""
     code, _, text = _cli(
         env, "vfl", "server", "--plan", str(plan), "--tee", "simulation", "--print-measurement"
     )
     assert code == 0, text
-    measurement = bytes.fromhex(re.search(r"\b[0-9a-f]{96}\b", text).group(0))  # type: ignore[union-attr]
-    policy = _policy_toml(tmp_path / f"server-{plan.stem}.toml", measurement)
+    return bytes.fromhex(re.search(r"\b[0-9a-f]{96}\b", text).group(0))  # type: ignore[union-attr]
+
+
+def enrol(env: dict[str, str], tmp_path: Path) -> Path:
+    """Credentials for every party (in NAME.token files) and the server's registry of their hashes."""
+    registry = tmp_path / "parties.json"
+    code, tokens, text = _cli(env, "vfl", "enrol", str(registry), *PARTIES)
+    assert code == 0, text
+    assert set(tokens) == set(PARTIES)
+    for name, token in tokens.items():
+        (tmp_path / f"{name}.token").write_text(token)
+    return registry
+
+
+def party_keys(env: dict[str, str], tmp_path: Path, *keys: str) -> None:
+    """Broker keys that admit the parties' client code only (simulated measurements)."""
+    allowed = tmp_path / "parties-policy.json"
+    allowed.write_text(json.dumps({"type": "unsafe_allow_simulation", "policy": {
+        "type": "measurement", "values": [party_measurement(p).hex() for p in PARTIES]}}))  # fmt: skip
+    for key in keys:
+        assert _cli(env, "kbs", "key", "create", key, "--policy", str(allowed), "--json")[0] == 0
+
+
+def run_job(env: dict[str, str], tmp_path: Path, plan: Path, registry: Path, party_args: dict[str, list[str]],
+            command_name: str, server_args: Sequence[str] = ()) -> dict[str, str]:  # fmt: skip
+    """Start the server of ``plan``, then every party's ``command``; return each party's output."""
+    policy = _policy_toml(tmp_path / f"server-{plan.stem}.toml", server_measurement(env, plan))
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-c", CLI, "vfl", "server", "--plan", str(plan), "--parties", str(registry),
@@ -95,19 +119,8 @@ def run_job(env: dict[str, str], tmp_path: Path, plan: Path, registry: Path, par
 def test_psi_train_predict_with_logistic_regression(tmp_path: Path, served: Served, psi_mode: str) -> None:  # noqa: F811
     env = served.env
     truth = write_tables(tmp_path)
-    registry = tmp_path / "parties.json"
-    code, tokens, text = _cli(env, "vfl", "enrol", str(registry), *PARTIES)
-    assert code == 0, text
-    assert set(tokens) == set(PARTIES)
-    for name, token in tokens.items():
-        (tmp_path / f"{name}.token").write_text(token)
-
-    # Broker keys: the PSI key and each party's model key admit the parties' client code only.
-    allowed = tmp_path / "parties-policy.json"
-    allowed.write_text(json.dumps({"type": "unsafe_allow_simulation", "policy": {
-        "type": "measurement", "values": [party_measurement(p).hex() for p in PARTIES]}}))  # fmt: skip
-    for key in ("vfl-psi", *(f"vfl-{p}" for p in PARTIES)):
-        assert _cli(env, "kbs", "key", "create", key, "--policy", str(allowed), "--json")[0] == 0
+    registry = enrol(env, tmp_path)
+    party_keys(env, tmp_path, "vfl-psi", *(f"vfl-{p}" for p in PARTIES))
 
     # 1. PSI: every party gets the positions of the common rows, in one common order.
     plan = tmp_path / "psi.json"
@@ -158,3 +171,60 @@ def test_psi_train_predict_with_logistic_regression(tmp_path: Path, served: Serv
     central = LogisticRegression(max_iter=5000).fit(StandardScaler().fit_transform(x), y)
     accuracy = float(((predictions > 0.5) == y).mean())
     assert accuracy >= central.score(StandardScaler().fit_transform(x), y) - 0.01
+
+
+def test_boosting_with_early_stopping_sealed_server_model_and_pinned_prediction(
+    tmp_path: Path,
+    served: Served,  # noqa: F811
+) -> None:
+    env = served.env
+    registry = enrol(env, tmp_path)
+    party_keys(env, tmp_path, *(f"vfl-{p}" for p in PARTIES))
+    x, y = make_classification(n_samples=2400, n_features=9, n_informative=6, random_state=8)
+    parts = {"train": slice(0, 1600), "valid": slice(1600, 2000), "test": slice(2000, 2400)}
+    for index, name in enumerate(PARTIES):  # already aligned: the same rows in the same order
+        for part, rows in parts.items():
+            table = {f"f{c}": x[rows, c] for c in range(3 * index, 3 * index + 3)}
+            if index == 0 and part != "test":
+                table["y"] = y[rows]
+            pa_csv.write_csv(pa.table(table), tmp_path / f"{name}.{part}.csv")
+    names = [a for p in PARTIES for a in ("--party", p)]
+    plan = tmp_path / "train-boost.json"
+    params = ["n_estimators=200", "max_depth=3", "learning_rate=0.3", "early_stopping_rounds=5"]
+    code, _, text = _cli(env, "vfl", "plan", "--task", "train", *names, "--algorithm", "boosting",
+                         *[a for p in params for a in ("--param", p)], "--valid-dataset", "valid",
+                         "-o", str(plan))  # fmt: skip
+    assert code == 0, text
+    # The server's model part is sealed under a key that admits the server running this plan.
+    server_policy = _policy_toml(tmp_path / "model-key.toml", server_measurement(env, plan))
+    assert _cli(env, "kbs", "key", "create", "vfl-model", "--policy", str(server_policy), "--json")[0] == 0
+    train_args = {
+        p: ["--data", str(tmp_path / f"{p}.train.csv"), "--valid-data", str(tmp_path / f"{p}.valid.csv"),
+            "--model-out", str(tmp_path / f"{p}.sealed")]
+        for p in PARTIES
+    }  # fmt: skip
+    train_args["bank"] += ["--label-column", "y"]
+    server_args = ["--kbs", env["ENCLAVEML_KBS_URL"], "--model-out", str(tmp_path / "server.sealed")]
+    outputs = run_job(env, tmp_path, plan, registry, train_args, "train", server_args)
+    assert "server model sealed" in outputs["server"]
+    digest = dict(read_header(tmp_path / "server.sealed").metadata)["model_sha256"]
+
+    # Predicting pins that model; the model owner lets the predict job's server unseal it.
+    plan = tmp_path / "predict-boost.json"
+    code, _, text = _cli(env, "vfl", "plan", "--task", "predict", *names, "--algorithm", "boosting",
+                         "--model", str(tmp_path / "server.sealed"), "-o", str(plan))  # fmt: skip
+    assert code == 0, text
+    assert json.loads(plan.read_text())["model_sha256"] == digest
+    _policy_toml(server_policy, server_measurement(env, plan))
+    assert _cli(env, "kbs", "policy", "set", "vfl-model", str(server_policy), "--json")[0] == 0
+    predict_args = {
+        p: ["--data", str(tmp_path / f"{p}.test.csv"), "--model", str(tmp_path / f"{p}.sealed")]
+        for p in PARTIES
+    }
+    predict_args["bank"] += ["--output", str(tmp_path / "p.npy")]
+    run_job(env, tmp_path, plan, registry, predict_args, "predict",
+            ["--kbs", env["ENCLAVEML_KBS_URL"], "--model", str(tmp_path / "server.sealed")])  # fmt: skip
+    predictions = np.load(tmp_path / "p.npy")
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(y[parts["test"]], predictions) > 0.9

@@ -103,3 +103,23 @@ def test_logistic_regression_three_party_processes(tmp_path: Path) -> None:
             message = decode(request)
             assert "labels" not in message
             assert not any(a.shape == y.shape and np.array_equal(a, y) for a in arrays(message)), method
+
+
+def test_boosting_three_party_processes(tmp_path: Path) -> None:
+    params = {"n_estimators": 20, "max_depth": 4}
+    plan = VerticalPlan(task="train", parties=tuple(PARTIES), algorithm="boosting", params=params)
+    server, parties = run(tmp_path, plan)
+    assert server["state"] == "succeeded"
+    assert_server_saw_no_feature(server)
+    methods = {m for _, m, _ in server["received"]}
+    assert methods == {"boost.setup", "boost.labels", "boost.finish"}  # codes and labels, once
+    _, y, _ = dataset()
+    for name in PARTIES[1:]:
+        # Default placement: a passive party receives the set-up and, at the end, which of its own
+        # features and bins the model uses; nothing per row, nothing derived from the labels.
+        received = [method for method, _ in parties[name]["received"]]
+        assert received == ["boost.setup", "boost.finish"], received
+        for _, request in parties[name]["received"]:
+            message = decode(request)
+            assert not any(a.shape == y.shape for a in arrays(message))
+    assert parties["bank"]["part"]  # each party ends with its own (sealable) part of the model

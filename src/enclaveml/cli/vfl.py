@@ -66,6 +66,9 @@ def plan_command(
     dataset: Annotated[
         str, typer.Option(help="predict: the dataset name the parties give their rows.")
     ] = "test",
+    valid_dataset: Annotated[
+        str | None, typer.Option(help="train (boosting): early stopping on the parties' validation rows.")
+    ] = None,
     call_timeout: Annotated[float, typer.Option(help="Seconds the server waits for one answer.")] = 600.0,
 ) -> None:
     """Write a job plan: every party uses the same file, so every party checks the same job."""
@@ -86,6 +89,7 @@ def plan_command(
             params=_pairs(param or []),
             model_sha256=model_sha256,
             dataset=dataset,
+            valid_dataset=valid_dataset,
             call_timeout_s=call_timeout,
         )
         output.write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -307,6 +311,10 @@ def train(
     id_column: Annotated[str | None, typer.Option(help="ID column to leave out of the features.")] = None,
     label_column: Annotated[str | None, typer.Option(help="The label party: the label column.")] = None,
     ignore_column: Ignore = None,
+    valid_data: Annotated[
+        Path | None, typer.Option(help="Boosting with a valid_dataset: this party's validation table.")
+    ] = None,
+    valid_rows: Annotated[Path | None, typer.Option(help="Aligned rows of the validation table.")] = None,
     model_key: Annotated[str, typer.Option(help="Broker key id sealing this party's model part.")] = "",
     kbs: Kbs = "",
     kbs_ca: KbsCa = None,
@@ -325,10 +333,18 @@ def train(
             raise ConfigurationError(
                 "--label-column is given by the label party (the plan's first) and only by it"
             )
-        table = read_table(data, id_column=id_column, label_column=label_column, ignore=ignore_column or [])
-        table = table.take(read_rows(rows))
+        columns: dict[str, Any] = {
+            "id_column": id_column,
+            "label_column": label_column,
+            "ignore": ignore_column or [],
+        }
+        table = read_table(data, **columns).take(read_rows(rows))
+        valid = None
+        if valid_data is not None:
+            held_out = read_table(valid_data, **columns).take(read_rows(valid_rows))
+            valid = (held_out.features, held_out.labels)
         broker = _broker(kbs, kbs_ca, _provider(tee, f"enclaveml vfl party {name}", {}, False))
-        endpoint, part = party_for_training(expected, name, table.features, table.labels)
+        endpoint, part = party_for_training(expected, name, table.features, table.labels, valid=valid)
         with _connect(url, plan, credential_file, policy, simulation_key, wait) as connection:
             _finish(connection.serve(endpoint))
         _seal(part(), broker, model_key or f"vfl-{name}", model_out, PARTY_MODEL_TYPE, party=name)

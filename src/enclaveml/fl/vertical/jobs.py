@@ -13,7 +13,8 @@ for regression, the predicted values.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,14 @@ from enclaveml.fl.vertical._channel import PartyChannel, PartyEndpoint, require
 from enclaveml.fl.vertical._codec import Payload
 from enclaveml.fl.vertical._errors import MessageError, ProtocolError
 from enclaveml.fl.vertical._session import Job
+from enclaveml.fl.vertical.boosting import (
+    BoostedTrees,
+    BoostingParams,
+    BoostingParty,
+    PartyThresholds,
+    predict_boosting,
+    train_boosting,
+)
 from enclaveml.fl.vertical.logreg import (
     LogRegParams,
     LogRegParty,
@@ -84,7 +93,27 @@ def server_job(plan: VerticalPlan, *, server_model: bytes | None = None) -> Job:
         return lambda channels: JobResult("psi", psi=run_psi(channels, mode=plan.psi_mode))  # type: ignore[arg-type]
     if plan.algorithm == "logreg":
         return _logreg_job(plan)
-    raise ConfigurationError(f"no job for task {plan.task!r} with algorithm {plan.algorithm!r}")
+    return _boosting_job(plan, server_model)
+
+
+def _boosting_job(plan: VerticalPlan, server_model: bytes | None) -> Job:
+    params = BoostingParams.from_dict(plan.params)
+
+    def train(channels: Sequence[PartyChannel]) -> JobResult:
+        model = train_boosting(channels[0], channels[1:], params, valid=plan.valid_dataset)
+        return JobResult("train", training=model, server_model=model.to_bytes())
+
+    if plan.task == "train":
+        return train
+    if server_model is None or hashlib.sha256(server_model).hexdigest() != plan.model_sha256:
+        raise ConfigurationError("the server's model part is missing or is not the one the plan pins")
+    model = BoostedTrees.from_bytes(server_model)
+
+    def predict(channels: Sequence[PartyChannel]) -> JobResult:
+        predictions = predict_boosting(model, channels, plan.dataset)
+        return JobResult("predict", predicted_rows=_deliver(channels[0], predictions))
+
+    return predict
 
 
 def _logreg_job(plan: VerticalPlan) -> Job:
@@ -101,29 +130,54 @@ def _logreg_job(plan: VerticalPlan) -> Job:
     return train if plan.task == "train" else predict
 
 
+Array = NDArray[np.float64]
+
+
 def party_for_training(
-    plan: VerticalPlan, name: str, features: NDArray[np.float64], labels: NDArray[np.float64] | None
+    plan: VerticalPlan,
+    name: str,
+    features: Array,
+    labels: Array | None,
+    *,
+    valid: tuple[Array, Array | None] | None = None,
 ) -> tuple[PartyEndpoint, Callable[[], bytes]]:
     """The endpoint of party ``name`` for a ``train`` plan, and how to get its model part afterwards.
 
+    ``valid`` is this party's validation rows (and the label party's validation labels) for a plan
+    with a ``valid_dataset``.
+
     :raises ConfigurationError: the data does not suit the algorithm (e.g. labels that are not 0/1).
     """
+    if (valid is not None) != (plan.valid_dataset is not None):
+        raise ConfigurationError("give validation rows exactly when the plan names a valid_dataset")
     try:
         if plan.algorithm == "logreg":
+            if valid is not None:
+                raise ConfigurationError("logistic regression trains on every aligned row: no validation set")
             party = LogRegParty(name, features, labels=labels)
             return party, lambda: party.share.to_bytes()
+        datasets: dict[str, Array] = {"train": features}
+        label_sets: dict[str, Array] = {}
+        if labels is not None:
+            label_sets["train"] = labels
+        if valid is not None and plan.valid_dataset is not None:
+            datasets[plan.valid_dataset] = valid[0]
+            if valid[1] is not None:
+                label_sets[plan.valid_dataset] = valid[1]
+        booster = BoostingParty(name, datasets, labels=label_sets or None)
+        return booster, lambda: booster.thresholds.to_bytes()
     except ValueError as exc:
         raise ConfigurationError(f"party {name!r}: {exc}") from None
-    raise ConfigurationError(f"no party side for algorithm {plan.algorithm!r}")
 
 
 def party_for_prediction(
     plan: VerticalPlan, name: str, part: bytes, features: NDArray[np.float64]
 ) -> PartyEndpoint:
     """The endpoint of party ``name`` for a ``predict`` plan: its model part, its rows of ``plan.dataset``."""
+    data: Mapping[str, Array] = {plan.dataset: features}
     try:
         if plan.algorithm == "logreg":
-            return LogRegParty.from_share(name, LogRegShare.from_bytes(part), {plan.dataset: features})
+            return LogRegParty.from_share(name, LogRegShare.from_bytes(part), data)
+        return BoostingParty(name, data, thresholds=PartyThresholds.from_bytes(part))
     except ValueError as exc:
         raise ConfigurationError(f"party {name!r}: {exc}") from None
-    raise ConfigurationError(f"no party side for algorithm {plan.algorithm!r}")

@@ -13,7 +13,8 @@ apart from any horizontal one.
 One plan is one job, one of:
 
 - ``psi``: align the parties' rows (``psi_mode`` ``"tee"`` or ``"ecdh"``);
-- ``train``: train ``algorithm`` (``"boosting"`` or ``"logreg"``) with ``params`` on the aligned rows;
+- ``train``: train ``algorithm`` (``"boosting"`` or ``"logreg"``) with ``params`` on the aligned rows
+  (boosting: with early stopping on the rows every party names ``valid_dataset``, if given);
 - ``predict``: predict the rows of ``dataset`` (a name every party gave its rows) and hand the
   predictions to the label party; for boosting, with the server's part of a trained model,
   pinned by ``model_sha256`` (SHA-256 of its plaintext). Logistic regression has no server part.
@@ -57,6 +58,7 @@ class VerticalPlan:
     params: Mapping[str, Any] = field(default_factory=dict)
     model_sha256: str | None = None
     dataset: str = "test"
+    valid_dataset: str | None = None
     call_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -86,6 +88,14 @@ class VerticalPlan:
             raise ConfigurationError("'model_sha256' belongs to boosting predict plans only")
         if not isinstance(self.dataset, str) or not _NAME.fullmatch(self.dataset):
             raise ConfigurationError("plan 'dataset' must be a short name")
+        if self.valid_dataset is not None and (
+            self.task != "train"
+            or not isinstance(self.valid_dataset, str)
+            or not _NAME.fullmatch(self.valid_dataset)
+        ):
+            raise ConfigurationError(
+                "plan 'valid_dataset' is the short name of a train plan's validation rows"
+            )
         if not (isinstance(self.call_timeout_s, int | float) and 0 < self.call_timeout_s < math.inf):
             raise ConfigurationError("plan 'call_timeout_s' must be a positive number of seconds")
         self.canonical_json()  # fails now, not at the first party, if something is not JSON
@@ -110,6 +120,7 @@ class VerticalPlan:
             "params": _plain(self.params),
             "model_sha256": self.model_sha256,
             "dataset": self.dataset,
+            "valid_dataset": self.valid_dataset,
             "call_timeout_s": float(self.call_timeout_s),
         }
 
@@ -129,6 +140,7 @@ class VerticalPlan:
                 params=data.get("params") or {},
                 model_sha256=data.get("model_sha256"),
                 dataset=data.get("dataset", "test"),
+                valid_dataset=data.get("valid_dataset"),
                 call_timeout_s=data.get("call_timeout_s", 600.0),
             )
         except KeyError as exc:
