@@ -55,3 +55,17 @@ def test_kms_client_names_and_no_server_import() -> None:
     code = "import sys, enclaveml.kms; print('fastapi' in sys.modules, 'enclaveml.kms.server' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_vertical_fl_names_and_no_server_import() -> None:
+    import enclaveml.fl.vertical as vertical
+
+    assert set(vertical.__all__) == {
+        "BoostedTrees", "BoostingParams", "BoostingParty", "InProcessChannel", "JobOutcome", "LogRegParams",
+        "LogRegParty", "LogRegShare", "MessageError", "PartyChannel", "PartyEndpoint", "PartyFailedError",
+        "PartyThresholds", "ProtocolError", "PsiParty", "PsiSummary", "ServerConnection", "VerticalError",
+        "VerticalPlan", "predict_boosting", "predict_logreg", "run_psi", "train_boosting", "train_logreg",
+    }  # fmt: skip
+    code = "import sys, enclaveml.fl.vertical; print('fastapi' in sys.modules, 'uvicorn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
