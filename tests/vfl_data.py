@@ -117,9 +117,12 @@ def xgb_params(params: BoostingParams, n_threads: int = 2) -> dict[str, object]:
 
 
 def central_booster(
-    data: VerticalData, params: BoostingParams, *, on_codes: bool = True, n_threads: int = 2
+    data: VerticalData, params: BoostingParams, *, on_codes: bool = True, n_threads: int = 1
 ) -> tuple[xgb.Booster, dict[str, xgb.DMatrix]]:
-    """xgboost trained centrally on the same rows: on our codes (same bins) or on raw values."""
+    """xgboost trained centrally on the same rows: on our codes (same bins) or on raw values.
+
+    One thread by default: on a shared machine, xgboost's OpenMP threads spin at every barrier
+    while another process holds a core, and a test taking seconds takes minutes."""
     inputs = data.codes(params.max_bin) if on_codes else data.x
     matrices = {k: xgb.DMatrix(v, label=data.y[k], nthread=n_threads) for k, v in inputs.items()}
     if on_codes:

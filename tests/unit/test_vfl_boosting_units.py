@@ -7,12 +7,26 @@ import numpy as np
 import pytest
 
 from enclaveml.errors import ConfigurationError
+from enclaveml.fl.vertical import _kernels
 from enclaveml.fl.vertical._binning import BinEdges, code_dtype, goes_left
 from enclaveml.fl.vertical._histogram import build_histograms, find_splits
+from enclaveml.fl.vertical._kernels import Codes
 from enclaveml.fl.vertical.boosting import BoostingParams, predict_boosting, train_boosting
 from tests import vfl_data as vd
 
 F32 = np.float32
+KERNELS = [
+    "numpy",
+    pytest.param("numba", marks=pytest.mark.skipif(_kernels._numba is None, reason="no numba")),
+]
+
+
+@pytest.fixture(params=KERNELS)
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with each implementation of the hot loops (see _kernels)."""
+    monkeypatch.setenv("ENCLAVEML_VFL_KERNELS", request.param)
+    assert _kernels.compiled() == (request.param == "numba")
+    return str(request.param)
 
 
 def test_few_distinct_values_get_one_bin_each() -> None:
@@ -59,19 +73,20 @@ def test_goes_left() -> None:
     np.testing.assert_array_equal(goes_left(codes, 2, False, 8), [True, True, True, False])
 
 
-def test_histograms_sum_per_node_feature_and_bin() -> None:
+def test_histograms_sum_per_node_feature_and_bin(kernels: str) -> None:
     rng = np.random.default_rng(1)
     codes_t = rng.integers(0, 5, size=(3, 200)).astype(np.uint8)
     codes_t[1, ::7] = 4  # the missing code (max_bin 4)
     gh = rng.standard_normal(200) + 1j * rng.random(200)
     rows = np.concatenate([np.arange(0, 60), np.arange(100, 200)])
-    hist = build_histograms(codes_t, np.array([0, 1]), gh, rows, np.array([60, 100]), 5)
+    codes = Codes(codes_t.T)
+    hist = build_histograms(codes, np.array([0, 1]), gh, rows, np.array([60, 100]), 5)
     assert hist.shape == (2, 2, 5)
     for k, node in enumerate((rows[:60], rows[60:])):
         for j, f in enumerate((0, 1)):
             for b in range(5):
                 assert hist[k, j, b] == pytest.approx(gh[node][codes_t[f, node] == b].sum())
-    whole = build_histograms(codes_t, np.array([2]), gh, None, np.array([200]), 5)
+    whole = build_histograms(codes, np.array([2]), gh, None, np.array([200]), 5)
     np.testing.assert_allclose(whole.sum(axis=2), gh.sum())
 
 
@@ -112,7 +127,7 @@ def reference_split(hist: np.ndarray, parent: complex, n_bins: np.ndarray, lam: 
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize(("lam", "mcw"), [(1.0, 1.0), (0.0, 0.0), (3.0, 0.5)])
-def test_split_search_matches_xgboosts_enumeration(seed: int, lam: float, mcw: float) -> None:
+def test_split_search_matches_xgboosts_enumeration(kernels: str, seed: int, lam: float, mcw: float) -> None:
     rng = np.random.default_rng(seed)
     n_features, max_bin = 5, 9
     # Small integer gradients and hessians: many exact ties, as with real codes in small nodes.
@@ -142,7 +157,7 @@ def test_split_search_matches_xgboosts_enumeration(seed: int, lam: float, mcw: f
         )  # fmt: skip
 
 
-def test_degenerate_columns_train_and_predict() -> None:
+def test_degenerate_columns_train_and_predict(kernels: str) -> None:
     data = vd.breast_cancer(2)
     for x in data.x.values():
         x[:, 0] = 7.0  # constant
@@ -167,3 +182,36 @@ def test_reference_comparison_is_not_vacuous() -> None:
         kinds |= {("backward", bool(d)) for d in found.default_left[found.loss > 0]}
         kinds |= {("bin-1",) for b in found.bin[found.loss > 0] if b == -1}
     assert {("backward", True), ("backward", False)} <= kinds
+
+
+def test_both_kernels_give_identical_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    if _kernels._numba is None:
+        pytest.skip("no numba")
+    rng = np.random.default_rng(7)
+    codes = Codes(rng.integers(0, 17, size=(3000, 6)).astype(np.uint8))  # 16 = missing
+    gh = (rng.standard_normal(3000) + 1j * rng.random(3000)).astype(np.complex128)
+    rows = rng.permutation(3000)[:2000]
+    counts = np.array([700, 0, 1300])
+    features = np.array([0, 2, 3, 5])
+    results = {}
+    for name in ("numpy", "numba"):
+        monkeypatch.setenv("ENCLAVEML_VFL_KERNELS", name)
+        hist = build_histograms(codes, features, gh, rows, counts, 17)
+        parent = hist[:, 0].sum(axis=1)
+        found = find_splits(hist, parent, np.full(4, 16), None, 1.0, 0.5)
+        results[name] = (hist, found)
+    np.testing.assert_array_equal(results["numpy"][0], results["numba"][0])
+    a, b = results["numpy"][1], results["numba"][1]
+    valid = a.loss > 0
+    np.testing.assert_array_equal(valid, b.loss > 0)
+    for field in ("loss", "feature", "bin", "default_left", "left", "right"):
+        np.testing.assert_array_equal(getattr(a, field)[valid], getattr(b, field)[valid])
+    data = vd.breast_cancer(2)
+    for x in data.x.values():
+        x[rng.random(x.shape) < 0.05] = np.nan
+    models = []
+    for name in ("numpy", "numba"):
+        monkeypatch.setenv("ENCLAVEML_VFL_KERNELS", name)
+        channels = data.channels()
+        models.append(train_boosting(channels[0], channels[1:], BoostingParams(n_estimators=20)))
+    assert models[0].to_bytes() == models[1].to_bytes()

@@ -21,9 +21,11 @@ from typing import Protocol
 
 import numpy as np
 
+from enclaveml.fl.vertical import _kernels
 from enclaveml.fl.vertical._binning import goes_left
 from enclaveml.fl.vertical._boost_model import Tree
 from enclaveml.fl.vertical._histogram import build_histograms, find_splits, leaf_weight
+from enclaveml.fl.vertical._kernels import Codes
 
 __all__ = ["OBJECTIVES", "CodesSource", "GrowParams", "HistogramSource", "Objective", "grow_tree"]
 
@@ -41,18 +43,18 @@ class HistogramSource(Protocol):
         """``(len(counts), len(features), max_bin + 1)`` complex histograms (see _histogram)."""
 
     def partition(
-        self, node_rows: list[np.ndarray], splits: np.ndarray, expected_left: np.ndarray
-    ) -> list[np.ndarray]:
-        """Which rows of each node go left (one bool array per node) at ``splits[k] = (global
-        feature, bin, default_left)``; ``expected_left[k]`` is the left child's gradient and hessian
-        sum that the histograms promised (to check an answer against)."""
+        self, rows: np.ndarray, counts: np.ndarray, splits: np.ndarray, expected_left: np.ndarray
+    ) -> np.ndarray:
+        """Which of ``rows`` go left; node ``k`` owns ``counts[k]`` consecutive rows and splits at
+        ``splits[k] = (global feature, bin, default_left)``; ``expected_left[k]`` is the left
+        child's gradient and hessian sum that the histograms promised (to check an answer)."""
 
 
 class CodesSource:
-    """A source over codes in this process: all features x rows, C-order."""
+    """A source over codes in this process (the TEE placement: every party's codes)."""
 
-    def __init__(self, codes_t: np.ndarray, max_bin: int) -> None:
-        self.codes_t = codes_t
+    def __init__(self, codes: Codes, max_bin: int) -> None:
+        self.codes = codes
         self.stride = max_bin + 1
         self.missing = max_bin
         self._gh = np.empty(0, dtype=np.complex128)
@@ -62,27 +64,26 @@ class CodesSource:
         self._gh, self._features = gh, features
 
     def histograms(self, rows: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
-        return build_histograms(self.codes_t, self._features, self._gh, rows, counts, self.stride)
+        return build_histograms(self.codes, self._features, self._gh, rows, counts, self.stride)
 
     def partition(
-        self, node_rows: list[np.ndarray], splits: np.ndarray, expected_left: np.ndarray
-    ) -> list[np.ndarray]:
-        return [
-            goes_left(self.codes_t[feature][rows], bin_index, bool(default_left), self.missing)
-            for rows, (feature, bin_index, default_left) in zip(node_rows, splits.tolist(), strict=True)
-        ]
+        self, rows: np.ndarray, counts: np.ndarray, splits: np.ndarray, expected_left: np.ndarray
+    ) -> np.ndarray:
+        return partition_rows(self.codes, rows, counts, splits, self.missing)
 
 
 def partition_rows(
-    codes_t: np.ndarray, rows: np.ndarray, counts: np.ndarray, splits: np.ndarray, missing: int
+    codes: Codes, rows: np.ndarray, counts: np.ndarray, splits: np.ndarray, missing: int
 ) -> np.ndarray:
-    """:meth:`HistogramSource.partition` over local codes (``splits`` name rows of ``codes_t``)."""
+    """:meth:`HistogramSource.partition` over local codes (``splits`` name columns of ``codes``)."""
+    if _kernels.compiled():
+        return _kernels.left_masks(codes, rows, counts, splits, missing)
     left = np.empty(len(rows), dtype=np.bool_)
     start = 0
     for (feature, bin_index, default_left), count in zip(splits.tolist(), counts.tolist(), strict=True):
         segment = rows[start : start + count]
         left[start : start + count] = goes_left(
-            codes_t[feature][segment], bin_index, bool(default_left), missing
+            codes.by_feature[feature][segment], bin_index, bool(default_left), missing
         )
         start += count
     return left
@@ -242,33 +243,56 @@ def grow_tree(
         if not len(split_at):
             return nodes.tree(), leaves
         node_rows: list[np.ndarray] = [_all_if_none(open_rows[k], n_rows) for k in split_at]
+        counts = np.array([len(r) for r in node_rows], dtype=np.int64)
+        rows = node_rows[0] if len(node_rows) == 1 else np.concatenate(node_rows)
         triples = np.stack(
             [features[best.feature[split_at]], best.bin[split_at], best.default_left[split_at]], axis=1
         ).astype(np.int64)
-        masks = source.partition(node_rows, triples, best.left[split_at])
+        mask = source.partition(rows, counts, triples, best.left[split_at])
+        ordered, n_left = _split(rows, counts, mask)
         child_ids: list[int] = []
         child_rows: list[np.ndarray | None] = []
         left_w = leaf_weight(best.left[split_at], lam, mcw) * eta
         right_w = leaf_weight(best.right[split_at], lam, mcw) * eta
+        start = 0
         for i, k in enumerate(split_at.tolist()):
             node = open_ids[k]
-            segment, mask = node_rows[i], masks[i]
+            middle, end = start + int(n_left[i]), start + int(counts[i])
             nodes.split(
                 node, int(triples[i, 0]), int(triples[i, 1]), bool(triples[i, 2]), float(best.loss[k])
             )
             nodes.value[nodes.left[node]] = float(left_w[i])
             nodes.value[nodes.right[node]] = float(right_w[i])
             child_ids += [nodes.left[node], nodes.right[node]]
-            child_rows += [segment[mask], segment[~mask]]
+            child_rows += [ordered[start:middle], ordered[middle:end]]
+            start = end
         if depth + 1 == params.max_depth:
             leaves.extend(zip(child_ids, child_rows, strict=True))
             return nodes.tree(), leaves
         stats = np.stack([best.left[split_at], best.right[split_at]], axis=1).ravel()
-        hist, order = _children_histograms(source, hist[split_at], child_rows)
+        parents = hist if len(split_at) == len(open_ids) else hist[split_at]
+        hist, order = _children_histograms(source, parents, child_rows)
         open_ids = [child_ids[i] for i in order]
         open_rows = [child_rows[i] for i in order]
         stats = stats[order]
     return nodes.tree(), leaves
+
+
+def _split(rows: np.ndarray, counts: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each node's rows reordered left ones first (stable), and how many go left per node."""
+    if _kernels.compiled():
+        return _kernels.split_nodes(rows, counts, mask)
+    ordered = np.empty_like(rows)
+    n_left = np.empty(len(counts), dtype=np.int64)
+    start = 0
+    for k, count in enumerate(counts.tolist()):
+        segment, left = rows[start : start + count], mask[start : start + count]
+        chosen = segment[left]
+        n_left[k] = len(chosen)
+        ordered[start : start + len(chosen)] = chosen
+        ordered[start + len(chosen) : start + count] = segment[~left]
+        start += count
+    return ordered, n_left
 
 
 def _all_if_none(rows: np.ndarray | None, n_rows: int) -> np.ndarray:
@@ -287,5 +311,7 @@ def _children_histograms(
     built_rows = [_all_if_none(child_rows[i], 0) for i in built.tolist()]
     counts = np.array([len(r) for r in built_rows], dtype=np.int64)
     small = source.histograms(np.concatenate(built_rows), counts)
-    hist = np.concatenate([small, parents - small])
+    hist = np.empty((2 * len(parents), *parents.shape[1:]), dtype=np.complex128)
+    hist[: len(parents)] = small
+    np.subtract(parents, small, out=hist[len(parents) :])
     return hist, built.tolist() + derived.tolist()

@@ -20,6 +20,7 @@ from enclaveml.fl.vertical._channel import PartyEndpoint, require
 from enclaveml.fl.vertical._codec import Payload
 from enclaveml.fl.vertical._errors import MessageError, ProtocolError
 from enclaveml.fl.vertical._histogram import build_histograms
+from enclaveml.fl.vertical._kernels import Codes
 
 __all__ = ["BoostingParty"]
 
@@ -65,7 +66,7 @@ class BoostingParty(PartyEndpoint):
     ) -> None:
         super().__init__(name)
         self._data: dict[str, np.ndarray] = {}
-        self._codes: dict[str, np.ndarray] = {}
+        self._codes: dict[str, Codes] = {}
         for key, x in datasets.items():
             self.add_dataset(key, x)
         self._labels: dict[str, np.ndarray] = {}
@@ -117,12 +118,12 @@ class BoostingParty(PartyEndpoint):
             raise MessageError("request names a dataset this party does not hold")
         return self._data[name]
 
-    def _codes_t(self, name: str) -> np.ndarray:
-        """Codes of a dataset, features x rows, with the training edges (all features)."""
+    def _codes_of(self, name: str) -> Codes:
+        """Codes of a dataset with the training edges (all features)."""
         if self._edges is None:
             raise ProtocolError("boost.setup has not run")
         if name not in self._codes:
-            self._codes[name] = np.ascontiguousarray(self._edges.transform(self._dataset(name)).T)
+            self._codes[name] = Codes(self._edges.transform(self._dataset(name)))
         return self._codes[name]
 
     def _setup(self, payload: Payload) -> Payload:
@@ -142,7 +143,7 @@ class BoostingParty(PartyEndpoint):
             "n_rows": {name: len(self._dataset(name)) for name in names},
         }
         if upload:
-            answer["codes"] = {name: self._codes_t(name) for name in names}
+            answer["codes"] = {name: self._codes_of(name).by_row for name in names}
         return answer
 
     def _send_labels(self, payload: Payload) -> Payload:
@@ -153,7 +154,7 @@ class BoostingParty(PartyEndpoint):
 
     def _gradients(self, payload: Payload) -> Payload:
         tree = _int(payload, "tree", self._tree + 1, 2**31)
-        n = self._codes_t(self._train).shape[1]
+        n = self._codes_of(self._train).n_rows
         grad = _array(payload, "grad", "f", 1)
         hess = _array(payload, "hess", "f", 1)
         features = _array(payload, "features", "iu", 1).astype(np.int64)
@@ -190,7 +191,7 @@ class BoostingParty(PartyEndpoint):
         rows, counts = self._rows(payload)
         assert self._edges is not None
         stride = self._edges.max_bin + 1
-        hist = build_histograms(self._codes_t(self._train), self._features, self._gh, rows, counts, stride)
+        hist = build_histograms(self._codes_of(self._train), self._features, self._gh, rows, counts, stride)
         return {"hist": hist.view(np.float64).reshape((*hist.shape, 2))}
 
     def _check_splits(self, payload: Payload, allowed: np.ndarray | None) -> np.ndarray:
@@ -223,7 +224,7 @@ class BoostingParty(PartyEndpoint):
         if rows is None:
             raise ProtocolError("a partition names its rows")
         assert self._edges is not None
-        left = partition_rows(self._codes_t(self._train), rows, counts, splits, self._edges.max_bin)
+        left = partition_rows(self._codes_of(self._train), rows, counts, splits, self._edges.max_bin)
         return {"left": np.packbits(left)}
 
     def _predict(self, payload: Payload) -> Payload:
@@ -232,21 +233,21 @@ class BoostingParty(PartyEndpoint):
         x = self._dataset(name)
         if self._edges is not None:
             splits = self._check_splits(payload, None)
-            codes_t, missing = self._codes_t(name), self._edges.max_bin
+            codes, missing = self._codes_of(name), self._edges.max_bin
         else:
             model = self.thresholds
             splits = self._check_splits(payload, model.features)
             # Only the used features have edges: code them and renumber the splits.
             key = f"\0model:{name}"
             if key not in self._codes:
-                self._codes[key] = np.ascontiguousarray(model.edges.transform(x[:, model.features]).T)
-            codes_t, missing = self._codes[key], model.edges.max_bin
+                self._codes[key] = Codes(model.edges.transform(x[:, model.features]))
+            codes, missing = self._codes[key], model.edges.max_bin
             splits = splits.copy()
             splits[:, 0] = np.searchsorted(model.features, splits[:, 0])
         n = len(x)
         left = np.zeros((len(splits), (n + 7) // 8), dtype=np.uint8)
         for i, (feature, bin_index, default_left) in enumerate(splits.tolist()):
-            left[i] = np.packbits(goes_left(codes_t[feature], bin_index, bool(default_left), missing))
+            left[i] = np.packbits(goes_left(codes.column(feature), bin_index, bool(default_left), missing))
         return {"left": left, "n_rows": n}
 
     def _finish(self, payload: Payload) -> Payload:

@@ -108,40 +108,38 @@ class PartySource:
         return sums
 
     def partition(
-        self, node_rows: list[np.ndarray], splits: np.ndarray, expected_left: np.ndarray
-    ) -> list[np.ndarray]:
+        self, rows: np.ndarray, counts: np.ndarray, splits: np.ndarray, expected_left: np.ndarray
+    ) -> np.ndarray:
         owner = self._owner(splits[:, 0])
+        owner_of_row = np.repeat(owner, counts)
         parties = sorted(set(owner.tolist()))
-        counts = np.array([len(r) for r in node_rows], dtype=np.int64)
-        payloads, rows_of = [], []
+        payloads, selections = [], []
         for p in parties:
-            nodes = np.flatnonzero(owner == p)
+            nodes = owner == p
             local = splits[nodes].copy()
             local[:, 0] -= self.offsets[p]
-            rows = np.concatenate([node_rows[k] for k in nodes])
-            rows_of.append(rows)
-            payload = {
-                "tree": self.tree,
-                "rows": rows.astype(np.int32),
-                "counts": counts[nodes],
-                "splits": local,
-            }
-            payloads.append(payload)
+            selection = owner_of_row == p  # the rows of p's nodes, in node order
+            selections.append(selection)
+            payloads.append(
+                {"tree": self.tree, "rows": rows[selection].astype(np.int32), "counts": counts[nodes],
+                 "splits": local}
+            )  # fmt: skip
         answers = call_all([self.channels[p] for p in parties], "boost.partition", payloads)
-        masks: list[np.ndarray] = [np.empty(0, dtype=np.bool_)] * len(node_rows)
-        for p, rows, answer in zip(parties, rows_of, answers, strict=True):
+        left = np.empty(len(rows), dtype=np.bool_)
+        for p, selection, payload, answer in zip(parties, selections, payloads, answers, strict=True):
             name = self.channels[p].name
-            nodes = np.flatnonzero(owner == p)
-            packed = check_array(name, "boost.partition", answer, "left", np.uint8, ((len(rows) + 7) // 8,))
-            bits = unpack_bits(name, "boost.partition", packed, len(rows))
+            n_rows = len(payload["rows"])
+            packed = check_array(name, "boost.partition", answer, "left", np.uint8, ((n_rows + 7) // 8,))
+            bits = unpack_bits(name, "boost.partition", packed, n_rows)
             # The rows a party sends left must carry the left sums its histograms promised.
-            starts = np.concatenate([[0], np.cumsum(counts[nodes])])
-            sums = np.zeros(len(nodes), dtype=np.complex128)
-            nonempty = counts[nodes] > 0
+            node_counts = payload["counts"]
+            sums = np.zeros(len(node_counts), dtype=np.complex128)
+            nonempty = node_counts > 0
             if nonempty.any():
-                sums[nonempty] = np.add.reduceat(np.where(bits, self._gh[rows], 0), starts[:-1][nonempty])
-            if not np.isclose(sums, expected_left[nodes], rtol=_TOL, atol=_TOL).all():
+                starts = np.concatenate([[0], np.cumsum(node_counts)[:-1]])
+                gh_left = np.where(bits, self._gh[rows[selection]], 0)
+                sums[nonempty] = np.add.reduceat(gh_left, starts[nonempty])
+            if not np.isclose(sums, expected_left[owner == p], rtol=_TOL, atol=_TOL).all():
                 raise ProtocolError(f"party {name!r} sent a partition that contradicts the histograms")
-            for i, k in enumerate(nodes.tolist()):
-                masks[k] = bits[starts[i] : starts[i + 1]]
-        return masks
+            left[selection] = bits
+        return left

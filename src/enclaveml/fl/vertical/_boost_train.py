@@ -19,6 +19,7 @@ from enclaveml.fl.vertical._boost_sources import PartySource, check_array, unpac
 from enclaveml.fl.vertical._channel import PartyChannel, call_all, require
 from enclaveml.fl.vertical._codec import Payload
 from enclaveml.fl.vertical._errors import ProtocolError
+from enclaveml.fl.vertical._kernels import Codes
 
 __all__ = ["predict_boosting", "train_boosting"]
 
@@ -31,7 +32,7 @@ class _Setup:
     n_features: list[int]
     n_bins: np.ndarray  # all features, party order
     n_rows: dict[str, int]
-    codes_t: dict[str, np.ndarray]  # all features x rows, only with histograms="tee"
+    codes: dict[str, Codes]  # all features, only with histograms="tee"
     labels: dict[str, np.ndarray]
 
 
@@ -65,19 +66,15 @@ def _setup(
             if tee:
                 uploaded = require(answer, "codes", dict)
                 assert isinstance(uploaded, dict)
-                block = check_array(name, "boost.setup", uploaded, dataset, dtype.type, (f, count))
-                bad = (block >= bins[:, None]) & (block != params.max_bin)
+                block = check_array(name, "boost.setup", uploaded, dataset, dtype.type, (count, f))
+                bad = (block >= bins) & (block != params.max_bin)
                 if bad.any():
                     raise ProtocolError(f"party {name!r} uploaded codes out of range")
                 codes[dataset].append(block)
         n_features.append(f)
         n_bins.append(bins)
-    codes_t = (
-        {k: np.concatenate(v) if v else np.empty((0, n_rows[k]), dtype) for k, v in codes.items()}
-        if tee
-        else {}
-    )
-    return _Setup(n_features, np.concatenate(n_bins), n_rows, codes_t, {})
+    joined = {k: Codes(np.hstack(v) if v else np.empty((n_rows[k], 0), dtype)) for k, v in codes.items()}
+    return _Setup(n_features, np.concatenate(n_bins), n_rows, joined if tee else {}, {})
 
 
 def _labels(channel: PartyChannel, params: BoostingParams, setup: _Setup, datasets: list[str]) -> None:
@@ -122,10 +119,10 @@ def _mid_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _local_bits(codes_t: np.ndarray, table: np.ndarray, max_bin: int) -> np.ndarray:
-    bits = np.empty((len(table), codes_t.shape[1]), dtype=np.bool_)
+def _local_bits(codes: Codes, table: np.ndarray, max_bin: int) -> np.ndarray:
+    bits = np.empty((len(table), codes.n_rows), dtype=np.bool_)
     for i, (feature, bin_index, default_left) in enumerate(table.tolist()):
-        bits[i] = goes_left(codes_t[feature], bin_index, bool(default_left), max_bin)
+        bits[i] = goes_left(codes.column(feature), bin_index, bool(default_left), max_bin)
     return bits
 
 
@@ -200,7 +197,7 @@ def train_boosting(
     n = setup.n_rows[train]
     offsets = np.concatenate([[0], np.cumsum(setup.n_features, dtype=np.int64)])
     source = (
-        CodesSource(setup.codes_t[train], params.max_bin)
+        CodesSource(setup.codes[train], params.max_bin)
         if tee
         else PartySource(channels, setup.n_features, params.max_bin, n)
     )
@@ -238,7 +235,7 @@ def train_boosting(
             continue
         table, (slots,) = split_table([tree])
         if tee:
-            bits = _local_bits(setup.codes_t[valid], table, params.max_bin)
+            bits = _local_bits(setup.codes[valid], table, params.max_bin)
         else:
             bits, _ = _remote_bits(channels, offsets, table, valid, setup.n_rows[valid])
         _add_tree(valid_margin, tree, slots, bits)

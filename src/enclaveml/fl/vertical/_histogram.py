@@ -27,13 +27,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from enclaveml.fl.vertical import _kernels
+from enclaveml.fl.vertical._kernels import Codes
+
 __all__ = ["NodeSplits", "build_histograms", "find_splits", "leaf_weight", "node_gain"]
 
 _F32 = np.float32
 
 
 def build_histograms(
-    codes_t: np.ndarray,
+    codes: Codes,
     features: np.ndarray,
     gh: np.ndarray,
     rows: np.ndarray | None,
@@ -42,15 +45,20 @@ def build_histograms(
 ) -> np.ndarray:
     """Histograms of the nodes whose rows are consecutive segments of ``rows``.
 
-    ``codes_t`` is (all features x rows) C-order; ``features`` the rows of it to use; ``gh`` the
-    per-row ``gradient + 1j * hessian``; ``rows`` the concatenated row indices of the nodes (``None``
-    for all rows, in order, as one node) with ``counts[k]`` rows for node ``k``. Returns
-    ``(len(counts), len(features), stride)`` complex128. Rows are summed in the order given.
+    ``features`` are the columns of ``codes`` to use; ``gh`` the per-row ``gradient + 1j *
+    hessian``; ``rows`` the concatenated row indices of the nodes (``None`` for all rows, in order,
+    as one node) with ``counts[k]`` rows for node ``k``. Returns ``(len(counts), len(features),
+    stride)`` complex128. Every cell adds its rows in the order given (both kernels).
     """
     n_nodes, n_features = len(counts), len(features)
-    out = np.zeros(n_nodes * n_features * stride, dtype=np.complex128)
     if n_features == 0 or n_nodes == 0:
-        return out.reshape(n_nodes, n_features, stride)
+        return np.zeros((n_nodes, n_features, stride), dtype=np.complex128)
+    if _kernels.compiled():
+        all_rows = np.arange(len(gh)) if rows is None else rows
+        flat = _kernels.histograms(codes, features, gh, all_rows, counts, stride)
+        return flat.reshape(n_nodes, n_features, stride)
+    codes_t = codes.by_feature
+    out = np.zeros(n_nodes * n_features * stride, dtype=np.complex128)
     node_stride = n_features * stride
     if rows is None:
         gh_rows = gh
@@ -137,6 +145,8 @@ def find_splits(
     """
     n_nodes, n_features, stride = hist.shape
     n_real = stride - 1
+    if _kernels.compiled():
+        return _compiled_splits(hist, parent, n_bins, allowed, reg_lambda, min_child_weight)
     present = hist[:, :, :n_real]
     left = np.cumsum(present, axis=2)
     right = parent[:, None, None] - left
@@ -195,3 +205,24 @@ def find_splits(
     out_left[k] = left_stats[first]
     out_right[k] = right_stats[first]
     return NodeSplits(out_loss, out_feature, out_bin, out_default_left, out_left, out_right)
+
+
+def _compiled_splits(
+    hist: np.ndarray,
+    parent: np.ndarray,
+    n_bins: np.ndarray,
+    allowed: np.ndarray | None,
+    reg_lambda: float,
+    min_child_weight: float,
+) -> NodeSplits:
+    n_nodes, n_features, stride = hist.shape
+    n_real = stride - 1
+    if allowed is None:
+        allowed = np.ones((n_nodes, n_features), dtype=np.bool_)
+    loss, feature, position, left, right, found = _kernels.scan(
+        hist, parent, n_bins, allowed, reg_lambda, min_child_weight
+    )
+    loss[~found] = -np.inf
+    backward = position >= n_real
+    bins = np.where(backward, position - n_real - 1, position)
+    return NodeSplits(loss, feature, bins, backward & found, left, right)

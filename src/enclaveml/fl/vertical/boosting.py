@@ -26,7 +26,7 @@ Who receives what, per call (the server calls, the party answers; payloads of
 
     boost.setup       server -> party: {max_bin, train, datasets, upload_codes}
                       party -> server: {n_features, n_bins: int64[F], n_rows: {name: n},
-                                        codes: {name: uint8|uint16[F, n]} (tee only)}
+                                        codes: {name: uint8|uint16[n, F]} (tee only)}
     boost.labels      server -> label party: {datasets};  label party -> server: {labels: {name: float64[n]}}
     boost.gradients   server -> party (party only): {tree, grad: float32[n], hess: float32[n],
                                                      features: int64[k] (this tree's columns)}
@@ -45,6 +45,11 @@ party is only the model itself: which of its features and bins the trees split o
 ``predict``). The server receives codes, histograms, bin counts and left/right bits: never a
 feature value or a cut point; it keeps the tree structure and the leaf values (:class:`BoostedTrees`),
 each party its cut points (:class:`PartyThresholds`), each sealed for its owner by the caller.
+
+**Speed.** Histogram building, the split scan and the row partition are compiled loops when numba
+is installed (the ``fast`` extra; histograms on ``ENCLAVEML_VFL_THREADS`` threads, default every
+core), numpy otherwise (``ENCLAVEML_VFL_KERNELS=numpy`` forces it); both give bit-identical trees.
+Only the smaller child of each split gets a histogram, the other is the parent's minus it.
 
 Every answer is checked on the server (shapes, dtypes, ranges, finiteness, and that histograms and
 partitions add up to the sums the labels give) and a bad one raises :class:`ProtocolError`.

@@ -1,0 +1,278 @@
+"""Compiled loops for boosting's hot paths (numba, when installed) and the codes they run over.
+
+numpy has no scatter-add that does not hold the GIL and make one pass per feature, and no
+loop for xgboost's split enumeration, so with numba installed (the ``fast`` extra) three loops
+are compiled: histogram building (row by row, all features of a row at once), the split scan
+(xgboost's ``EnumerateSplit`` as written) and the row partition. Without numba, or with
+``ENCLAVEML_VFL_KERNELS=numpy``, the numpy code in :mod:`._histogram` runs instead.
+
+Both give bit-identical results, by construction: every histogram cell adds the same rows in
+the same order in float64, and the split scan evaluates the same float32 expressions as the numpy
+search and picks by the same rule (the tests run both). So which one ran never changes a tree.
+Compiled code is cached next to this file (``cache=True``); where that directory is read-only,
+numba compiles at first use in each process (a second or two).
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import threading
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Codes", "compiled"]
+
+try:
+    _numba: Any = importlib.import_module("numba")
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    _numba = None
+
+
+def compiled() -> bool:
+    """Whether the numba kernels run (numba installed and not switched off)."""
+    return _numba is not None and os.environ.get("ENCLAVEML_VFL_KERNELS", "numba") != "numpy"
+
+
+class Codes:
+    """Bin codes of a set of rows: ``rows x features`` C-order (what the compiled kernels read),
+    and on demand the ``features x rows`` copy that the numpy code reads column by column."""
+
+    def __init__(self, by_row: np.ndarray) -> None:
+        self.by_row = np.ascontiguousarray(by_row)
+        self._selected: tuple[bytes, np.ndarray] = (b"", self.by_row)
+
+    def selected(self, features: np.ndarray) -> np.ndarray:
+        """``by_row[:, features]`` (C-order), kept for the next call with the same features: the
+        compiled histogram loop reads a row's codes straight, without a column index."""
+        if len(features) == self.n_features and (features == np.arange(self.n_features)).all():
+            return self.by_row
+        key = np.asarray(features, dtype=np.int64).tobytes()
+        if self._selected[0] != key:
+            self._selected = (key, np.ascontiguousarray(self.by_row[:, features]))
+        return self._selected[1]
+
+    @cached_property
+    def by_feature(self) -> np.ndarray:
+        return np.ascontiguousarray(self.by_row.T)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.by_row.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.by_row.shape[1])
+
+    def column(self, feature: int) -> np.ndarray:
+        return self.by_feature[feature] if not compiled() else self.by_row[:, feature]
+
+
+def _int64(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def _jit(function: Any) -> Any:
+    if _numba is None:
+        return None
+    return _numba.njit(cache=True, nogil=True, boundscheck=False)(function)
+
+
+def _histograms_loop(
+    codes: Any, gh: Any, rows: Any, starts: Any, stride: Any, first: Any, stop: Any, out: Any
+) -> Any:
+    # Features first..stop-1 only: threads split the features, each cell has one writer.
+    n_features = codes.shape[1]
+    for k in range(starts.shape[0] - 1):
+        base = k * n_features * stride
+        for i in range(starts[k], starts[k + 1]):
+            r = rows[i]
+            g = gh[r]
+            row = codes[r]
+            for j in range(first, stop):
+                out[base + j * stride + row[j]] += g
+
+
+def _gain32(stats: Any, reg_lambda: Any) -> Any:
+    if stats.imag <= 0:
+        return np.float32(0)
+    return np.float32(stats.real * stats.real / (stats.imag + reg_lambda))
+
+
+def _better(best_loss: Any, best_feature: Any, loss: Any, feature: Any) -> Any:
+    # xgboost's SplitEntry::NeedReplace: ties go to the lower feature index.
+    if np.isinf(loss):
+        return False
+    if best_feature <= feature:
+        return loss > best_loss
+    return not best_loss > loss
+
+
+def _scan_loop(
+    hist: Any,
+    parent: Any,
+    n_bins: Any,
+    allowed: Any,
+    reg_lambda: Any,
+    mcw: Any,
+    loss: Any,
+    feature: Any,
+    bins: Any,
+    left: Any,
+    right: Any,
+    found: Any,
+) -> Any:
+    n_nodes, n_features, stride = hist.shape
+    n_real = stride - 1
+    for k in range(n_nodes):
+        total = parent[k]
+        root = _gain32(total, reg_lambda)
+        best_loss, best_feature, best_bin, best_left, best_right = np.float32(0), 0, 0, 0j, 0j
+        for f in range(n_features):
+            if not allowed[k, f]:
+                continue
+            local_loss, local_bin, local_left, local_right, local_found = np.float32(0), 0, 0j, 0j, False
+            acc = 0j
+            for i in range(n_bins[f]):
+                acc += hist[k, f, i]
+                other = total - acc
+                if acc.imag >= mcw and other.imag >= mcw:
+                    change = (_gain32(acc, reg_lambda) + _gain32(other, reg_lambda)) - root
+                    if _better(local_loss, 0, change, 0):
+                        local_loss, local_bin, local_left, local_right = change, i, acc, other
+                        local_found = True
+            missing = hist[k, f, n_real]
+            if missing.real != 0 or missing.imag != 0:
+                acc = 0j
+                for i in range(n_bins[f] - 1, -1, -1):
+                    acc += hist[k, f, i]
+                    other = total - acc
+                    if acc.imag >= mcw and other.imag >= mcw:
+                        change = (_gain32(other, reg_lambda) + _gain32(acc, reg_lambda)) - root
+                        if _better(local_loss, 0, change, 0):
+                            # a backward candidate's position is n_real + its first right bin
+                            local_loss, local_bin, local_left, local_right = change, n_real + i, other, acc
+                            local_found = True
+            if local_found and _better(best_loss, best_feature, local_loss, f):
+                best_loss, best_feature, best_bin = local_loss, f, local_bin
+                best_left, best_right = local_left, local_right
+                found[k] = True
+        loss[k], feature[k], bins[k], left[k], right[k] = (
+            best_loss,
+            best_feature,
+            best_bin,
+            best_left,
+            best_right,
+        )
+
+
+def _left_loop(codes_t: Any, rows: Any, starts: Any, splits: Any, missing: Any, out: Any) -> Any:
+    for k in range(starts.shape[0] - 1):
+        column = codes_t[splits[k, 0]]
+        bin_index, default_left = splits[k, 1], splits[k, 2] != 0
+        for i in range(starts[k], starts[k + 1]):
+            code = column[rows[i]]
+            # the missing code is above every bin, so only default_left can send it left
+            out[i] = (code <= bin_index) | (default_left & (code == missing))
+
+
+def _split_loop(rows: Any, starts: Any, mask: Any, out: Any, n_left: Any, scratch: Any) -> Any:
+    # Branch-free: every row is written to both sides, the cursors advance by the mask.
+    for k in range(starts.shape[0] - 1):
+        left, right = starts[k], 0
+        for i in range(starts[k], starts[k + 1]):
+            r, m = rows[i], mask[i]
+            out[left] = r
+            scratch[right] = r
+            left += m
+            right += 1 - m
+        out[left : starts[k + 1]] = scratch[:right]
+        n_left[k] = left - starts[k]
+
+
+_gain32 = _jit(_gain32) or _gain32
+_better = _jit(_better) or _better
+_HISTOGRAMS = _jit(_histograms_loop)
+_SCAN = _jit(_scan_loop)
+_LEFT = _jit(_left_loop)
+_SPLIT = _jit(_split_loop)
+
+
+def threads() -> int:
+    """Threads for the compiled histogram loop: ``ENCLAVEML_VFL_THREADS``, else every core."""
+    value = os.environ.get("ENCLAVEML_VFL_THREADS", "")
+    return max(1, int(value)) if value.isdigit() else max(1, os.cpu_count() or 1)
+
+
+def histograms(
+    codes: Codes, features: np.ndarray, gh: np.ndarray, rows: np.ndarray, counts: np.ndarray, stride: int
+) -> np.ndarray:
+    """Compiled :func:`._histogram.build_histograms` (flat ``nodes * features * stride``).
+
+    With more than one thread the features are split between threads (the loop releases the
+    GIL); a cell is still summed by one thread over the same rows in the same order.
+    """
+    out = np.zeros(len(counts) * len(features) * stride, dtype=np.complex128)
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    table, rows = codes.selected(features), _int64(rows)
+    n_threads = min(threads(), len(features))
+    if n_threads == 1 or len(rows) * len(features) < 1 << 16:
+        _HISTOGRAMS(table, gh, rows, starts, stride, 0, len(features), out)
+        return out
+    bounds = np.linspace(0, len(features), n_threads + 1).astype(np.int64)
+    workers = [
+        threading.Thread(target=_HISTOGRAMS, args=(table, gh, rows, starts, stride, a, b, out))
+        for a, b in itertools.pairwise(bounds[1:])
+    ]
+    for worker in workers:
+        worker.start()
+    _HISTOGRAMS(table, gh, rows, starts, stride, bounds[0], bounds[1], out)
+    for worker in workers:
+        worker.join()
+    return out
+
+
+def scan(
+    hist: np.ndarray,
+    parent: np.ndarray,
+    n_bins: np.ndarray,
+    allowed: np.ndarray,
+    reg_lambda: float,
+    mcw: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Compiled split search: per node loss, feature, position (a backward candidate at ``n_real +``
+    its first right bin), left and right stats, and whether any candidate was found."""
+    n_nodes = hist.shape[0]
+    loss = np.zeros(n_nodes, dtype=np.float32)
+    feature = np.zeros(n_nodes, dtype=np.int64)
+    position = np.zeros(n_nodes, dtype=np.int64)
+    left = np.zeros(n_nodes, dtype=np.complex128)
+    right = np.zeros(n_nodes, dtype=np.complex128)
+    found = np.zeros(n_nodes, dtype=np.bool_)
+    _SCAN(
+        np.ascontiguousarray(hist), parent, n_bins.astype(np.int64), allowed,
+        float(reg_lambda), float(mcw), loss, feature, position, left, right, found,
+    )  # fmt: skip
+    return loss, feature, position, left, right, found
+
+
+def left_masks(
+    codes: Codes, rows: np.ndarray, counts: np.ndarray, splits: np.ndarray, missing: int
+) -> np.ndarray:
+    """Compiled ``partition_rows``: one pass over the rows of every node."""
+    out = np.empty(len(rows), dtype=np.bool_)
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    _LEFT(codes.by_feature, _int64(rows), starts, _int64(splits), missing, out)
+    return out
+
+
+def split_nodes(rows: np.ndarray, counts: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each node's rows with the left ones first (stable), and the number of left rows per node."""
+    out = np.empty(len(rows), dtype=np.int64)
+    n_left = np.empty(len(counts), dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    _SPLIT(_int64(rows), starts, mask.view(np.uint8), out, n_left, np.empty(len(rows), dtype=np.int64))
+    return out, n_left
