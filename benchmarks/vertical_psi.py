@@ -61,10 +61,17 @@ def make_sets(size: int, overlap: float, seed: int) -> tuple[list[str], list[str
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    """``fn()``, its wall and CPU seconds, and the 1-minute load average before and after it."""
     gc.collect()
+    load = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
-    return result, {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+    return result, {
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+        "load_before": round(load, 2),
+        "load_after": round(os.getloadavg()[0], 2),
+    }
 
 
 def bare_openmined(client_ids: list[bytes], server_ids: list[bytes]) -> tuple[int, dict[str, float]]:
