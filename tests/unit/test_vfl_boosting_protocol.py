@@ -320,3 +320,29 @@ def test_parameters_round_trip_and_unknown_ones_are_refused() -> None:
         train_boosting(channels[0], channels[1:], BoostingParams(early_stopping_rounds=2))
     with pytest.raises(ConfigurationError):
         train_boosting(channels[0], [channels[0]], BoostingParams())
+
+
+def test_a_label_party_without_features() -> None:
+    """The party with the labels need not hold a feature (a bank that only knows who defaulted)."""
+    data = vd.breast_cancer(2)
+    label = BoostingParty("bank", {k: v[:, :0] for k, v in data.x.items()}, labels=data.y)
+    columns = [InProcessChannel(p) for p in data.parties()]
+    for placement in ("tee", "party"):
+        channels = [InProcessChannel(label), *columns]
+        model = train_boosting(
+            channels[0], channels[1:], BoostingParams(n_estimators=10, histograms=placement)
+        )
+        assert model.n_features == (0, 15, 15)
+        assert vd.auc(data.y["test"], predict_boosting(model, channels, "test")) > 0.95
+
+
+def test_prediction_in_batches_of_trees(monkeypatch: pytest.MonkeyPatch) -> None:
+    from enclaveml.fl.vertical import _boost_train
+
+    data = vd.breast_cancer(2)
+    model, channels = train(data, BoostingParams(n_estimators=12))
+    whole = predict_boosting(model, channels, "test")
+    monkeypatch.setattr(_boost_train, "_MAX_BITS", 3000)  # a few trees per batch
+    before = len(channels[1].transcript)
+    np.testing.assert_array_equal(predict_boosting(model, channels, "test"), whole)
+    assert len(channels[1].transcript) - before > 3

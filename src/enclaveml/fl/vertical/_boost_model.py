@@ -205,6 +205,8 @@ class PartyThresholds:
             raise ConfigurationError("one set of cut points per used feature")
         if len(self.features) and (self.features.min() < 0 or self.features.max() >= self.n_features):
             raise ConfigurationError("used features must be among the party's features")
+        if (np.diff(self.features) <= 0).any():
+            raise ConfigurationError("used features must be sorted and distinct")
 
     def to_bytes(self) -> bytes:
         return encode(

@@ -279,14 +279,13 @@ def predict_boosting(
     n_rows: int | None = None
     start = 0
     trees = model.trees
+    splits = [int((t.feature >= 0).sum()) for t in trees]
     while start < len(trees) or margin is None:
-        # A batch of trees whose left/right bits fit in memory (one call per party per batch).
-        stop = start + 1
-        nodes = int((trees[start].feature >= 0).sum()) if start < len(trees) else 0
-        while (
-            stop < len(trees) and (nodes + int((trees[stop].feature >= 0).sum())) * (n_rows or 1) < _MAX_BITS
-        ):
-            nodes += int((trees[stop].feature >= 0).sum())
+        # Batches of trees whose left/right bits fit in memory, one call per party per batch; the
+        # first batch is one tree, until the parties have said how many rows there are.
+        stop, nodes = start + 1, sum(splits[start : start + 1])
+        while n_rows is not None and stop < len(trees) and (nodes + splits[stop]) * n_rows < _MAX_BITS:
+            nodes += splits[stop]
             stop += 1
         batch = trees[start:stop]
         table, slots = split_table(batch)

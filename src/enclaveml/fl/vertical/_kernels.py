@@ -137,6 +137,8 @@ def _scan_loop(
             local_loss, local_bin, local_left, local_right, local_found = np.float32(0), 0, 0j, 0j, False
             acc = 0j
             for i in range(n_bins[f]):
+                if hist[k, f, i] == 0:  # an empty bin repeats the previous candidate: no gain
+                    continue
                 acc += hist[k, f, i]
                 other = total - acc
                 if acc.imag >= mcw and other.imag >= mcw:
@@ -148,6 +150,8 @@ def _scan_loop(
             if missing.real != 0 or missing.imag != 0:
                 acc = 0j
                 for i in range(n_bins[f] - 1, -1, -1):
+                    if hist[k, f, i] == 0:
+                        continue
                     acc += hist[k, f, i]
                     other = total - acc
                     if acc.imag >= mcw and other.imag >= mcw:
