@@ -248,8 +248,11 @@ def grow_tree(
         triples = np.stack(
             [features[best.feature[split_at]], best.bin[split_at], best.default_left[split_at]], axis=1
         ).astype(np.int64)
-        mask = source.partition(rows, counts, triples, best.left[split_at])
-        ordered, n_left = _split(rows, counts, mask)
+        if isinstance(source, CodesSource) and _kernels.compiled():
+            ordered, n_left = _kernels.partition_split(source.codes, rows, counts, triples, source.missing)
+        else:
+            mask = source.partition(rows, counts, triples, best.left[split_at])
+            ordered, n_left = _split(rows, counts, mask)
         child_ids: list[int] = []
         child_rows: list[np.ndarray | None] = []
         left_w = leaf_weight(best.left[split_at], lam, mcw) * eta

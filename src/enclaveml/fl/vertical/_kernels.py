@@ -197,12 +197,33 @@ def _split_loop(rows: Any, starts: Any, mask: Any, out: Any, n_left: Any, scratc
         n_left[k] = left - starts[k]
 
 
+def _partition_loop(
+    codes_t: Any, rows: Any, starts: Any, splits: Any, missing: Any, out: Any, n_left: Any, scratch: Any
+) -> Any:
+    # _left_loop and _split_loop in one pass, for codes in this process.
+    for k in range(starts.shape[0] - 1):
+        column = codes_t[splits[k, 0]]
+        bin_index, default_left = splits[k, 1], splits[k, 2] != 0
+        left, right = starts[k], 0
+        for i in range(starts[k], starts[k + 1]):
+            r = rows[i]
+            code = column[r]
+            m = (code <= bin_index) | (default_left & (code == missing))
+            out[left] = r
+            scratch[right] = r
+            left += m
+            right += 1 - m
+        out[left : starts[k + 1]] = scratch[:right]
+        n_left[k] = left - starts[k]
+
+
 _gain32 = _jit(_gain32) or _gain32
 _better = _jit(_better) or _better
 _HISTOGRAMS = _jit(_histograms_loop)
 _SCAN = _jit(_scan_loop)
 _LEFT = _jit(_left_loop)
 _SPLIT = _jit(_split_loop)
+_PARTITION = _jit(_partition_loop)
 
 
 def threads() -> int:
@@ -279,4 +300,16 @@ def split_nodes(rows: np.ndarray, counts: np.ndarray, mask: np.ndarray) -> tuple
     n_left = np.empty(len(counts), dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     _SPLIT(_int64(rows), starts, mask.view(np.uint8), out, n_left, np.empty(len(rows), dtype=np.int64))
+    return out, n_left
+
+
+def partition_split(
+    codes: Codes, rows: np.ndarray, counts: np.ndarray, splits: np.ndarray, missing: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`left_masks` then :func:`split_nodes` in one pass (codes held here)."""
+    out = np.empty(len(rows), dtype=np.int64)
+    n_left = np.empty(len(counts), dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    scratch = np.empty(len(rows), dtype=np.int64)
+    _PARTITION(codes.by_feature, _int64(rows), starts, _int64(splits), missing, out, n_left, scratch)
     return out, n_left

@@ -12,14 +12,16 @@ xgboost 3 estimates it); so on the same bins it grows the same trees (see the pa
 
 ``"tee"`` (default): each party uploads its bin codes (never a raw value, never a cut point) once,
 and the label party its labels; the server builds every histogram inside the TEE. Passive
-parties receive nothing derived from the labels while the model is trained.
+parties receive nothing derived from the labels while the model is trained. The TEE learns each
+value's quantile bin (its rank to within 1/``max_bin``), which is what it needs to find splits.
 
 ``"party"``: the server sends every party the gradients and hessians of each tree, and per level
 the rows of the nodes it needs; each party answers its histograms, and the owner of a chosen split
 answers which rows go left. The codes never leave the parties, but **a passive party receives
 every row's gradient, and for ``binary:logistic`` the sign of ``g = p - y`` is the label**: this
-placement protects the labels from nobody but outsiders. It is there for parties that will not
-upload even bin codes; it is not the default for that reason.
+placement protects the labels from nobody but outsiders. Every party also learns, level by level,
+which rows share a node, so the outcome (not the threshold) of the other parties' splits. It is
+there for parties that will not upload even bin codes; it is not the default for those reasons.
 
 Who receives what, per call (the server calls, the party answers; payloads of
 :mod:`enclaveml.fl.vertical._codec`; ``n`` rows, ``F`` features of the party, ``S = max_bin + 1``)::
@@ -50,6 +52,14 @@ each party its cut points (:class:`PartyThresholds`), each sealed for its owner 
 is installed (the ``fast`` extra; histograms on ``ENCLAVEML_VFL_THREADS`` threads, default every
 core), numpy otherwise (``ENCLAVEML_VFL_KERNELS=numpy`` forces it); both give bit-identical trees.
 Only the smaller child of each split gets a histogram, the other is the parent's minus it.
+
+Training: gradients of ``binary:logistic`` (labels in [0, 1]) or ``reg:squarederror``; ``base_score``
+(a probability for the logistic loss, clipped to [1e-6, 1 - 1e-6] when estimated) or the mean
+label; row sampling draws each row with probability ``subsample`` per tree and zeroes the gradients
+of the others (as xgboost's CPU ``hist``); column sampling by tree, level and node keeps
+``max(1, int(fraction * n))`` columns. With a validation set the metric (``logloss``, ``auc`` or
+``rmse``) is recorded after every tree; early stopping keeps the trees up to the best one (a strict
+improvement resets the count, as xgboost's callback).
 
 Every answer is checked on the server (shapes, dtypes, ranges, finiteness, and that histograms and
 partitions add up to the sums the labels give) and a bad one raises :class:`ProtocolError`.
