@@ -17,7 +17,7 @@ from tests import vfl_data as vd
 F32 = np.float32
 KERNELS = [
     "numpy",
-    pytest.param("numba", marks=pytest.mark.skipif(_kernels._numba is None, reason="no numba")),
+    pytest.param("numba", marks=pytest.mark.skipif(not _kernels.available(), reason="no numba")),
 ]
 
 
@@ -185,7 +185,7 @@ def test_reference_comparison_is_not_vacuous() -> None:
 
 
 def test_both_kernels_give_identical_bits(monkeypatch: pytest.MonkeyPatch) -> None:
-    if _kernels._numba is None:
+    if not _kernels.available():
         pytest.skip("no numba")
     rng = np.random.default_rng(7)
     codes = Codes(rng.integers(0, 17, size=(3000, 6)).astype(np.uint8))  # 16 = missing

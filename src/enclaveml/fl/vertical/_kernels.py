@@ -15,26 +15,33 @@ numba compiles at first use in each process (a second or two).
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import itertools
 import os
 import threading
 from functools import cached_property
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 __all__ = ["Codes", "compiled"]
 
-try:
-    _numba: Any = importlib.import_module("numba")
-except ImportError:  # pragma: no cover - exercised where numba is absent
-    _numba = None
+# numba is imported at the first compiled call, not with this module: it takes a quarter of a
+# second to import, and a party running PSI or logistic regression never needs it.
+_HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+
+
+def available() -> bool:
+    """Whether numba is installed."""
+    return _HAVE_NUMBA
 
 
 def compiled() -> bool:
     """Whether the numba kernels run (numba installed and not switched off)."""
-    return _numba is not None and os.environ.get("ENCLAVEML_VFL_KERNELS", "numba") != "numpy"
+    return _HAVE_NUMBA and os.environ.get("ENCLAVEML_VFL_KERNELS", "numba") != "numpy"
 
 
 class Codes:
@@ -73,12 +80,6 @@ class Codes:
 
 def _int64(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.int64)
-
-
-def _jit(function: Any) -> Any:
-    if _numba is None:
-        return None
-    return _numba.njit(cache=True, nogil=True, boundscheck=False)(function)
 
 
 def _histograms_loop(
@@ -217,13 +218,21 @@ def _partition_loop(
         n_left[k] = left - starts[k]
 
 
-_gain32 = _jit(_gain32) or _gain32
-_better = _jit(_better) or _better
-_HISTOGRAMS = _jit(_histograms_loop)
-_SCAN = _jit(_scan_loop)
-_LEFT = _jit(_left_loop)
-_SPLIT = _jit(_split_loop)
-_PARTITION = _jit(_partition_loop)
+@functools.cache
+def _loops() -> SimpleNamespace:
+    """The compiled loops (numba resolves the helpers the scan calls as module globals, so those
+    are replaced by their compiled versions first)."""
+    numba = importlib.import_module("numba")
+    jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+    globals()["_gain32"] = jit(_gain32)
+    globals()["_better"] = jit(_better)
+    return SimpleNamespace(
+        histograms=jit(_histograms_loop),
+        scan=jit(_scan_loop),
+        left=jit(_left_loop),
+        split=jit(_split_loop),
+        partition=jit(_partition_loop),
+    )
 
 
 def threads() -> int:
@@ -245,16 +254,16 @@ def histograms(
     table, rows = codes.selected(features), _int64(rows)
     n_threads = min(threads(), len(features))
     if n_threads == 1 or len(rows) * len(features) < 1 << 16:
-        _HISTOGRAMS(table, gh, rows, starts, stride, 0, len(features), out)
+        _loops().histograms(table, gh, rows, starts, stride, 0, len(features), out)
         return out
     bounds = np.linspace(0, len(features), n_threads + 1).astype(np.int64)
     workers = [
-        threading.Thread(target=_HISTOGRAMS, args=(table, gh, rows, starts, stride, a, b, out))
+        threading.Thread(target=_loops().histograms, args=(table, gh, rows, starts, stride, a, b, out))
         for a, b in itertools.pairwise(bounds[1:])
     ]
     for worker in workers:
         worker.start()
-    _HISTOGRAMS(table, gh, rows, starts, stride, bounds[0], bounds[1], out)
+    _loops().histograms(table, gh, rows, starts, stride, bounds[0], bounds[1], out)
     for worker in workers:
         worker.join()
     return out
@@ -277,7 +286,7 @@ def scan(
     left = np.zeros(n_nodes, dtype=np.complex128)
     right = np.zeros(n_nodes, dtype=np.complex128)
     found = np.zeros(n_nodes, dtype=np.bool_)
-    _SCAN(
+    _loops().scan(
         np.ascontiguousarray(hist), parent, n_bins.astype(np.int64), allowed,
         float(reg_lambda), float(mcw), loss, feature, position, left, right, found,
     )  # fmt: skip
@@ -290,7 +299,7 @@ def left_masks(
     """Compiled ``partition_rows``: one pass over the rows of every node."""
     out = np.empty(len(rows), dtype=np.bool_)
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    _LEFT(codes.by_feature, _int64(rows), starts, _int64(splits), missing, out)
+    _loops().left(codes.by_feature, _int64(rows), starts, _int64(splits), missing, out)
     return out
 
 
@@ -299,7 +308,9 @@ def split_nodes(rows: np.ndarray, counts: np.ndarray, mask: np.ndarray) -> tuple
     out = np.empty(len(rows), dtype=np.int64)
     n_left = np.empty(len(counts), dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    _SPLIT(_int64(rows), starts, mask.view(np.uint8), out, n_left, np.empty(len(rows), dtype=np.int64))
+    _loops().split(
+        _int64(rows), starts, mask.view(np.uint8), out, n_left, np.empty(len(rows), dtype=np.int64)
+    )
     return out, n_left
 
 
@@ -311,5 +322,5 @@ def partition_split(
     n_left = np.empty(len(counts), dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     scratch = np.empty(len(rows), dtype=np.int64)
-    _PARTITION(codes.by_feature, _int64(rows), starts, _int64(splits), missing, out, n_left, scratch)
+    _loops().partition(codes.by_feature, _int64(rows), starts, _int64(splits), missing, out, n_left, scratch)
     return out, n_left
