@@ -110,36 +110,44 @@ class PartySource:
     def partition(
         self, rows: np.ndarray, counts: np.ndarray, splits: np.ndarray, expected_left: np.ndarray
     ) -> np.ndarray:
+        # Nodes grouped by the party owning their split (node order kept within a party), so each
+        # party's rows are one slice of ``grouped``.
         owner = self._owner(splits[:, 0])
-        owner_of_row = np.repeat(owner, counts)
+        order = np.argsort(owner, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        grouped = np.concatenate([rows[starts[k] : starts[k + 1]] for k in order.tolist()])
+        bounds = np.concatenate([[0], np.cumsum(counts[order])])
         parties = sorted(set(owner.tolist()))
-        payloads, selections = [], []
+        spans, payloads = [], []
         for p in parties:
-            nodes = owner == p
+            nodes = order[owner[order] == p]
+            first = int(np.flatnonzero(order == nodes[0])[0])
+            last = first + len(nodes)
             local = splits[nodes].copy()
             local[:, 0] -= self.offsets[p]
-            selection = owner_of_row == p  # the rows of p's nodes, in node order
-            selections.append(selection)
+            mine = grouped[bounds[first] : bounds[last]]
+            spans.append((first, last))
             payloads.append(
-                {"tree": self.tree, "rows": rows[selection].astype(np.int32), "counts": counts[nodes],
-                 "splits": local}
-            )  # fmt: skip
+                {"tree": self.tree, "rows": mine.astype(np.int32), "counts": counts[nodes], "splits": local}
+            )
         answers = call_all([self.channels[p] for p in parties], "boost.partition", payloads)
-        left = np.empty(len(rows), dtype=np.bool_)
-        for p, selection, payload, answer in zip(parties, selections, payloads, answers, strict=True):
+        grouped_left = np.empty(len(rows), dtype=np.bool_)
+        for p, (first, last), answer in zip(parties, spans, answers, strict=True):
             name = self.channels[p].name
-            n_rows = len(payload["rows"])
-            packed = check_array(name, "boost.partition", answer, "left", np.uint8, ((n_rows + 7) // 8,))
-            bits = unpack_bits(name, "boost.partition", packed, n_rows)
+            a, b = int(bounds[first]), int(bounds[last])
+            packed = check_array(name, "boost.partition", answer, "left", np.uint8, ((b - a + 7) // 8,))
+            bits = unpack_bits(name, "boost.partition", packed, b - a)
             # The rows a party sends left must carry the left sums its histograms promised.
-            node_counts = payload["counts"]
-            sums = np.zeros(len(node_counts), dtype=np.complex128)
-            nonempty = node_counts > 0
+            node_starts = bounds[first:last] - a
+            sums = np.zeros(last - first, dtype=np.complex128)
+            nonempty = counts[order[first:last]] > 0
             if nonempty.any():
-                starts = np.concatenate([[0], np.cumsum(node_counts)[:-1]])
-                gh_left = np.where(bits, self._gh[rows[selection]], 0)
-                sums[nonempty] = np.add.reduceat(gh_left, starts[nonempty])
-            if not np.isclose(sums, expected_left[owner == p], rtol=_TOL, atol=_TOL).all():
+                gh_left = np.where(bits, self._gh[grouped[a:b]], 0)
+                sums[nonempty] = np.add.reduceat(gh_left, node_starts[nonempty])
+            if not np.isclose(sums, expected_left[order[first:last]], rtol=_TOL, atol=_TOL).all():
                 raise ProtocolError(f"party {name!r} sent a partition that contradicts the histograms")
-            left[selection] = bits
+            grouped_left[a:b] = bits
+        left = np.empty(len(rows), dtype=np.bool_)
+        for j, k in enumerate(order.tolist()):
+            left[starts[k] : starts[k + 1]] = grouped_left[bounds[j] : bounds[j + 1]]
         return left

@@ -15,7 +15,6 @@ numba compiles at first use in each process (a second or two).
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import itertools
@@ -218,21 +217,29 @@ def _partition_loop(
         n_left[k] = left - starts[k]
 
 
-@functools.cache
+_COMPILE = threading.Lock()
+_compiled: SimpleNamespace | None = None
+
+
 def _loops() -> SimpleNamespace:
-    """The compiled loops (numba resolves the helpers the scan calls as module globals, so those
-    are replaced by their compiled versions first)."""
-    numba = importlib.import_module("numba")
-    jit = numba.njit(cache=True, nogil=True, boundscheck=False)
-    globals()["_gain32"] = jit(_gain32)
-    globals()["_better"] = jit(_better)
-    return SimpleNamespace(
-        histograms=jit(_histograms_loop),
-        scan=jit(_scan_loop),
-        left=jit(_left_loop),
-        split=jit(_split_loop),
-        partition=jit(_partition_loop),
-    )
+    """The compiled loops, compiled once (parties may call from several threads at once). numba
+    resolves the helpers the scan calls as module globals, so those become compiled first."""
+    global _compiled
+    if _compiled is None:
+        with _COMPILE:
+            if _compiled is None:
+                numba = importlib.import_module("numba")
+                jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+                globals()["_gain32"] = jit(_gain32)
+                globals()["_better"] = jit(_better)
+                _compiled = SimpleNamespace(
+                    histograms=jit(_histograms_loop),
+                    scan=jit(_scan_loop),
+                    left=jit(_left_loop),
+                    split=jit(_split_loop),
+                    partition=jit(_partition_loop),
+                )
+    return _compiled
 
 
 def threads() -> int:
