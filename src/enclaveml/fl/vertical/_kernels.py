@@ -82,7 +82,7 @@ def _int64(array: np.ndarray) -> np.ndarray:
 
 
 def _histograms_loop(
-    codes: Any, gh: Any, rows: Any, starts: Any, stride: Any, first: Any, stop: Any, out: Any
+    codes: Any, gh: Any, rows: Any, starts: Any, stride: Any, out: Any, first: Any, stop: Any
 ) -> Any:
     # Features first..stop-1 only: threads split the features, each cell has one writer.
     n_features = codes.shape[1]
@@ -112,22 +112,13 @@ def _better(best_loss: Any, best_feature: Any, loss: Any, feature: Any) -> Any:
 
 
 def _scan_loop(
-    hist: Any,
-    parent: Any,
-    n_bins: Any,
-    allowed: Any,
-    reg_lambda: Any,
-    mcw: Any,
-    loss: Any,
-    feature: Any,
-    bins: Any,
-    left: Any,
-    right: Any,
-    found: Any,
-) -> Any:
-    n_nodes, n_features, stride = hist.shape
+    hist: Any, parent: Any, n_bins: Any, allowed: Any, reg_lambda: Any, mcw: Any,
+    loss: Any, feature: Any, bins: Any, left: Any, right: Any, found: Any, first: Any, stop: Any,
+) -> Any:  # fmt: skip
+    # Nodes first..stop-1 only: threads split the nodes.
+    n_features, stride = hist.shape[1], hist.shape[2]
     n_real = stride - 1
-    for k in range(n_nodes):
+    for k in range(first, stop):
         total = parent[k]
         root = _gain32(total, reg_lambda)
         best_loss, best_feature, best_bin, best_left, best_right = np.float32(0), 0, 0, 0j, 0j
@@ -243,9 +234,27 @@ def _loops() -> SimpleNamespace:
 
 
 def threads() -> int:
-    """Threads for the compiled histogram loop: ``ENCLAVEML_VFL_THREADS``, else every core."""
+    """Threads for the compiled loops: ``ENCLAVEML_VFL_THREADS``, else every core."""
     value = os.environ.get("ENCLAVEML_VFL_THREADS", "")
     return max(1, int(value)) if value.isdigit() else max(1, os.cpu_count() or 1)
+
+
+def _in_threads(loop: Any, n_items: int, work: int, *args: Any) -> None:
+    """Run ``loop(*args, first, stop)`` over ``range(n_items)`` split between threads; the loops
+    release the GIL and write disjoint parts of their outputs. Small jobs stay on this thread."""
+    n_threads = min(threads(), n_items)
+    if n_threads <= 1 or work < 1 << 16:
+        loop(*args, 0, n_items)
+        return
+    bounds = np.linspace(0, n_items, n_threads + 1).astype(np.int64)
+    workers = [
+        threading.Thread(target=loop, args=(*args, a, b)) for a, b in itertools.pairwise(bounds[1:].tolist())
+    ]
+    for worker in workers:
+        worker.start()
+    loop(*args, int(bounds[0]), int(bounds[1]))
+    for worker in workers:
+        worker.join()
 
 
 def histograms(
@@ -253,26 +262,15 @@ def histograms(
 ) -> np.ndarray:
     """Compiled :func:`._histogram.build_histograms` (flat ``nodes * features * stride``).
 
-    With more than one thread the features are split between threads (the loop releases the
-    GIL); a cell is still summed by one thread over the same rows in the same order.
+    With more than one thread the features are split between threads; a cell is still summed by
+    one thread over the same rows in the same order.
     """
     out = np.zeros(len(counts) * len(features) * stride, dtype=np.complex128)
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     table, rows = codes.selected(features), _int64(rows)
-    n_threads = min(threads(), len(features))
-    if n_threads == 1 or len(rows) * len(features) < 1 << 16:
-        _loops().histograms(table, gh, rows, starts, stride, 0, len(features), out)
-        return out
-    bounds = np.linspace(0, len(features), n_threads + 1).astype(np.int64)
-    workers = [
-        threading.Thread(target=_loops().histograms, args=(table, gh, rows, starts, stride, a, b, out))
-        for a, b in itertools.pairwise(bounds[1:])
-    ]
-    for worker in workers:
-        worker.start()
-    _loops().histograms(table, gh, rows, starts, stride, bounds[0], bounds[1], out)
-    for worker in workers:
-        worker.join()
+    _in_threads(
+        _loops().histograms, len(features), len(rows) * len(features), table, gh, rows, starts, stride, out
+    )
     return out
 
 
@@ -293,9 +291,9 @@ def scan(
     left = np.zeros(n_nodes, dtype=np.complex128)
     right = np.zeros(n_nodes, dtype=np.complex128)
     found = np.zeros(n_nodes, dtype=np.bool_)
-    _loops().scan(
-        np.ascontiguousarray(hist), parent, n_bins.astype(np.int64), allowed,
-        float(reg_lambda), float(mcw), loss, feature, position, left, right, found,
+    _in_threads(
+        _loops().scan, n_nodes, hist.size, np.ascontiguousarray(hist), parent, n_bins.astype(np.int64),
+        allowed, float(reg_lambda), float(mcw), loss, feature, position, left, right, found,
     )  # fmt: skip
     return loss, feature, position, left, right, found
 
