@@ -4,7 +4,10 @@ numpy has no scatter-add that does not hold the GIL and make one pass per featur
 loop for xgboost's split enumeration, so with numba installed (the ``fast`` extra) three loops
 are compiled: histogram building (row by row, all features of a row at once), the split scan
 (xgboost's ``EnumerateSplit`` as written) and the row partition. Without numba, or with
-``ENCLAVEML_VFL_KERNELS=numpy``, the numpy code in :mod:`._histogram` runs instead.
+``ENCLAVEML_VFL_KERNELS=numpy``, the numpy code in :mod:`._histogram` runs instead. The compiled
+loops release the GIL; histograms (split by feature) and the split scan (split by node) run on
+``ENCLAVEML_VFL_THREADS`` threads, every core by default. No thread waits spinning, so a busy
+machine slows them down gracefully (unlike OpenMP's barriers).
 
 Both give bit-identical results, by construction: every histogram cell adds the same rows in
 the same order in float64, and the split scan evaluates the same float32 expressions as the numpy
