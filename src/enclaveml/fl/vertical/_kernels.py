@@ -18,11 +18,13 @@ numba compiles at first use in each process (a second or two).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import itertools
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from types import SimpleNamespace
 from typing import Any
@@ -242,22 +244,32 @@ def threads() -> int:
     return max(1, int(value)) if value.isdigit() else max(1, os.cpu_count() or 1)
 
 
+_POOL_LOCK = threading.Lock()
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _helpers(n: int) -> ThreadPoolExecutor:
+    """``n`` helper threads kept for the process (starting threads per call costs more than a level)."""
+    global _pool
+    with _POOL_LOCK:
+        if _pool is None or _pool[0] < n:
+            _pool = (n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="vfl-kernel"))
+        return _pool[1]
+
+
 def _in_threads(loop: Any, n_items: int, work: int, *args: Any) -> None:
     """Run ``loop(*args, first, stop)`` over ``range(n_items)`` split between threads; the loops
     release the GIL and write disjoint parts of their outputs. Small jobs stay on this thread."""
     n_threads = min(threads(), n_items)
-    if n_threads <= 1 or work < 1 << 16:
+    if n_threads <= 1 or work < 1 << 18:
         loop(*args, 0, n_items)
         return
-    bounds = np.linspace(0, n_items, n_threads + 1).astype(np.int64)
-    workers = [
-        threading.Thread(target=loop, args=(*args, a, b)) for a, b in itertools.pairwise(bounds[1:].tolist())
-    ]
-    for worker in workers:
-        worker.start()
-    loop(*args, int(bounds[0]), int(bounds[1]))
-    for worker in workers:
-        worker.join()
+    bounds = np.linspace(0, n_items, n_threads + 1).astype(np.int64).tolist()
+    pool = _helpers(n_threads - 1)
+    helpers = [pool.submit(functools.partial(loop, *args, a, b)) for a, b in itertools.pairwise(bounds[1:])]
+    loop(*args, bounds[0], bounds[1])
+    for helper in helpers:
+        helper.result()
 
 
 def histograms(
