@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 
+import numpy as np
 import pytest
 
 from enclaveml.crypto.keys import KeyHandle
@@ -20,6 +21,7 @@ from enclaveml.serving._queue_envelope import (
     decode_request,
     encode_reply,
     encode_request,
+    request_head,
 )
 
 STREAM = "enclaveml:requests"
@@ -108,3 +110,45 @@ def test_request_and_reply_records_round_trip() -> None:
         decode_request(encode_request(request)[:10])
     with pytest.raises(ConfigurationError):
         encode_request(RequestRecord(0, b"short", "m", b""))
+
+
+def test_parts_are_sealed_as_their_concatenation(key: KeyHandle) -> None:
+    cipher = QueueCipher(key)
+    rid = os.urandom(16)
+    array = np.arange(70_000, dtype=np.float32)  # a tensor given as a view of its memory
+    parts = [SECRET, bytearray(b"-"), array.data.cast("B"), memoryview(b"tail")[1:], b""]
+    joined = b"".join(bytes(part) for part in parts)
+    envelope = cipher.seal(REQUEST, STREAM, rid, parts)
+    assert len(envelope) == 1 + 4 + 12 + len(joined) + 16
+    assert SECRET not in envelope
+    assert array.tobytes()[:64] not in envelope
+    assert cipher.open(REQUEST, STREAM, rid, envelope) == joined
+    assert cipher.open(REQUEST, STREAM, rid, bytes(envelope)) == joined  # as read back from Redis
+    assert cipher.open(REQUEST, STREAM, rid, cipher.seal(REQUEST, STREAM, rid, [])) == b""
+
+
+def test_open_request_is_open_then_decode_without_copying_the_payload(key: KeyHandle) -> None:
+    cipher = QueueCipher(key)
+    rid = os.urandom(16)
+    record = RequestRecord(1_790_000_000_123, os.urandom(16), "résumé-model", os.urandom(5000))
+    head = request_head(record.deadline_ms, record.frontend_id, record.model)
+    assert head + record.payload == encode_request(record)
+    envelope = bytes(cipher.seal(REQUEST, STREAM, rid, [head, record.payload]))
+    opened = cipher.open_request(STREAM, rid, envelope)
+    assert opened == record == decode_request(cipher.open(REQUEST, STREAM, rid, envelope))
+    assert type(opened.payload) is bytes  # what handlers are promised
+    # Every change of a byte, and every truncation, is the same error; nothing is returned.
+    for index in range(len(envelope)):
+        changed = bytearray(envelope)
+        changed[index] ^= 0x40
+        with pytest.raises(QueueDecryptionError, match=r"^invalid queue envelope$"):
+            cipher.open_request(STREAM, rid, changed)
+    for length in range(0, len(envelope), 97):
+        with pytest.raises(QueueDecryptionError, match=r"^invalid queue envelope$"):
+            cipher.open_request(STREAM, rid, envelope[:length])
+    with pytest.raises(QueueDecryptionError):
+        cipher.open_request(STREAM + ":other", rid, envelope)
+    with pytest.raises(QueueDecryptionError):  # a sealed record that is not a request
+        cipher.open_request(STREAM, rid, cipher.seal(REQUEST, STREAM, rid, b"\x07" + head[1:]))
+    with pytest.raises(QueueDecryptionError):  # a sealed reply is not a request
+        cipher.open_request(STREAM, rid, cipher.seal(REPLY, STREAM, rid, encode_request(record)))

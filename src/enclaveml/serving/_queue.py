@@ -1,8 +1,10 @@
 """The request queue between HTTP front ends and inference workers, and its in-process form.
 
 A front end calls :meth:`RequestQueue.submit` with a model name and an opaque serialized
-request and gets the opaque serialized response back (or a typed error); a worker calls
-:meth:`RequestQueue.run_worker` with a handler. Two implementations share that interface:
+request (one bytes-like object, or a sequence of them standing for their concatenation, so
+that large tensors are not joined only to be copied again) and gets the opaque serialized
+response back (or a typed error); a worker calls :meth:`RequestQueue.run_worker` with a
+handler, which receives the request as ``bytes``. Two implementations share that interface:
 
 * :class:`InProcessQueue` (here) — the embedded default: one asyncio process, bounded,
   nothing leaves memory, so nothing is encrypted.
@@ -26,7 +28,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -36,6 +38,7 @@ __all__ = [
     "Handler",
     "HandlerError",
     "InProcessQueue",
+    "Payload",
     "QueueClosedError",
     "QueueDecryptionError",
     "QueueError",
@@ -46,12 +49,25 @@ __all__ = [
     "RequestQueue",
     "WorkerStats",
     "call_handler",
+    "join_payload",
 ]
 
 _log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], bytes] | Callable[[str, bytes], Awaitable[bytes]]
 """``handler(model, payload) -> response``; sync handlers run in a thread so the loop stays free."""
+
+Payload = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+"""A submitted request: bytes-like, or parts that stand for their concatenation."""
+
+
+def join_payload(payload: Payload) -> bytes:
+    """The request as one ``bytes`` (what handlers receive)."""
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, bytearray | memoryview):
+        return bytes(payload)
+    return b"".join(payload)
 
 
 class QueueError(EnclaveMLError):
@@ -113,7 +129,7 @@ class WorkerStats:
 class RequestQueue(Protocol):
     """What the HTTP front end and the workers both program against."""
 
-    async def submit(self, model: str, payload: bytes, *, timeout_s: float) -> bytes:
+    async def submit(self, model: str, payload: Payload, *, timeout_s: float) -> bytes:
         """Queue one request and wait for its answer (QueueFull/QueueTimeout/HandlerError...)."""
         ...
 
@@ -196,7 +212,7 @@ class InProcessQueue:
     def in_flight(self) -> int:
         return self._in_flight
 
-    async def submit(self, model: str, payload: bytes, *, timeout_s: float) -> bytes:
+    async def submit(self, model: str, payload: Payload, *, timeout_s: float) -> bytes:
         if self._closed:
             raise QueueClosedError("the request queue is closed")
         if not timeout_s > 0:
@@ -209,7 +225,7 @@ class InProcessQueue:
         self._in_flight += 1
         self._waiters.add(future)
         try:
-            self._jobs.put_nowait(_Job(model, bytes(payload), started + timeout_s, future))
+            self._jobs.put_nowait(_Job(model, join_payload(payload), started + timeout_s, future))
             try:
                 result = await asyncio.wait_for(future, timeout_s)
             except TimeoutError:

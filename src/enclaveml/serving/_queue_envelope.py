@@ -47,11 +47,13 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -70,7 +72,11 @@ __all__ = [
     "decode_request",
     "encode_reply",
     "encode_request",
+    "request_head",
 ]
+
+Buffer = bytes | bytearray | memoryview
+"""A bytes-like object (``collections.abc.Buffer`` from Python 3.12)."""
 
 _HKDF_INFO = b"enclaveml/serving/queue/redis-streams/v1"
 _AAD_LABEL = b"enclaveml-queue/v1"
@@ -113,10 +119,11 @@ class ReplyRecord:
 class QueueCipher:
     """Seals and opens queue envelopes under the key derived from the cluster key.
 
-    Holds only the derived AEAD, never the cluster key itself, and prints as its key version.
+    Holds only the derived key (as cipher objects), never the cluster key itself, and prints as
+    its key version.
     """
 
-    __slots__ = ("_aead", "_header", "key_version")
+    __slots__ = ("_aead", "_aes", "_header", "key_version")
 
     def __init__(self, cluster_key: KeyHandle) -> None:
         if not isinstance(cluster_key, KeyHandle):
@@ -125,6 +132,7 @@ class QueueCipher:
             cluster_key.secret_bytes()
         )
         self._aead = AESGCM(derived)
+        self._aes = algorithms.AES(derived)
         self.key_version = cluster_key.version
         self._header = _HEADER.pack(_FORMAT, cluster_key.version)
 
@@ -139,13 +147,31 @@ class QueueCipher:
         name = stream.encode()
         return b"".join((_AAD_LABEL, direction, struct.pack(">H", len(name)), name, rid, header))
 
-    def seal(self, direction: bytes, stream: str, rid: bytes, record: bytes) -> bytes:
-        """Encrypt ``record`` for one (direction, stream, request id); random 96-bit nonce."""
-        nonce = _random_nonce()
-        aad = self._aad(direction, stream, rid, self._header)
-        return self._header + nonce + self._aead.encrypt(nonce, record, aad)
+    def seal(self, direction: bytes, stream: str, rid: bytes, record: Buffer | Sequence[Buffer]) -> bytearray:
+        """Encrypt ``record`` for one (direction, stream, request id); random 96-bit nonce.
 
-    def is_foreign_version(self, envelope: bytes) -> bool:
+        ``record`` may be given as parts (its concatenation): each is encrypted straight into
+        the envelope, so a large record is never joined or copied before encryption.
+        """
+        parts = [record] if isinstance(record, bytes | bytearray | memoryview) else record
+        views = [memoryview(part).cast("B") for part in parts]
+        nonce = _random_nonce()
+        body = _HEADER.size + _NONCE_SIZE
+        envelope = bytearray(body + sum(len(view) for view in views) + _TAG_SIZE)
+        envelope[: _HEADER.size] = self._header
+        envelope[_HEADER.size : body] = nonce
+        encryptor = Cipher(self._aes, modes.GCM(nonce)).encryptor()
+        encryptor.authenticate_additional_data(self._aad(direction, stream, rid, self._header))
+        out = memoryview(envelope)
+        offset = body
+        for view in views:
+            # The tag's 16 bytes still follow, which update_into needs as room (block size - 1).
+            offset += encryptor.update_into(view, out[offset:])
+        encryptor.finalize()
+        out[offset:] = encryptor.tag
+        return envelope
+
+    def is_foreign_version(self, envelope: Buffer) -> bool:
         """True if the envelope names another cluster key version (public header data, not an oracle)."""
         return (
             len(envelope) >= _HEADER.size
@@ -153,49 +179,91 @@ class QueueCipher:
             and envelope[: _HEADER.size] != self._header
         )
 
-    def open(self, direction: bytes, stream: str, rid: bytes, envelope: bytes) -> bytes:
-        """Decrypt an envelope; every failure is the same QueueDecryptionError (no oracle)."""
-        if len(envelope) < _MIN_ENVELOPE or len(rid) != RID_SIZE:
+    def _checked(self, rid: bytes, envelope: Buffer) -> tuple[memoryview, bytes]:
+        """The envelope as a view (slices of it do not copy the ciphertext) and its nonce."""
+        view = memoryview(envelope).cast("B")
+        if len(view) < _MIN_ENVELOPE or len(rid) != RID_SIZE:
             raise QueueDecryptionError("invalid queue envelope")
-        header = envelope[: _HEADER.size]
-        if header != self._header:
+        if view[: _HEADER.size] != self._header:
             # Another format or cluster key version: this process cannot open it.
             raise QueueDecryptionError("invalid queue envelope")
-        nonce = envelope[_HEADER.size : _HEADER.size + _NONCE_SIZE]
-        aad = self._aad(direction, stream, rid, header)
+        return view, bytes(view[_HEADER.size : _HEADER.size + _NONCE_SIZE])
+
+    def open(self, direction: bytes, stream: str, rid: bytes, envelope: Buffer) -> bytes:
+        """Decrypt an envelope; every failure is the same QueueDecryptionError (no oracle)."""
+        view, nonce = self._checked(rid, envelope)
+        aad = self._aad(direction, stream, rid, self._header)
         try:
-            return self._aead.decrypt(nonce, envelope[_HEADER.size + _NONCE_SIZE :], aad)
+            return self._aead.decrypt(nonce, view[_HEADER.size + _NONCE_SIZE :], aad)
         except InvalidTag:
             raise QueueDecryptionError("invalid queue envelope") from None
+
+    def open_request(self, stream: str, rid: bytes, envelope: Buffer) -> RequestRecord:
+        """``decode_request(open(REQUEST, stream, rid, envelope))``, with the payload never copied.
+
+        The record's head and model name are decrypted first, then the payload into a ``bytes``
+        of its own (slicing it out of the record would copy it); nothing is returned before
+        the tag is verified, and every failure is the same QueueDecryptionError.
+        """
+        view, nonce = self._checked(rid, envelope)
+        decryptor = Cipher(self._aes, modes.GCM(nonce)).decryptor()
+        decryptor.authenticate_additional_data(self._aad(REQUEST, stream, rid, self._header))
+        body = view[_HEADER.size + _NONCE_SIZE : len(view) - _TAG_SIZE]
+        fixed = min(_REQUEST_HEAD.size, len(body))
+        head = decryptor.update(body[:fixed])
+        # A length that does not fit (a forged or corrupt envelope) still goes through the tag check.
+        name_end = fixed + (int.from_bytes(head[-2:], "big") if fixed == _REQUEST_HEAD.size else 0)
+        if name_end > len(body):
+            name_end = fixed
+        name = decryptor.update(body[fixed:name_end])
+        payload = decryptor.update(body[name_end:])
+        try:
+            decryptor.finalize_with_tag(bytes(view[len(view) - _TAG_SIZE :]))
+        except InvalidTag:
+            raise QueueDecryptionError("invalid queue envelope") from None
+        return _request_record(head, name, payload)
 
 
 def _random_nonce() -> bytes:
     return os.urandom(_NONCE_SIZE)
 
 
-def encode_request(record: RequestRecord) -> bytes:
-    model = record.model.encode()
-    if len(model) > 0xFFFF:
+def request_head(deadline_ms: int, frontend_id: bytes, model: str) -> bytes:
+    """The request record up to its payload (the payload follows it, as its own part or parts)."""
+    name = model.encode()
+    if len(name) > 0xFFFF:
         raise ConfigurationError("model names are at most 65535 bytes")
-    if len(record.frontend_id) != 16:
+    if len(frontend_id) != 16:
         raise ConfigurationError("front-end ids are 16 bytes")
-    head = _REQUEST_HEAD.pack(_REQUEST_TYPE, record.deadline_ms, record.frontend_id, len(model))
-    return b"".join((head, model, record.payload))
+    return _REQUEST_HEAD.pack(_REQUEST_TYPE, deadline_ms, frontend_id, len(name)) + name
+
+
+def encode_request(record: RequestRecord) -> bytes:
+    return request_head(record.deadline_ms, record.frontend_id, record.model) + record.payload
 
 
 def decode_request(data: bytes) -> RequestRecord:
     """Parse an opened request record; authenticated but still checked, as a bug guard."""
-    if len(data) < _REQUEST_HEAD.size:
+    end = _REQUEST_HEAD.size + (
+        int.from_bytes(data[_REQUEST_HEAD.size - 2 : _REQUEST_HEAD.size], "big")
+        if len(data) >= _REQUEST_HEAD.size
+        else 0
+    )
+    return _request_record(data[: _REQUEST_HEAD.size], data[_REQUEST_HEAD.size : end], data[end:])
+
+
+def _request_record(head: bytes, name: bytes, payload: bytes) -> RequestRecord:
+    """The record from its three pieces: fixed head, model name, payload."""
+    if len(head) != _REQUEST_HEAD.size:
         raise QueueDecryptionError("invalid queue envelope")
-    kind, deadline_ms, frontend_id, model_len = _REQUEST_HEAD.unpack_from(data)
-    end = _REQUEST_HEAD.size + model_len
-    if kind != _REQUEST_TYPE or len(data) < end:
+    kind, deadline_ms, frontend_id, model_len = _REQUEST_HEAD.unpack(head)
+    if kind != _REQUEST_TYPE or len(name) != model_len:
         raise QueueDecryptionError("invalid queue envelope")
     try:
-        model = data[_REQUEST_HEAD.size : end].decode()
+        model = name.decode()
     except UnicodeDecodeError:
         raise QueueDecryptionError("invalid queue envelope") from None
-    return RequestRecord(deadline_ms, frontend_id, model, data[end:])
+    return RequestRecord(deadline_ms, frontend_id, model, payload)
 
 
 def encode_reply(record: ReplyRecord) -> bytes:

@@ -12,11 +12,14 @@ or an envelope. No Redis Cluster hash tags: one Redis (or a Sentinel-managed pri
     i      request id: 32 lowercase hex characters (16 random bytes from os.urandom)
     c      request envelope (17 + record + 16 bytes), sealed for (request, {S}, id)
 
-    XADD by front ends through ENQUEUE (refused, not trimmed, once XLEN >= max_len; MAXLEN ~
-    max_len as a second bound). Read by workers with XREADGROUP in group {G}, created at id 0
-    with MKSTREAM by the first worker. Entries leave through COMPLETE or DISCARD (XACK + XDEL
-    in one script), so the stream only holds requests that are queued or being served, and
-    XLEN is the backlog that back-pressure is computed from. No TTL.
+    XADD by front ends, a plain XADD pipelined with XLEN (no script: Redis copies and hashes
+    every byte of a script's arguments, and a request envelope is as large as its tensors).
+    Front ends refuse new requests once XLEN >= max_len; front ends racing each other can
+    overshoot it by their requests in flight. Never trimmed (MAXLEN would drop queued
+    requests). Read by workers with XREADGROUP in group {G}, created at id 0 with MKSTREAM by
+    the first worker. Entries leave through COMPLETE or DISCARD (XACK + XDEL in one script),
+    so the stream only holds requests that are queued or being served, and XLEN is the
+    backlog that back-pressure is computed from. No TTL.
 
 ``{G}`` consumers — one per worker (default name ``<host>-<pid>-<4 random hex bytes>``); a
 worker that stops cleanly deletes its consumer when it owns no pending entry. A worker
@@ -61,21 +64,12 @@ from enclaveml.errors import ConfigurationError
 __all__ = [
     "COMPLETE_LUA",
     "DISCARD_LUA",
-    "ENQUEUE_LUA",
     "RedisLayout",
     "default_consumer",
     "raise_if_cancelling",
     "reraise_if_cancelling",
     "stream_entries",
 ]
-
-ENQUEUE_LUA = """
--- KEYS[1] request stream; ARGV[1] max_len, ARGV[2] request id (hex), ARGV[3] envelope
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
-  return false
-end
-return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'i', ARGV[2], 'c', ARGV[3])
-"""
 
 COMPLETE_LUA = """
 -- KEYS[1] request stream, KEYS[2] completion marker, KEYS[3] reply stream

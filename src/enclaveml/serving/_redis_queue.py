@@ -5,7 +5,8 @@ One :class:`RedisStreamsQueue` per process; front ends call ``submit``, workers 
 :mod:`._redis_layout`, the envelope and records in :mod:`._queue_envelope`.
 
 Flow: ``submit`` seals the request (model, deadline, its front-end id, payload) and XADDs it
-through the ENQUEUE script; a worker reads it with XREADGROUP, opens it, runs the handler,
+(a plain XADD, pipelined with XLEN for back-pressure: a Lua script would cost Redis a copy and
+a hash of the whole envelope); a worker reads it with XREADGROUP, opens it, runs the handler,
 seals the reply for this front end's reply stream and runs COMPLETE, which in one atomic
 step sets the completion marker (SET NX), appends the reply, XACKs and XDELs the request.
 This front end's single listener task XREADs its reply stream and hands each reply to the
@@ -52,6 +53,7 @@ from enclaveml.serving._queue import (
     Handler,
     HandlerError,
     LatencyEstimate,
+    Payload,
     QueueClosedError,
     QueueDecryptionError,
     QueueFullError,
@@ -66,12 +68,10 @@ from enclaveml.serving._queue_envelope import (
     RID_SIZE,
     QueueCipher,
     ReplyRecord,
-    RequestRecord,
     decode_reply,
-    encode_request,
+    request_head,
 )
 from enclaveml.serving._redis_layout import (
-    ENQUEUE_LUA,
     RedisLayout,
     default_consumer,
     raise_if_cancelling,
@@ -84,6 +84,7 @@ __all__ = ["FrontEndStats", "RedisStreamsQueue"]
 
 _log = logging.getLogger(__name__)
 _RETRY_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0)
+_BACKLOG_FRESH_S = 1.0  # an older backlog reading is read again before the next XADD
 
 
 @dataclass
@@ -104,6 +105,10 @@ class RedisStreamsQueue:
     ``cluster_key`` is the key broker's cluster key, released after attestation to every front
     end and worker of the deployment. ``max_in_flight`` bounds this front end's unanswered
     requests, ``max_len`` the shared backlog in Redis; both raise :class:`QueueFullError`.
+    The backlog is read with each XADD (XLEN in the same pipeline) and read afresh before an
+    XADD only when the last reading plus this front end's requests in flight reach ``max_len``,
+    or is older than ``_BACKLOG_FRESH_S``: several front ends submitting at once can overshoot
+    ``max_len`` by at most their requests in flight, and nothing queued is ever trimmed.
     ``claim_idle_ms`` is how long a dead worker's request waits before another takes it.
     """
 
@@ -142,7 +147,8 @@ class RedisStreamsQueue:
         # decode_responses=False: envelopes are binary and must come back byte for byte.
         self._owns_client = client is None
         self._redis = client if client is not None else aioredis.Redis.from_url(url, decode_responses=False)
-        self._enqueue = self._redis.register_script(ENQUEUE_LUA)
+        self._backlog = max_len  # unknown until read: the first submit reads XLEN first
+        self._backlog_read_at = 0.0
         self._max_in_flight = max_in_flight
         self._frontend_id = os.urandom(RID_SIZE)
         self._reply_stream = self.layout.reply_stream(self._frontend_id)
@@ -164,9 +170,10 @@ class RedisStreamsQueue:
         """The underlying client (sees only ciphertext); for health checks and tests."""
         return self._redis
 
-    async def submit(self, model: str, payload: bytes, *, timeout_s: float) -> bytes:
+    async def submit(self, model: str, payload: Payload, *, timeout_s: float) -> bytes:
         """Queue one request and wait for its answer; see the module docstring for the guarantee.
 
+        ``payload`` is bytes-like or a sequence of parts (encrypted straight from each part).
         Raises QueueFullError (back off ``retry_after_s``), QueueTimeoutError, HandlerError,
         QueueUnavailableError or QueueClosedError.
         """
@@ -182,22 +189,14 @@ class RedisStreamsQueue:
         self._ensure_listener()
         rid = os.urandom(RID_SIZE)
         deadline_ms = int((time.time() + timeout_s) * 1000)
-        record = encode_request(RequestRecord(deadline_ms, self._frontend_id, model, bytes(payload)))
-        envelope = self._cipher.seal(REQUEST, self.layout.stream, rid, record)
+        head = request_head(deadline_ms, self._frontend_id, model)
+        parts = [head, payload] if isinstance(payload, bytes | bytearray | memoryview) else [head, *payload]
+        envelope = self._cipher.seal(REQUEST, self.layout.stream, rid, parts)
         future: asyncio.Future[ReplyRecord] = loop.create_future()
         self._waiters[rid] = future
         self.stats.submitted += 1
         try:
-            try:
-                entry_id = await self._enqueue(
-                    keys=[self.layout.stream], args=[self.layout.max_len, rid.hex(), envelope]
-                )
-            except RedisError as exc:
-                reraise_if_cancelling(exc)
-                raise QueueUnavailableError(f"could not queue the request: {type(exc).__name__}") from exc
-            if entry_id is None:
-                self.stats.rejected_full += 1
-                raise QueueFullError(self._latency.retry_after_s(), "the shared backlog is at max_len")
+            await self._enqueue(rid, envelope)
             remaining = timeout_s - (loop.time() - started)
             try:
                 reply = await asyncio.wait_for(future, max(remaining, 0.0))
@@ -211,6 +210,29 @@ class RedisStreamsQueue:
         if not reply.ok:
             raise HandlerError(reply.error_type, reply.error_message)
         return reply.body
+
+    async def _enqueue(self, rid: bytes, envelope: bytearray) -> None:
+        """XADD the sealed request unless the shared backlog is full (see the class docstring)."""
+        layout = self.layout
+        loop = asyncio.get_running_loop()
+        try:
+            stale = loop.time() - self._backlog_read_at > _BACKLOG_FRESH_S
+            if stale or self._backlog + len(self._waiters) > layout.max_len:
+                self._backlog = int(await self._redis.xlen(layout.stream))
+                self._backlog_read_at = loop.time()
+                if self._backlog >= layout.max_len:
+                    self.stats.rejected_full += 1
+                    raise QueueFullError(self._latency.retry_after_s(), "the shared backlog is at max_len")
+            pipe = self._redis.pipeline(transaction=False)
+            # A memoryview goes to the socket as it is; redis-py's hiredis packer would copy bytes.
+            pipe.xadd(layout.stream, {"i": rid.hex(), "c": memoryview(envelope)})
+            pipe.xlen(layout.stream)
+            _, backlog = await pipe.execute()
+        except RedisError as exc:
+            reraise_if_cancelling(exc)
+            raise QueueUnavailableError(f"could not queue the request: {type(exc).__name__}") from exc
+        self._backlog = int(backlog)
+        self._backlog_read_at = loop.time()
 
     def _ensure_listener(self) -> None:
         if self._listener is None or self._listener.done():

@@ -22,14 +22,7 @@ from redis.typing import StreamIdT
 
 from enclaveml.errors import ConfigurationError
 from enclaveml.serving._queue import Handler, QueueDecryptionError, WorkerStats, call_handler
-from enclaveml.serving._queue_envelope import (
-    REPLY,
-    REQUEST,
-    QueueCipher,
-    ReplyRecord,
-    decode_request,
-    encode_reply,
-)
+from enclaveml.serving._queue_envelope import REPLY, QueueCipher, ReplyRecord, encode_reply
 from enclaveml.serving._redis_layout import (
     COMPLETE_LUA,
     DISCARD_LUA,
@@ -188,7 +181,7 @@ class RedisWorker:
             envelope = fields.get(b"c", b"")
             try:
                 rid = bytes.fromhex(fields.get(b"i", b"").decode("ascii"))
-                request = decode_request(self._cipher.open(REQUEST, layout.stream, rid, envelope))
+                request = self._cipher.open_request(layout.stream, rid, envelope)
             except (QueueDecryptionError, UnicodeDecodeError, ValueError):
                 reason = b"key-version" if self._cipher.is_foreign_version(envelope) else b"undecryptable"
                 _log.warning(

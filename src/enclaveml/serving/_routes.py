@@ -38,9 +38,13 @@ if TYPE_CHECKING:
 
 __all__ = ["add_routes"]
 
-# Bodies above this are parsed and encoded in a worker thread so one big request does not stall
-# every other connection on the event loop; small ones are cheaper to handle inline.
-_OFFLOAD_BYTES = 256 * 1024
+# JSON above this many bytes is parsed (and the answer encoded) in a worker thread, so that one
+# big JSON request does not stall every other connection on the event loop. Binary tensor data
+# is not counted: it becomes arrays that view the body, with no per-element work, and handing
+# the request to a thread would cost more than parsing it inline.
+_OFFLOAD_JSON_BYTES = 256 * 1024
+# JSON output elements above this many are encoded in a worker thread (each becomes text).
+_OFFLOAD_JSON_ELEMENTS = 32 * 1024
 _HEX = re.compile(r"[0-9a-fA-F]*")
 _NONCE_BYTES = (16, 64)
 _MAX_ATTESTATIONS_IN_FLIGHT = 4
@@ -170,8 +174,8 @@ async def infer(request: Request) -> Response:
     model = state.repository.get(request.path_params["name"], request.path_params.get("version"))
     body = _decompress(request.headers.get("content-encoding"), await request.body(), state)
     header_length = parse_header_length(request.headers.get("inference-header-content-length"), len(body))
-    offload = len(body) > _OFFLOAD_BYTES
-    if offload:
+    json_bytes = len(body) if header_length is None else header_length
+    if json_bytes > _OFFLOAD_JSON_BYTES:
         parsed = await asyncio.to_thread(parse_infer_request, body, model, header_length=header_length)
     else:
         parsed = parse_infer_request(body, model, header_length=header_length)
@@ -180,7 +184,8 @@ async def infer(request: Request) -> Response:
         outputs = await _through_queue(state, model, parsed.inputs, parsed.timeout_s)
     else:
         outputs = await state.batcher(model).submit(parsed.inputs, timeout_s=parsed.timeout_s)
-    if offload:
+    json_elements = sum(outputs[o.name].size for o in parsed.outputs if not o.binary and o.name in outputs)
+    if json_elements > _OFFLOAD_JSON_ELEMENTS:
         encoded = await asyncio.to_thread(encode_infer_response, model, parsed, outputs)
     else:
         encoded = encode_infer_response(model, parsed, outputs)
@@ -195,7 +200,10 @@ async def infer(request: Request) -> Response:
 async def _through_queue(
     state: ServerState, model: OnnxModel, inputs: dict[str, np.ndarray], timeout_s: float | None
 ) -> dict[str, np.ndarray]:
-    """Scale-out: hand the parsed inputs to a worker through the (encrypted) request queue."""
+    """Scale-out: hand the parsed inputs to a worker through the (encrypted) request queue.
+
+    The inputs still view the request body; the queue encrypts their bytes from there.
+    """
     assert state.queue is not None
     reply = await state.queue.submit(
         f"{model.name}:{model.version}",

@@ -1,12 +1,27 @@
-"""The payload format between HTTP front ends and queue workers: named tensors in CBOR.
+"""The payload format between HTTP front ends and queue workers: named tensors, described in CBOR.
 
-``{name: [dtype: tstr (numpy name, e.g. "float32"), shape: [uint], data: bstr (little-endian,
-row-major)]}``. Only numeric and boolean dtypes travel; the queue encrypts the whole payload.
+Layout (the queue encrypts the whole payload)::
+
+    offset  size  field
+    0       4     n = length of the description, unsigned big-endian
+    4       n     description, CBOR: [[name: tstr, dtype: tstr (numpy name, e.g. "float32"),
+                  shape: [uint]], ...], one entry per tensor
+    4+n     ...   each tensor's data in description order: little-endian, row-major, unpadded;
+                  nothing may follow the last one
+
+The data is not wrapped in CBOR byte strings on purpose: the tensors are hundreds of kilobytes
+(an image) and travel as they are. :func:`encode_tensors` returns the payload as parts whose
+data parts are views of the arrays, for the queue to encrypt without first joining them;
+:func:`decode_tensors` returns arrays that are read-only views of the payload. Only numeric and
+boolean dtypes travel.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Mapping
+from typing import Any
 
 import cbor2
 import numpy as np
@@ -19,40 +34,66 @@ _ALLOWED = frozenset(
     {"bool", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float16", "float32"}
     | {"float64"}
 )
+_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in _ALLOWED}
 _MAX_DIMS = 32
+_LENGTH = struct.Struct(">I")
 
 
-def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
-    out: dict[str, list[object]] = {}
+def encode_tensors(tensors: Mapping[str, np.ndarray]) -> list[bytes | memoryview]:
+    """The payload of ``tensors`` as parts (their concatenation is the payload); data is not copied."""
+    description: list[list[Any]] = []
+    data: list[bytes | memoryview] = []
     for name, value in tensors.items():
-        array = np.ascontiguousarray(value)
+        array = np.asarray(value)
+        if not array.flags.c_contiguous:  # (ascontiguousarray would also make a 0-d array 1-d)
+            array = np.ascontiguousarray(array)
         if array.dtype.name not in _ALLOWED:
             raise EnclaveMLError(f"tensor {name!r}: dtype {array.dtype} cannot travel through the queue")
-        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-        out[name] = [array.dtype.name, list(array.shape), data]
-    return bytes(cbor2.dumps(out))
+        little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        description.append([name, array.dtype.name, list(array.shape)])
+        # A view of the array's memory: the queue reads it once, while encrypting.
+        data.append(little.data.cast("B") if little.size else b"")
+    head = cbor2.dumps(description)
+    return [_LENGTH.pack(len(head)) + head, *data]
 
 
-def decode_tensors(payload: bytes) -> dict[str, np.ndarray]:
+def decode_tensors(payload: bytes | bytearray | memoryview) -> dict[str, np.ndarray]:
+    """Arrays viewing ``payload`` (read-only when it is ``bytes``); raises EnclaveMLError if malformed."""
+    view = memoryview(payload).cast("B")
+    if len(view) < _LENGTH.size:
+        raise EnclaveMLError("queue payload is too short")
+    (length,) = _LENGTH.unpack_from(view)
+    offset = _LENGTH.size + length
+    if offset > len(view):
+        raise EnclaveMLError("queue payload description exceeds the payload")
     try:
-        obj = cbor2.loads(payload)
+        description = cbor2.loads(view[_LENGTH.size : offset])
     except Exception as exc:  # cbor2 raises several unrelated types on garbage
-        raise EnclaveMLError("queue payload is not valid CBOR") from exc
-    if not isinstance(obj, dict):
-        raise EnclaveMLError("queue payload must be a map of tensors")
+        raise EnclaveMLError("queue payload description is not valid CBOR") from exc
+    if not isinstance(description, list):
+        raise EnclaveMLError("queue payload description must be a list of tensors")
     tensors: dict[str, np.ndarray] = {}
-    for name, item in obj.items():
-        if not (isinstance(name, str) and isinstance(item, list | tuple) and len(item) == 3):
-            raise EnclaveMLError("queue payload tensors must be [dtype, shape, data]")
-        dtype_name, shape, data = item
-        if dtype_name not in _ALLOWED or not isinstance(data, bytes) or not isinstance(shape, list | tuple):
-            raise EnclaveMLError(f"tensor {name!r} has an invalid dtype, shape or data")
-        if len(shape) > _MAX_DIMS or not all(isinstance(d, int) and d >= 0 for d in shape):
+    for item in description:
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)):
+            raise EnclaveMLError("queue payload tensors must be [name, dtype, shape]")
+        name, dtype_name, shape = item
+        if name in tensors:
+            raise EnclaveMLError(f"tensor {name!r} appears twice in the queue payload")
+        if not isinstance(dtype_name, str) or dtype_name not in _ALLOWED or not isinstance(shape, list):
+            raise EnclaveMLError(f"tensor {name!r} has an invalid dtype or shape")
+        if len(shape) > _MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape):
             raise EnclaveMLError(f"tensor {name!r} has an invalid shape")
-        dtype = np.dtype(dtype_name).newbyteorder("<")
-        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(data):
-            raise EnclaveMLError(f"tensor {name!r}: data size does not match its shape")
-        tensors[name] = (
-            np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
-        )
+        dtype = _DTYPES[dtype_name]
+        count = math.prod(shape)
+        size = count * dtype.itemsize
+        if size > len(view) - offset:
+            raise EnclaveMLError(f"tensor {name!r}: its data exceeds the payload")
+        if count:
+            array = np.frombuffer(view, dtype=dtype, count=count, offset=offset).reshape(shape)
+        else:  # frombuffer refuses an offset at the very end of the buffer
+            array = np.empty(shape, dtype=dtype)
+        tensors[name] = array.astype(dtype.newbyteorder("="), copy=False)
+        offset += size
+    if offset != len(view):
+        raise EnclaveMLError(f"{len(view) - offset} bytes follow the last tensor of the queue payload")
     return tensors

@@ -43,7 +43,7 @@ class QueueWorker:
             timeout_s=self.timeout_s,
         )
         outputs = await batcher.submit(decode_tensors(payload))
-        return encode_tensors(outputs)
+        return b"".join(encode_tensors(outputs))
 
     async def run(self, stop_event: asyncio.Event) -> WorkerStats:
         """Serve until ``stop_event``; two batches' worth in flight, so the next gathers while one runs."""
