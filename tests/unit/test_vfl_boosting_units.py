@@ -215,3 +215,23 @@ def test_both_kernels_give_identical_bits(monkeypatch: pytest.MonkeyPatch) -> No
         channels = data.channels()
         models.append(train_boosting(channels[0], channels[1:], BoostingParams(n_estimators=20)))
     assert models[0].to_bytes() == models[1].to_bytes()
+
+
+def test_threads_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs big enough for the helper threads give the same bits as one thread."""
+    if not _kernels.available():
+        pytest.skip("no numba")
+    monkeypatch.setenv("ENCLAVEML_VFL_KERNELS", "numba")
+    rng = np.random.default_rng(3)
+    codes = Codes(rng.integers(0, 257, size=(20_000, 16)).astype(np.uint16))
+    gh = rng.standard_normal(20_000) + 1j * rng.random(20_000)
+    rows, counts = rng.permutation(20_000), np.full(64, 20_000 // 64)
+    rows = rows[: counts.sum()]
+    results = []
+    for threads in ("1", "2"):
+        monkeypatch.setenv("ENCLAVEML_VFL_THREADS", threads)
+        hist = build_histograms(codes, np.arange(16), gh, rows, counts, 257)  # 64 nodes: a threaded scan
+        results.append((hist, find_splits(hist, hist[:, 0].sum(axis=1), np.full(16, 256), None, 1.0, 1.0)))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    for field in ("loss", "feature", "bin", "default_left", "left", "right"):
+        np.testing.assert_array_equal(getattr(results[0][1], field), getattr(results[1][1], field))
