@@ -11,6 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
+from enclaveml.errors import ConfigurationError
 from enclaveml.fl.vertical._channel import InProcessChannel, PartyEndpoint
 from enclaveml.fl.vertical._codec import Payload, decode
 from enclaveml.fl.vertical._errors import MessageError, PartyFailedError, ProtocolError
@@ -174,5 +175,5 @@ def test_party_refuses_nonsense_from_the_server() -> None:
             channel.call("logreg.step", payload)
     with pytest.raises(PartyFailedError, match="ProtocolError"):
         channel.call("logreg.setup", {"rows": 5, "l2": 0.0, "label_party": False})
-    with pytest.raises(ValueError, match="0/1"):
+    with pytest.raises(ConfigurationError, match="0/1"):
         LogRegParty("q", np.ones((3, 1)), labels=[0, 1, 2])

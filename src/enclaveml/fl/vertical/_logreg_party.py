@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from enclaveml.errors import ConfigurationError
 from enclaveml.fl.vertical._channel import PartyEndpoint, require
 from enclaveml.fl.vertical._codec import Payload, decode, encode
 from enclaveml.fl.vertical._errors import MessageError, ProtocolError
@@ -45,7 +46,7 @@ def _matrix(values: ArrayLike, what: str) -> Float:
     if array.ndim == 1:
         array = array.reshape(-1, 1)
     if array.ndim != 2 or not np.isfinite(array).all():
-        raise ValueError(f"{what} must be a finite 2-D array of numbers (rows x columns)")
+        raise ConfigurationError(f"{what} must be a finite 2-D array of numbers (rows x columns)")
     return array
 
 
@@ -107,19 +108,19 @@ class LogRegParty(PartyEndpoint):
             self.datasets[key] = _matrix(values, f"dataset {key!r}")
         train = self.datasets[TRAIN]
         if any(d.shape[1] != train.shape[1] for d in self.datasets.values()):
-            raise ValueError("every dataset of a party has the same columns")
+            raise ConfigurationError("every dataset of a party has the same columns")
         self.labels: NDArray[np.uint8] | None = None
         if labels is not None:
             y = np.asarray(labels)
             if y.shape != (train.shape[0],) or not np.isin(y, (0, 1)).all():
-                raise ValueError("labels must be one 0/1 value per training row")
+                raise ConfigurationError("labels must be one 0/1 value per training row")
             self.labels = y.astype(np.uint8)
         if share is None:
             mean = train.mean(axis=0) if train.shape[0] else np.zeros(train.shape[1])
             std = train.std(axis=0) if train.shape[0] else np.ones(train.shape[1])
             share = LogRegShare(mean, np.where(std > 0, std, 1.0), np.zeros(train.shape[1]))
         elif share.weights.shape != (train.shape[1],):
-            raise ValueError("the share was trained on another number of columns")
+            raise ConfigurationError("the share was trained on another number of columns")
         self.share = share
         self._scaled: Float | None = None
         self._t = 0

@@ -150,24 +150,21 @@ def party_for_training(
     """
     if (valid is not None) != (plan.valid_dataset is not None):
         raise ConfigurationError("give validation rows exactly when the plan names a valid_dataset")
-    try:
-        if plan.algorithm == "logreg":
-            if valid is not None:
-                raise ConfigurationError("logistic regression trains on every aligned row: no validation set")
-            party = LogRegParty(name, features, labels=labels)
-            return party, lambda: party.share.to_bytes()
-        datasets: dict[str, Array] = {"train": features}
-        label_sets: dict[str, Array] = {}
-        if labels is not None:
-            label_sets["train"] = labels
-        if valid is not None and plan.valid_dataset is not None:
-            datasets[plan.valid_dataset] = valid[0]
-            if valid[1] is not None:
-                label_sets[plan.valid_dataset] = valid[1]
-        booster = BoostingParty(name, datasets, labels=label_sets or None)
-        return booster, lambda: booster.thresholds.to_bytes()
-    except ValueError as exc:
-        raise ConfigurationError(f"party {name!r}: {exc}") from None
+    if plan.algorithm == "logreg":
+        if valid is not None:
+            raise ConfigurationError("logistic regression trains on every aligned row: no validation set")
+        party = LogRegParty(name, features, labels=labels)
+        return party, lambda: party.share.to_bytes()
+    datasets: dict[str, Array] = {"train": features}
+    label_sets: dict[str, Array] = {}
+    if labels is not None:
+        label_sets["train"] = labels
+    if valid is not None and plan.valid_dataset is not None:
+        datasets[plan.valid_dataset] = valid[0]
+        if valid[1] is not None:
+            label_sets[plan.valid_dataset] = valid[1]
+    booster = BoostingParty(name, datasets, labels=label_sets or None)
+    return booster, lambda: booster.thresholds.to_bytes()
 
 
 def party_for_prediction(
@@ -175,9 +172,6 @@ def party_for_prediction(
 ) -> PartyEndpoint:
     """The endpoint of party ``name`` for a ``predict`` plan: its model part, its rows of ``plan.dataset``."""
     data: Mapping[str, Array] = {plan.dataset: features}
-    try:
-        if plan.algorithm == "logreg":
-            return LogRegParty.from_share(name, LogRegShare.from_bytes(part), data)
-        return BoostingParty(name, data, thresholds=PartyThresholds.from_bytes(part))
-    except ValueError as exc:
-        raise ConfigurationError(f"party {name!r}: {exc}") from None
+    if plan.algorithm == "logreg":
+        return LogRegParty.from_share(name, LogRegShare.from_bytes(part), data)
+    return BoostingParty(name, data, thresholds=PartyThresholds.from_bytes(part))

@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from enclaveml.errors import ConfigurationError
 from enclaveml.fl.vertical._channel import PartyChannel, call_all, require
 from enclaveml.fl.vertical._codec import Payload
 from enclaveml.fl.vertical._errors import ProtocolError
@@ -79,15 +80,15 @@ class LogRegParams:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.C, int | float) and 0 < self.C < math.inf):
-            raise ValueError("C must be a positive number")
+            raise ConfigurationError("C must be a positive number")
         if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
-            raise ValueError("max_iter must be an integer >= 1")
+            raise ConfigurationError("max_iter must be an integer >= 1")
         if not (isinstance(self.tol, int | float) and self.tol >= 0):
-            raise ValueError("tol must be >= 0")
+            raise ConfigurationError("tol must be >= 0")
         if self.batch_size is not None and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise ValueError("batch_size must be None (full batch) or an integer >= 1")
+            raise ConfigurationError("batch_size must be None (full batch) or an integer >= 1")
         if self.learning_rate is not None and not (0 < self.learning_rate < math.inf):
-            raise ValueError("learning_rate must be None (the 1/L bound) or positive")
+            raise ConfigurationError("learning_rate must be None (the 1/L bound) or positive")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -103,7 +104,7 @@ class LogRegParams:
     def from_dict(cls, data: Mapping[str, Any]) -> LogRegParams:
         unknown = set(data) - set(cls().to_dict())
         if unknown:
-            raise ValueError(f"unknown logistic-regression parameters: {sorted(unknown)}")
+            raise ConfigurationError(f"unknown logistic-regression parameters: {sorted(unknown)}")
         return cls(**data)
 
 
@@ -173,7 +174,7 @@ def train_logreg(
     """
     channels = [label_channel, *passive_channels]
     if len({ch.name for ch in channels}) != len(channels):
-        raise ValueError("every party takes part once")
+        raise ConfigurationError("every party takes part once")
     answer = label_channel.call("logreg.setup", {"rows": -1, "l2": 0.0, "label_party": True, "probe": True})
     n = require(answer, "rows", int)
     assert isinstance(n, int)
