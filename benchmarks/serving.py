@@ -36,11 +36,14 @@ wall-clock ratios swing with it; ``per_cpu_second_median`` (images per CPU-secon
 processes, load included) does not, but it cannot see idle gaps in a pipeline. A last pass
 (``overhead``, skip with ``--no-overhead``) serves a null model with the same request and
 response sizes: what serving costs per image beyond inference, by process, and the ratios that
-implies when the cores are the limit. ``--worker-concurrency N`` is an experiment (see
-:mod:`benchmarks._serving_roles`); the default measures ``QueueWorker.run`` as shipped.
-Goals: secure/plain >= 0.95, secure/inprocess >= 0.85.
+implies when the cores are the limit. ``--null-model`` runs that pass alone (``--rounds`` x
+``--seconds``, about a minute, no torch) and writes ``serving-null-model.json``: the figure to
+optimise the serving path against, since CPU time per image hardly moves when other users take
+cores. ``--worker-concurrency N`` is an experiment (see :mod:`benchmarks._serving_roles`); the
+default measures ``QueueWorker.run`` as shipped. Goals: secure/plain >= 0.95, secure/inprocess >= 0.85.
 
-Run: ``.venv/bin/python -m benchmarks.serving`` (about 6 minutes on 2 cores).
+Run: ``.venv/bin/python -m benchmarks.serving`` (about 6 minutes on 2 cores), or
+``.venv/bin/python -m benchmarks.serving --null-model --rounds 3 --seconds 5``.
 """
 
 from __future__ import annotations

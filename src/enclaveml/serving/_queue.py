@@ -49,6 +49,7 @@ __all__ = [
     "RequestQueue",
     "WorkerStats",
     "call_handler",
+    "is_async",
     "join_payload",
 ]
 
@@ -144,15 +145,21 @@ class RequestQueue(Protocol):
         ...
 
 
-def _is_async(handler: Handler) -> bool:
+def is_async(handler: Handler) -> bool:
+    """Whether ``handler`` (a function or an object with ``__call__``) is a coroutine function."""
     call = getattr(handler, "__call__", None)  # noqa: B004 - async __call__ objects count too
     return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
 
 
-async def call_handler(handler: Handler, model: str, payload: bytes) -> bytes:
-    """Run a sync or async handler; sync ones go to a thread because inference blocks."""
+async def call_handler(
+    handler: Handler, model: str, payload: bytes, *, handler_is_async: bool | None = None
+) -> bytes:
+    """Run a sync or async handler; sync ones go to a thread because inference blocks.
+
+    ``handler_is_async`` is :func:`is_async` of the handler, when the caller has it already.
+    """
     result: bytes | Awaitable[bytes]
-    if _is_async(handler):
+    if is_async(handler) if handler_is_async is None else handler_is_async:
         result = handler(model, payload)
     else:
         result = await asyncio.to_thread(handler, model, payload)

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.typing import StreamIdT
 
 from enclaveml.errors import ConfigurationError
-from enclaveml.serving._queue import Handler, QueueDecryptionError, WorkerStats, call_handler
+from enclaveml.serving._queue import Handler, QueueDecryptionError, WorkerStats, call_handler, is_async
 from enclaveml.serving._queue_envelope import REPLY, QueueCipher, ReplyRecord, encode_reply
 from enclaveml.serving._redis_layout import (
     COMPLETE_LUA,
@@ -63,6 +63,7 @@ class RedisWorker:
         self._cipher = cipher
         self._consumer = consumer
         self._handler = handler
+        self._handler_is_async = is_async(handler)
         self._concurrency = concurrency
         self._complete = redis.register_script(COMPLETE_LUA)
         self._discard = redis.register_script(DISCARD_LUA)
@@ -199,7 +200,10 @@ class RedisWorker:
             self.stats.executed += 1
             try:
                 reply = ReplyRecord(
-                    ok=True, body=await call_handler(self._handler, request.model, request.payload)
+                    ok=True,
+                    body=await call_handler(
+                        self._handler, request.model, request.payload, handler_is_async=self._handler_is_async
+                    ),
                 )
             except Exception as exc:  # noqa: BLE001 - sealed into the reply; the worker goes on
                 self.stats.handler_errors += 1
