@@ -14,7 +14,7 @@ from pathlib import Path
 import benchmarks._common
 import pytest
 from benchmarks._common import write_results
-from benchmarks.serving import CONFIGS, Settings, run_benchmark
+from benchmarks.serving import CONFIGS, Settings, null_only, run_benchmark
 
 from tests.serving_models import digits_model
 
@@ -46,3 +46,26 @@ def test_serving_benchmark_produces_sane_json(tmp_path: Path, monkeypatch: pytes
     # Both servers batched: the plain server and the queue worker each ran the model.
     assert sum(written["batch_sizes"]["plain"]["digits:1"].values()) > 0
     assert sum(written["batch_sizes"]["worker"]["digits:1"].values()) > 0
+
+
+@pytest.mark.usefixtures("redis_server")
+@pytest.mark.timeout(90)
+def test_null_model_pass_reports_serving_cpu_per_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--null-model``: the serving cost per image by process, plain vs secure, written as JSON."""
+    monkeypatch.setattr(benchmarks._common, "RESULTS", tmp_path / "results")
+    settings = Settings(rounds=1, seconds=1.0, warmup_s=0.3, clients=8, processes=2, max_delay_ms=2.0)
+
+    null_only(settings)
+
+    written = json.loads((tmp_path / "results" / "serving-null-model.json").read_text())
+    extra = written["overhead"]
+    assert set(extra["plain"]) == {"plain_server", "load"}
+    assert set(extra["secure"]) == {"front_end", "worker", "redis", "load"}
+    for config in ("plain", "secure"):
+        assert all(math.isfinite(v) and v >= 0 for v in extra[config].values()), config
+        assert extra["total_ms"][config] == pytest.approx(sum(extra[config].values()), abs=0.05)
+        assert extra["images_per_s"][config] > 0
+    assert extra["secure"]["front_end"] > 0  # the front end seals and enqueues every image
+    assert "cpu_bound_prediction" not in extra  # no inference time to predict from

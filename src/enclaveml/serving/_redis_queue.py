@@ -217,7 +217,7 @@ class RedisStreamsQueue:
         loop = asyncio.get_running_loop()
         try:
             stale = loop.time() - self._backlog_read_at > _BACKLOG_FRESH_S
-            if stale or self._backlog + len(self._waiters) > layout.max_len:
+            if stale or self._backlog + len(self._waiters) >= layout.max_len:
                 self._backlog = int(await self._redis.xlen(layout.stream))
                 self._backlog_read_at = loop.time()
                 if self._backlog >= layout.max_len:
