@@ -13,8 +13,9 @@ CentralDP           clip, average, Gaussian noise; (ε, δ) from opacus' RDP acc
 
 :class:`UpdateMatrix` stores a round's updates as rows of one matrix: the aggregator copies each
 upload into a row as it arrives and hands the strategy the accepted rows, which FedAvg and its
-kin aggregate with one BLAS call per dtype region (any ``Sequence[ClientUpdate]`` still works). :func:`strategy_from_plan` rebuilds a
-strategy from its :meth:`~enclaveml.fl.strategy.Strategy.plan` (``STRATEGIES`` maps names to classes).
+kin aggregate with one BLAS call per dtype region (any ``Sequence[ClientUpdate]`` still works).
+:func:`strategy_from_plan` rebuilds a strategy from its
+:meth:`~enclaveml.fl.strategy.Strategy.plan` (``STRATEGIES`` maps names to classes).
 """
 
 from __future__ import annotations
