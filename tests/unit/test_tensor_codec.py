@@ -14,7 +14,7 @@ from enclaveml.serving._tensor_codec import decode_tensors, encode_tensors
 
 def _payload(description: object, data: bytes = b"") -> bytes:
     head = cbor2.dumps(description)
-    return struct.pack(">I", len(head)) + head + data
+    return struct.pack(">BI", 1, len(head)) + head + data
 
 
 def test_round_trip_of_every_kind_and_shape() -> None:
@@ -62,9 +62,10 @@ def test_unsupported_dtypes_are_refused_on_encode() -> None:
     ("payload", "message"),
     [
         (b"", "too short"),
-        (b"\x00\x00", "too short"),
-        (struct.pack(">I", 100) + b"\xa0", "exceeds the payload"),
-        (struct.pack(">I", 2) + b"\xff\xff", "not valid CBOR"),
+        (b"\x01\x00\x00", "too short"),
+        (struct.pack(">BI", 1, 100) + b"\xa0", "exceeds the payload"),
+        (struct.pack(">BI", 1, 2) + b"\xff\xff", "not valid CBOR"),
+        (struct.pack(">BI", 2, 1) + b"\x80", "run front ends and workers of one release"),
         (_payload({"x": ["float32", [1], b"abcd"]}), "must be a list"),
         (_payload([["x", "float32"]]), r"\[name, dtype, shape\]"),
         (_payload([[1, "float32", [1]]], b"abcd"), r"\[name, dtype, shape\]"),

@@ -3,11 +3,15 @@
 Layout (the queue encrypts the whole payload)::
 
     offset  size  field
-    0       4     n = length of the description, unsigned big-endian
-    4       n     description, CBOR: [[name: tstr, dtype: tstr (numpy name, e.g. "float32"),
+    0       1     version, 0x01
+    1       4     n = length of the description, unsigned big-endian
+    5       n     description, CBOR: [[name: tstr, dtype: tstr (numpy name, e.g. "float32"),
                   shape: [uint]], ...], one entry per tensor
-    4+n     ...   each tensor's data in description order: little-endian, row-major, unpadded;
+    5+n     ...   each tensor's data in description order: little-endian, row-major, unpadded;
                   nothing may follow the last one
+
+A front end and a worker that disagree on the version fail the request with a message that
+says so (upgrade them together), never by misreading tensors.
 
 The data is not wrapped in CBOR byte strings on purpose: the tensors are hundreds of kilobytes
 (an image) and travel as they are. :func:`encode_tensors` returns the payload as parts whose
@@ -36,7 +40,8 @@ _ALLOWED = frozenset(
 )
 _DTYPES = {name: np.dtype(name).newbyteorder("<") for name in _ALLOWED}
 _MAX_DIMS = 32
-_LENGTH = struct.Struct(">I")
+_VERSION = 0x01
+_LENGTH = struct.Struct(">BI")
 
 
 def encode_tensors(tensors: Mapping[str, np.ndarray]) -> list[bytes | memoryview]:
@@ -54,7 +59,7 @@ def encode_tensors(tensors: Mapping[str, np.ndarray]) -> list[bytes | memoryview
         # A view of the array's memory: the queue reads it once, while encrypting.
         data.append(little.data.cast("B") if little.size else b"")
     head = cbor2.dumps(description)
-    return [_LENGTH.pack(len(head)) + head, *data]
+    return [_LENGTH.pack(_VERSION, len(head)) + head, *data]
 
 
 def decode_tensors(payload: bytes | bytearray | memoryview) -> dict[str, np.ndarray]:
@@ -62,7 +67,11 @@ def decode_tensors(payload: bytes | bytearray | memoryview) -> dict[str, np.ndar
     view = memoryview(payload).cast("B")
     if len(view) < _LENGTH.size:
         raise EnclaveMLError("queue payload is too short")
-    (length,) = _LENGTH.unpack_from(view)
+    version, length = _LENGTH.unpack_from(view)
+    if version != _VERSION:
+        raise EnclaveMLError(
+            f"queue payload format {version} is not {_VERSION}: run front ends and workers of one release"
+        )
     offset = _LENGTH.size + length
     if offset > len(view):
         raise EnclaveMLError("queue payload description exceeds the payload")
