@@ -281,12 +281,17 @@ def _start(args: list[str], env: dict[str, str], measurement: bytes) -> tuple[su
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    assert process.stdout is not None
-    line = process.stdout.readline().split()
-    assert line, "the aggregator process did not start"
-    assert line[0] == "ready"
-    # Differs only if enclaveml's files changed while the test ran (the simulated measurement covers them).
-    assert line[2] == measurement.hex(), "the aggregator's code changed during the test"
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().split()
+        assert line, "the aggregator process did not start"
+        assert line[0] == "ready"
+        # Differs only if enclaveml's files changed during the test (the simulated measurement covers them).
+        assert line[2] == measurement.hex(), "the aggregator's code changed during the test"
+    except BaseException:
+        process.kill()  # never leave an aggregator running after a failed start
+        process.wait()
+        raise
     return process, int(line[1])
 
 
@@ -351,6 +356,7 @@ def test_kill_9_mid_run_resumes_from_the_sealed_checkpoint_and_finishes(tmp_path
         ) as observer:  # fmt: skip
             final_status = observer.status()
     finally:
+        killer.join(60)  # a restart in progress rebinds `process`: kill the one that runs last
         process.kill()
         process.wait()
     assert 3 <= killed_after[0] < 10
