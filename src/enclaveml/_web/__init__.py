@@ -4,6 +4,7 @@ Private: the inference server (:mod:`enclaveml.serving`), the FL aggregator (:mo
 and the vertical-FL server use it; applications use those packages instead.
 """
 
+from enclaveml._web._attestation import add_bound_attestation_route
 from enclaveml._web._limits import LimitAndCount, RouteStats, ServingStats
 from enclaveml._web._server import (
     RunningServer,
@@ -20,6 +21,7 @@ __all__ = [
     "RunningServer",
     "ServerThread",
     "ServingStats",
+    "add_bound_attestation_route",
     "attestation_hook",
     "serve_ratls_app",
     "start_in_thread",

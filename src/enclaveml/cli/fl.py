@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -120,17 +119,12 @@ def enrol(
     client_ids: Annotated[list[str], typer.Argument(help="Client ids to (re-)enrol.")],
 ) -> None:
     """Issue fresh credentials; the registry keeps SHA-256 hashes, the credentials are printed once."""
-    from enclaveml.fl.aggregator import token_sha256
+    from enclaveml.cli._credentials import issue_credentials
 
     try:
-        clients = _read_json(registry, "client registry").get("clients", {}) if registry.exists() else {}
+        issued = issue_credentials(registry, "clients", client_ids)
     except EnclaveMLError as exc:
         raise _fail("enrol", exc) from None
-    issued = {}
-    for client_id in client_ids:
-        issued[client_id] = secrets.token_urlsafe(32)
-        clients[client_id] = token_sha256(issued[client_id]).hex()
-    registry.write_text(json.dumps({"clients": clients}, indent=2, sort_keys=True) + "\n")
     console.print_json(json.dumps(issued))
 
 
@@ -153,6 +147,7 @@ def aggregator(
     ] = False,
 ) -> None:
     """Run the aggregator of PLAN over RA-TLS, resuming from the sealed checkpoint if there is one."""
+    from enclaveml.cli._credentials import read_registry
     from enclaveml.fl.aggregator import Aggregator
     from enclaveml.fl.plan import TrainingPlan
     from enclaveml.fl.strategies import strategy_from_plan
@@ -177,7 +172,7 @@ def aggregator(
         )
         if core.plan.digest != expected.digest:
             raise ConfigurationError("the initial weights or strategy do not reproduce the plan file")
-        for client_id, digest in _read_json(clients, "client registry").get("clients", {}).items():
+        for client_id, digest in read_registry(clients, "clients").items():
             core.enrol_hashed(client_id, bytes.fromhex(digest))
         _serve(core, provider, host, port)
     except EnclaveMLError as exc:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -104,17 +103,12 @@ def enrol(
     parties: Annotated[list[str], typer.Argument(help="Party names to (re-)enrol.")],
 ) -> None:
     """Issue fresh credentials; the registry keeps SHA-256 hashes, the credentials are printed once."""
-    from enclaveml.fl.vertical._session import token_sha256
+    from enclaveml.cli._credentials import issue_credentials
 
     try:
-        known = _read_json(registry, "party registry").get("parties", {}) if registry.exists() else {}
+        issued = issue_credentials(registry, "parties", parties)
     except EnclaveMLError as exc:
         raise _fail("enrol", exc) from None
-    issued = {}
-    for name in parties:
-        issued[name] = secrets.token_urlsafe(32)
-        known[name] = token_sha256(issued[name]).hex()
-    registry.write_text(json.dumps({"parties": known}, indent=2, sort_keys=True) + "\n")
     console.print_json(json.dumps(issued))
 
 

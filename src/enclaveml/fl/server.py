@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import signal
 import threading
 import time
@@ -43,7 +42,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
-from enclaveml._web import LimitAndCount, RunningServer, ServingStats, attestation_hook, serve_ratls_app
+from enclaveml._web import (
+    LimitAndCount,
+    RunningServer,
+    ServingStats,
+    add_bound_attestation_route,
+    attestation_hook,
+    serve_ratls_app,
+)
 from enclaveml.attestation import EvidenceProvider, RatlsCertificate, create_ratls_certificate
 from enclaveml.fl._errors import FederatedError, NotEnrolledError, RoundMismatchError
 from enclaveml.fl._wire import MODEL_CONTENT_TYPE, decode_update, encode_model, encode_weights
@@ -55,11 +61,9 @@ __all__ = ["aggregator_certificate", "create_aggregator_app", "run_aggregator", 
 
 _log = logging.getLogger(__name__)
 
-_HEX_NONCE = re.compile(r"[0-9a-fA-F]{32,128}")
 _MAX_WAIT_S = 30.0
 _POLL_S = 0.05
 _TICK_S = 0.2
-_MAX_ATTESTATIONS_IN_FLIGHT = 8
 # Module level: FastAPI resolves the (postponed) annotations of route functions in their globals.
 Auth = Annotated[str | None, Header()]
 
@@ -82,7 +86,7 @@ def create_aggregator_app(
 ) -> FastAPI:
     """The FastAPI app of the aggregator; ``attestation`` is the plain RA-TLS evidence hook.
 
-    The hook gets the *plan-bound* nonce, so a plain :func:`enclaveml.serving.secure.attestation_hook`
+    The hook gets the *plan-bound* nonce, so a plain :func:`enclaveml._web.attestation_hook`
     is the right thing to pass.
     """
     if max_request_bytes is None:
@@ -90,7 +94,6 @@ def create_aggregator_app(
     registry = CollectorRegistry(auto_describe=True)
     stats = ServingStats(registry)
     plan_body = {"plan": aggregator.plan.to_dict(), "plan_sha256": aggregator.plan.digest.hex()}
-    in_flight = [0]  # attestations being produced (only touched on the event loop)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -125,22 +128,7 @@ def create_aggregator_app(
     async def plan() -> dict[str, Any]:
         return plan_body
 
-    @app.get("/attestation")
-    async def fresh_attestation(nonce: Annotated[str, Query(max_length=128)]) -> Response:
-        if attestation is None:
-            return JSONResponse({"error": "this aggregator has no attestation hook"}, status_code=404)
-        if not _HEX_NONCE.fullmatch(nonce) or len(nonce) % 2:
-            return JSONResponse({"error": "nonce must be 16-64 bytes as hex"}, status_code=400)
-        # Quotes are expensive and anyone may ask for one: bound the work, do not queue it.
-        if in_flight[0] >= _MAX_ATTESTATIONS_IN_FLIGHT:
-            return JSONResponse({"error": "too many attestations in flight"}, 429, {"Retry-After": "1"})
-        bound = fresh_nonce(aggregator.plan.digest, bytes.fromhex(nonce))
-        in_flight[0] += 1
-        try:
-            evidence = await run_in_threadpool(attestation, bound)
-        finally:
-            in_flight[0] -= 1
-        return Response(evidence, media_type="application/cbor", headers={"Cache-Control": "no-store"})
+    add_bound_attestation_route(app, attestation, lambda nonce: fresh_nonce(aggregator.plan.digest, nonce))
 
     @app.get("/v1/fl/enrolment")
     async def enrolment(authorization: Auth = None) -> dict[str, str]:

@@ -41,7 +41,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
-from enclaveml._web import LimitAndCount, RunningServer, ServingStats, attestation_hook, serve_ratls_app
+from enclaveml._web import (
+    LimitAndCount,
+    RunningServer,
+    ServingStats,
+    add_bound_attestation_route,
+    attestation_hook,
+    serve_ratls_app,
+)
 from enclaveml.attestation import EvidenceProvider, RatlsCertificate, create_ratls_certificate
 from enclaveml.fl.plan import certificate_nonce, fresh_nonce
 from enclaveml.fl.vertical._errors import MessageError, VerticalError
@@ -52,9 +59,7 @@ __all__ = ["create_vertical_app", "serve_vertical", "vertical_certificate"]
 _log = logging.getLogger(__name__)
 
 CALL_CONTENT_TYPE = "application/cbor"
-_HEX_NONCE = re.compile(r"[0-9a-fA-F]{32,128}")
 _MAX_WAIT_S = 30.0
-_MAX_ATTESTATIONS_IN_FLIGHT = 8
 _CALL_ID = re.compile(r"[0-9a-f]{32}")
 Auth = Annotated[str | None, Header()]
 
@@ -86,7 +91,6 @@ def create_vertical_app(
     """The FastAPI app of the server; ``attestation`` is the plain RA-TLS evidence hook."""
     stats = ServingStats(CollectorRegistry(auto_describe=True))
     plan_body = {"plan": session.plan.to_dict(), "plan_sha256": session.plan.digest.hex()}
-    in_flight = [0]  # attestations being produced (only touched on the event loop)
     app = FastAPI(title="enclaveml vertical FL server", docs_url=None, redoc_url=None)
     app.state.session = session
     app.state.stats = stats
@@ -101,21 +105,7 @@ def create_vertical_app(
     async def plan() -> dict[str, Any]:
         return plan_body
 
-    @app.get("/attestation")
-    async def fresh_attestation(nonce: Annotated[str, Query(max_length=128)]) -> Response:
-        if attestation is None:
-            return JSONResponse({"error": "this server has no attestation hook"}, status_code=404)
-        if not _HEX_NONCE.fullmatch(nonce) or len(nonce) % 2:
-            return JSONResponse({"error": "nonce must be 16-64 bytes as hex"}, status_code=400)
-        if in_flight[0] >= _MAX_ATTESTATIONS_IN_FLIGHT:
-            return JSONResponse({"error": "too many attestations in flight"}, 429, {"Retry-After": "1"})
-        bound = fresh_nonce(session.plan.digest, bytes.fromhex(nonce))
-        in_flight[0] += 1
-        try:
-            evidence = await run_in_threadpool(attestation, bound)
-        finally:
-            in_flight[0] -= 1
-        return Response(evidence, media_type="application/cbor", headers={"Cache-Control": "no-store"})
+    add_bound_attestation_route(app, attestation, lambda nonce: fresh_nonce(session.plan.digest, nonce))
 
     @app.get("/v1/vfl/calls")
     async def next_call(authorization: Auth = None, wait_s: Annotated[float, Query(ge=0)] = 0.0) -> Response:
