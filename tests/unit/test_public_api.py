@@ -69,3 +69,17 @@ def test_vertical_fl_names_and_no_server_import() -> None:
     code = "import sys, enclaveml.fl.vertical; print('fastapi' in sys.modules, 'uvicorn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_horizontal_fl_names_and_no_server_or_torch_import() -> None:
+    import enclaveml.fl as fl
+
+    assert set(fl.__all__) == {
+        "Aggregator", "AggregatorClient", "ClientUpdate", "DuplicateUpdateError", "FederatedError",
+        "InProcessConnection", "InvalidUpdateError", "NotEnrolledError", "RoundMismatchError", "Strategy",
+        "TrainResult", "Trainer", "TrainingFinishedError", "TrainingPlan", "Weights", "participate",
+        "state_dict_to_weights", "validate_updates", "weights_to_state_dict",
+    }  # fmt: skip
+    code = "import sys, enclaveml.fl; print('fastapi' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
