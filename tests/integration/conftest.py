@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from enclaveml.crypto.keys import KeyHandle
 from tests.redis_server import RedisServer, redis_server_binary
+from tests.redis_worker import WorkerProcess
 
 # --- Redis (request queue) -------------------------------------------------------------------
 
@@ -35,3 +39,30 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+# --- queue workers (tests of the Redis Streams queue) ----------------------------------------
+
+
+@pytest.fixture
+def cluster_key() -> KeyHandle:
+    return KeyHandle.generate("cluster", 1)
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Any]:
+    """``spawn(url, key, n=1, **options)`` starts worker processes; any still alive are killed after."""
+    started: list[WorkerProcess] = []
+
+    def spawn(url: str, key: KeyHandle, n: int = 1, **options: Any) -> list[WorkerProcess]:
+        for _ in range(n):
+            name = f"worker{len(started)}"
+            started.append(WorkerProcess(url, key.secret_bytes().hex(), tmp_path, name, **options))
+        for proc in started[-n:]:
+            proc.wait_ready()
+        return started[-n:]
+
+    yield spawn
+    for proc in started:
+        if proc.alive():
+            proc.kill9()

@@ -13,7 +13,6 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -34,7 +33,6 @@ from tests.redis_worker import (
     REPLY_CANARY,
     REQUEST_CANARY,
     RecordingHandler,
-    WorkerProcess,
     expected_reply,
     make_payload,
 )
@@ -47,29 +45,6 @@ CANARIES = (REQUEST_CANARY, REPLY_CANARY, MODEL.encode(), b"asked to fail")
 
 def run(main: Callable[[], Awaitable[T]], timeout_s: float = 60) -> T:
     return asyncio.run(asyncio.wait_for(main(), timeout_s))  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def cluster_key() -> KeyHandle:
-    return KeyHandle.generate("cluster", 1)
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Any:
-    started: list[WorkerProcess] = []
-
-    def spawn(url: str, key: KeyHandle, n: int = 1, **options: Any) -> list[WorkerProcess]:
-        for _ in range(n):
-            name = f"worker{len(started)}"
-            started.append(WorkerProcess(url, key.secret_bytes().hex(), tmp_path, name, **options))
-        for proc in started[-n:]:
-            proc.wait_ready()
-        return started[-n:]
-
-    yield spawn
-    for proc in started:
-        if proc.alive():
-            proc.kill9()
 
 
 def sync_client(url: str) -> redis.Redis:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -26,7 +25,6 @@ from tests.redis_worker import (
     REPLY_CANARY,
     REQUEST_CANARY,
     RecordingHandler,
-    WorkerProcess,
     expected_reply,
     make_payload,
 )
@@ -39,29 +37,6 @@ SIZE = 3 * 224 * 224 * 4
 
 def run(main: Callable[[], Awaitable[T]], timeout_s: float = 90) -> T:
     return asyncio.run(asyncio.wait_for(main(), timeout_s))  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def cluster_key() -> KeyHandle:
-    return KeyHandle.generate("cluster", 1)
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Any:
-    started: list[WorkerProcess] = []
-
-    def spawn(url: str, key: KeyHandle, n: int = 1, **options: Any) -> list[WorkerProcess]:
-        for _ in range(n):
-            name = f"worker{len(started)}"
-            started.append(WorkerProcess(url, key.secret_bytes().hex(), tmp_path, name, **options))
-        for proc in started[-n:]:
-            proc.wait_ready()
-        return started[-n:]
-
-    yield spawn
-    for proc in started:
-        if proc.alive():
-            proc.kill9()
 
 
 def large_payload(index: int) -> list[bytes | bytearray | memoryview]:
