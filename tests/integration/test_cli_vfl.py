@@ -23,6 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from enclaveml.attestation.simulation import SimulationProvider, default_key_path
+from enclaveml.cli.vfl import PARTY_ENTRY_POINT
 from enclaveml.crypto import read_header
 from tests.integration.test_cli_kbs import Served, _cli, _free_port, _policy_toml, served  # noqa: F401
 
@@ -32,7 +33,7 @@ ROWS = 900
 
 
 def party_measurement(name: str) -> bytes:
-    return SimulationProvider(entry_point=f"enclaveml vfl party {name}", config={}).measurement
+    return SimulationProvider(entry_point=PARTY_ENTRY_POINT.format(name=name), config={}).measurement
 
 
 def write_tables(tmp_path: Path) -> dict[str, object]:

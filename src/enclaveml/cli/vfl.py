@@ -28,6 +28,7 @@ app = typer.Typer(
 )
 
 ENTRY_POINT = "enclaveml vfl server"
+PARTY_ENTRY_POINT = "enclaveml vfl party {name}"
 SERVER_MODEL_TYPE = "application/vnd.enclaveml.vfl.server-model+cbor"
 PARTY_MODEL_TYPE = "application/vnd.enclaveml.vfl.party-model+cbor"
 
@@ -240,10 +241,27 @@ def _connect(
     return connection
 
 
-def _finish(outcome: Any) -> None:
+def _serve_party(
+    endpoint: Any,
+    url: str,
+    plan: Path,
+    credential_file: Path,
+    policy: Path,
+    simulation_key: Path | None,
+    wait: float,
+) -> None:
+    """Verify the server (code and plan), answer its calls with ``endpoint``; exit 2 if the job failed."""
+    with _connect(url, plan, credential_file, policy, simulation_key, wait) as connection:
+        outcome = connection.serve(endpoint)
     if not outcome.succeeded:
         err_console.print(f"[bold red]job failed:[/bold red] {outcome.error}")
         raise typer.Exit(2)
+
+
+def _party_broker(name: str, tee: str, kbs: str, kbs_ca: Path | None) -> Any:
+    """The party's key-broker client, attesting as ``PARTY_ENTRY_POINT`` (the simulated measurement
+    a broker key's policy admits for this party's client code)."""
+    return _broker(kbs, kbs_ca, _provider(tee, PARTY_ENTRY_POINT.format(name=name), {}, False))
 
 
 @app.command("psi")
@@ -273,12 +291,9 @@ def psi(
         table = read_table(data, id_column=id_column)
         key = None
         if expected.psi_mode == "tee":
-            key = _broker(kbs, kbs_ca, _provider(tee, f"enclaveml vfl party {name}", {}, False)).release(
-                psi_key
-            )
+            key = _party_broker(name, tee, kbs, kbs_ca).release(psi_key)
         endpoint = PsiParty(name, table.ids or [], key=key)
-        with _connect(url, plan, credential_file, policy, simulation_key, wait) as connection:
-            _finish(connection.serve(endpoint))
+        _serve_party(endpoint, url, plan, credential_file, policy, simulation_key, wait)
         np.save(output, np.asarray(endpoint.aligned_rows, dtype=np.int64))
     except EnclaveMLError as exc:
         raise _fail("vfl psi", exc) from None
@@ -337,10 +352,9 @@ def train(
         if valid_data is not None:
             held_out = read_table(valid_data, **columns).take(read_rows(valid_rows))
             valid = (held_out.features, held_out.labels)
-        broker = _broker(kbs, kbs_ca, _provider(tee, f"enclaveml vfl party {name}", {}, False))
+        broker = _party_broker(name, tee, kbs, kbs_ca)
         endpoint, part = party_for_training(expected, name, table.features, table.labels, valid=valid)
-        with _connect(url, plan, credential_file, policy, simulation_key, wait) as connection:
-            _finish(connection.serve(endpoint))
+        _serve_party(endpoint, url, plan, credential_file, policy, simulation_key, wait)
         _seal(part(), broker, model_key or f"vfl-{name}", model_out, PARTY_MODEL_TYPE, party=name)
     except EnclaveMLError as exc:
         raise _fail("vfl train", exc) from None
@@ -380,12 +394,11 @@ def predict(
         if is_label != (output is not None):
             raise ConfigurationError("--output is given by the label party (the plan's first) and only by it")
         table = read_table(data, id_column=id_column, ignore=ignore_column or []).take(read_rows(rows))
-        broker = _broker(kbs, kbs_ca, _provider(tee, f"enclaveml vfl party {name}", {}, False))
+        broker = _party_broker(name, tee, kbs, kbs_ca)
         part = unseal_file_to_bytes(model, unwrapper=broker)
         endpoint = party_for_prediction(expected, name, part, table.features)
         sink = PredictionSink(endpoint) if is_label else None
-        with _connect(url, plan, credential_file, policy, simulation_key, wait) as connection:
-            _finish(connection.serve(endpoint))
+        _serve_party(endpoint, url, plan, credential_file, policy, simulation_key, wait)
         if sink is not None and output is not None:
             if sink.predictions is None:
                 raise ConfigurationError("the job ended without predictions for this party")
