@@ -10,6 +10,8 @@ Also reported, as context: the plain serial 1 MiB read/write loop without the ci
 cost), the cipher alone (``update_into`` on reused buffers in memory), how many CPUs the process
 kept busy while sealing (a writer thread overlaps the writes with reading and the cipher, so it needs
 more than one free core to beat the serial loop), and the load average (the machine is shared).
+Each timed case starts after ``os.sync()``, so the write-back of the previous case's output
+(done by kernel threads, on the same two cores) does not land inside the next measurement.
 (2) ``unseal_file_to_bytes`` + ``onnxruntime.InferenceSession`` of a ~100 MB ONNX model against
 reading the plain model's bytes + ``InferenceSession``, interleaved, medians. Goal: at most 1.10.
 The same ratio for ``read_bytes`` + ``unseal_bytes`` is reported alongside.
@@ -151,6 +153,9 @@ class Location:
             # Outputs are new files, as in normal use: replacing a 512 MiB file frees its page cache
             # inside rename(), which would add ~0.3 s of kernel work unrelated to sealing.
             output.unlink(missing_ok=True)
+            # Start from a clean write-back state: otherwise the kernel's flusher threads write
+            # the previous case's 512 MiB to disk during this one, taking one of the two cores.
+            os.sync()
             before = resource.getrusage(resource.RUSAGE_SELF)
             seconds = timed(fn)
             after = resource.getrusage(resource.RUSAGE_SELF)

@@ -1,10 +1,10 @@
-"""A bounded block pipeline for the streaming file paths: read and cipher in the caller, write behind.
+"""A bounded write-behind pipeline for the streaming file paths: the cipher in the caller, writes in a thread.
 
-Why: sealing a page-cached file is three steps of similar cost per block: reading (a kernel
-copy out of the page cache), the cipher, and writing (a kernel copy into fresh page-cache
-pages, the dearest of the three). Run one after another they add up. Here the calling thread
-reads each block and runs the cipher on it while the block is still in its cache, and a
-writer thread writes the previous blocks. ``write`` releases the GIL in the kernel and so does
+Why: sealing a page-cached file costs per block a read (a kernel copy out of the page cache,
+or none when the input is memory-mapped: :mod:`._input_blocks`), the cipher, and a write (a
+kernel copy into fresh page-cache pages, the dearest of the three). Run one after another
+they add up. Here the calling thread gets each block and runs the cipher on it, and a writer
+thread writes the previous blocks. ``write`` releases the GIL in the kernel and so does
 ``update_into`` of ``cryptography.cobblestone`` (a Python thread keeps running during a long
 call), so the two threads overlap. A third thread reading ahead was measured too: it was
 slower (about 0.75x openssl instead of 0.95x on an idle 2-core machine) because every block
@@ -12,12 +12,11 @@ then crossed between cores twice and each stage waited for wake-ups more often.
 
 Shape and guarantees:
 
-* One input buffer and a fixed pool of ``depth`` output buffers are allocated up front (plain
-  ``bytearray``\\ s, so tracemalloc sees them) and reused: no per-block allocation, and memory
-  is bounded by ``read_size + depth * out_size`` whatever the file size.
-* Blocks come out of :meth:`BlockPipeline.blocks` in file order and are written in the order
-  they were sent; the calling thread does all the reading and cipher work and calls any
-  progress callback itself. Reads that block (pipes) block the caller, as they always did.
+* A fixed pool of ``depth`` output buffers is allocated up front (plain ``bytearray``\\ s, so
+  tracemalloc sees them) and reused: no per-block allocation, and memory is bounded by
+  ``depth * out_size`` whatever the file size.
+* Buffers are written in the order they were sent; the calling thread does all the cipher
+  work and calls any progress callback itself.
 * An exception in the writer thread is re-raised, as the same object, in the calling thread at
   its next interaction with the pipeline (or on leaving the ``with`` block). An exception in
   the calling thread cancels the writes still queued. Either way the writer has been joined
@@ -29,13 +28,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
 from typing import Final
 
 from enclaveml.crypto._buffers import wipe
-from enclaveml.crypto._sealed_header import ByteReader
-from enclaveml.crypto._sealed_io import Blob, fill
+from enclaveml.crypto._sealed_io import Blob
 
 __all__ = ["BlockPipeline"]
 
@@ -57,13 +55,13 @@ _STOP: Final = _Stop()
 
 
 class BlockPipeline:
-    """Read ``source`` in blocks of ``read_size`` bytes; write what the caller sends to ``sink`` behind it.
+    """Write what the caller sends to ``sink`` in a writer thread, behind the caller's cipher work.
 
     Use as a context manager::
 
-        with BlockPipeline(reader, output.write, read_size=..., out_size=...) as pipe:
+        with input_blocks(reader, size) as blocks, BlockPipeline(output.write, out_size=...) as pipe:
             pipe.send_bytes(header)
-            for block in pipe.blocks():                  # valid until the next block is requested
+            for block in blocks:
                 out = pipe.output()                      # a free output buffer of out_size bytes
                 pipe.send(out, cipher.update_into(block, out))
             pipe.send_bytes(cipher.finalize())
@@ -75,17 +73,14 @@ class BlockPipeline:
 
     def __init__(
         self,
-        source: ByteReader,
         sink: Callable[[memoryview], object],
         *,
-        read_size: int,
         out_size: int,
         depth: int = 3,
     ) -> None:
-        if read_size < 1 or out_size < 1 or depth < 1:
-            raise ValueError("read_size, out_size and depth must be positive")
-        self._source, self._sink = source, sink
-        self._input = memoryview(bytearray(read_size))
+        if out_size < 1 or depth < 1:
+            raise ValueError("out_size and depth must be positive")
+        self._sink = sink
         self._out_pool = [memoryview(bytearray(out_size)) for _ in range(depth)]
         self._to_write: queue.SimpleQueue[tuple[memoryview, memoryview | None] | _Stop] = queue.SimpleQueue()
         self._free_out: queue.SimpleQueue[memoryview | _Failure] = queue.SimpleQueue()
@@ -113,13 +108,6 @@ class BlockPipeline:
         self._shut_down(cancel=exc_type is not None)
         if exc_type is None and self._write_error is not None:
             raise self._write_error
-
-    def blocks(self) -> Iterator[memoryview]:
-        """Read the input in order into the one input buffer; each block is valid until the next."""
-        while count := fill(self._source, self._input):
-            yield self._input[:count]
-            if count < len(self._input):  # fill() returns short only at the end of the input
-                return
 
     def output(self) -> memoryview:
         """Return a free output buffer (waits while all of them are queued for writing)."""
@@ -154,7 +142,7 @@ class BlockPipeline:
             except BaseException as exc:  # noqa: BLE001 - e.g. KeyboardInterrupt: join first, then raise
                 interrupted = interrupted or exc
         self._writer = None
-        for view in (self._input, *self._out_pool):
+        for view in self._out_pool:
             wipe(view)
         if interrupted is not None:
             raise interrupted

@@ -33,7 +33,9 @@ cipher speed, while the bytes-returning ``update`` is 3-5x slower (page faults o
 memory for every call). With the cipher that fast, copying in and out of the page cache costs
 as much CPU as the cipher itself, so ``seal_file`` and ``unseal_file`` read and run the cipher
 in the calling thread while a writer thread writes the previous block (:mod:`._pipeline`,
-about 3 MiB of reused buffers), and reserve the output's disk space ahead of the writes.
+about 4 MiB of reused buffers), read regular input files through a memory mapping
+(:mod:`._input_blocks`: no read copy; such an input must not be truncated while it is read),
+and reserve the output's disk space ahead of the writes.
 Progress callbacks still run in the calling thread, and the writer's errors surface there
 unchanged.
 """
@@ -41,7 +43,6 @@ unchanged.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import stat
 from collections.abc import Callable, Iterator, Mapping
@@ -51,6 +52,7 @@ from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encr
 from cryptography.exceptions import InvalidTag
 
 from enclaveml.crypto._buffers import FreshBytes, wipe
+from enclaveml.crypto._input_blocks import input_blocks
 from enclaveml.crypto._pipeline import BlockPipeline
 from enclaveml.crypto._sealed_header import (
     AUTH_FAILED,
@@ -99,9 +101,12 @@ Progress = Callable[[int], object]
 
 # 64 Cobblestone chunks (1 MiB) per read: large enough for full cipher speed, small enough for L2.
 _BLOCK_CHUNKS: Final = 64
-# seal_file and unseal_file write behind in a writer thread (_pipeline.py) from this many output
-# buffers: one being filled by the cipher while the other is written. Measured on an idle 2-core
-# machine, 0.5-1 MiB blocks with 2-4 buffers all ran at 0.85-1.0x openssl; more did not help.
+# seal_file and unseal_file: blocks of the (usually memory-mapped) input per cipher call, and the
+# number of output buffers the writer thread writes behind from (one being filled by the cipher
+# while the other is written). Measured with benchmarks/sealing.py on an idle 2-core machine with
+# a mapped input: 4 MiB blocks ran fastest (seal 0.81x, unseal 0.88x openssl), 1-2 MiB paid more
+# per-block overhead (0.67-0.74x), 8 MiB was slower again (0.77x); more buffers did not help.
+_FILE_BLOCK_CHUNKS: Final = 256
 _DEPTH: Final = 2
 
 
@@ -121,8 +126,9 @@ def _unseal_sizes(chunks: int) -> tuple[int, int]:
     return read, read + CHUNK_SIZE
 
 
-_SEAL_READ, _SEAL_OUT = _seal_sizes(_BLOCK_CHUNKS)
 _UNSEAL_READ, _UNSEAL_OUT = _unseal_sizes(_BLOCK_CHUNKS)
+_SEAL_FILE_READ, _SEAL_FILE_OUT = _seal_sizes(_FILE_BLOCK_CHUNKS)
+_UNSEAL_FILE_READ, _UNSEAL_FILE_OUT = _unseal_sizes(_FILE_BLOCK_CHUNKS)
 
 
 # --- sealing ---------------------------------------------------------------------------------
@@ -178,10 +184,13 @@ def seal_file(
         with atomic_output(dst_path) as output:
             if size is not None:
                 output.expect(header.size + payload_size(size))
-            with _pipeline(reader, output, _SEAL_READ, _SEAL_OUT) as pipe:
+            with (
+                input_blocks(reader, _SEAL_FILE_READ) as blocks,
+                _pipeline(output, _SEAL_FILE_OUT) as pipe,
+            ):
                 pipe.send_bytes(header.encoded)
                 done = 0
-                for block in pipe.blocks():
+                for block in blocks:
                     out = pipe.output()
                     pipe.send(out, encryptor.update_into(block, out))
                     done += len(block)
@@ -304,9 +313,12 @@ def unseal_file(
             if size is not None:
                 with contextlib.suppress(DecryptionError):  # an impossible size fails at the end
                     output.expect(plaintext_size(size - header.size))
-            with _pipeline(reader, output, _UNSEAL_READ, _UNSEAL_OUT) as pipe:
+            with (
+                input_blocks(reader, _UNSEAL_FILE_READ) as blocks,
+                _pipeline(output, _UNSEAL_FILE_OUT) as pipe,
+            ):
                 done = header.size
-                for block in pipe.blocks():
+                for block in blocks:
                     out = pipe.output()
                     pipe.send(out, _update(decryptor, block, out))
                     done += len(block)
@@ -390,9 +402,9 @@ def _finish(decryptor: Cobblestone256Decryptor, out: memoryview, written: int) -
     out[written:] = tail
 
 
-def _pipeline(reader: io.FileIO, output: OutputFile, read_size: int, out_size: int) -> BlockPipeline:
-    """Read and run the cipher in this thread, with the writes in a writer thread behind it."""
-    return BlockPipeline(reader, output.write, read_size=read_size, out_size=out_size, depth=_DEPTH)
+def _pipeline(output: OutputFile, out_size: int) -> BlockPipeline:
+    """Run the cipher in this thread, with the writes in a writer thread behind it."""
+    return BlockPipeline(output.write, out_size=out_size, depth=_DEPTH)
 
 
 def _decrypt_blocks(
