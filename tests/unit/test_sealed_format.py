@@ -11,7 +11,10 @@ import gc
 import io
 import itertools
 import os
+import signal
 import struct
+import subprocess
+import sys
 import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -739,3 +742,83 @@ def test_streaming_rss_stays_bounded(tmp_path: Path) -> None:
         growth[name] = _rss_kib("VmHWM") - before
     assert (tmp_path / "o").stat().st_size == size
     assert max(growth.values()) < 32 * 1024, growth  # KiB: the buffers take about 2 MiB
+
+
+# --- the output has no name until it is complete ---------------------------------------------
+
+
+def _entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("call", [_seal, _unseal])
+def test_the_output_has_no_name_until_it_is_complete(files: tuple[Path, bytes], call: object) -> None:
+    tmp, plaintext = files
+    if _sealed_io._unnamed_file(tmp) is None:
+        pytest.skip("no O_TMPFILE here")
+    seen: list[list[str]] = []
+    call(tmp, progress=lambda done: seen.append(_entries(tmp)))  # type: ignore[operator]
+    assert len(seen) > 3
+    assert all(entries == ["o", "p", "s"] for entries in seen), seen  # no partial file, old o kept
+    assert _entries(tmp) == ["o", "p", "s"]
+    if call is _unseal:
+        assert (tmp / "o").read_bytes() == plaintext
+    assert (tmp / "o").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("call", [_seal, _unseal])
+def test_without_o_tmpfile_a_named_partial_file_is_used_and_removed_on_failure(
+    files: tuple[Path, bytes], call: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp, _ = files
+    monkeypatch.setattr(_sealed_io, "_unnamed_file", lambda directory: None)
+    seen: list[list[str]] = []
+
+    def progress(done: int) -> None:
+        seen.append(_entries(tmp))
+        if len(seen) == 3:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        call(tmp, progress=progress)  # type: ignore[operator]
+    assert any(name.startswith(".o.") and name.endswith(".partial") for name in seen[-1])
+    _assert_clean_failure(tmp)
+    call(tmp)  # type: ignore[operator]
+    assert _entries(tmp) == ["o", "p", "s"]
+
+
+_KILLED_UNSEAL = """
+import os, sys, time
+from enclaveml.crypto.keys import KeyHandle
+from enclaveml.crypto.sealed import unseal_file
+key = KeyHandle("model-key", 1, bytes.fromhex(sys.argv[3]))
+def progress(done):
+    if done > 8 << 20:
+        print("half way", flush=True)
+        time.sleep(60)
+unseal_file(sys.argv[1], sys.argv[2], unwrapper=key, progress=progress)
+"""
+
+
+def test_a_killed_unseal_leaves_no_plaintext_behind(tmp_path: Path) -> None:
+    """kill -9 cannot be cleaned up after: the unnamed output dies with the process."""
+    if _sealed_io._unnamed_file(tmp_path) is None:
+        pytest.skip("no O_TMPFILE here")
+    secret = os.urandom(32)
+    canary = b"CANARY-PLAINTEXT-" * (1 << 16)  # about 1 MiB, repeated 24 times below
+    (tmp_path / "p").write_bytes(canary * 24)
+    seal_file(tmp_path / "p", tmp_path / "s", wrapper=KeyHandle("model-key", 1, secret), key_id="model-key")
+    (tmp_path / "p").unlink()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_UNSEAL, str(tmp_path / "s"), str(tmp_path / "o"), secret.hex()],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "half way\n"  # plaintext has been written by now
+        child.kill()
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    assert _entries(tmp_path) == ["s"]

@@ -299,8 +299,9 @@ def unseal_file(
 ) -> SealedHeader:
     """Unseal ``src`` into ``dst`` in constant memory; ``dst`` appears only if the artifact verified.
 
-    Plaintext is written to a temporary file (mode 0600) next to ``dst`` and renamed onto
-    ``dst`` only after the final chunk authenticated; on any failure the temporary file is
+    Plaintext is written to a file (mode 0600) next to ``dst`` that has no name where the file
+    system supports ``O_TMPFILE`` (so even ``kill -9`` leaves nothing behind), and named and
+    renamed onto ``dst`` only after the final chunk authenticated; on any failure the file is
     deleted and ``dst`` is left untouched. Returns the (now authenticated) header.
     """
     check_progress(progress)
