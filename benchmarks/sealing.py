@@ -11,7 +11,16 @@ cost), the cipher alone (``update_into`` on reused buffers in memory), how many 
 kept busy while sealing (a writer thread overlaps the writes with reading and the cipher, so it needs
 more than one free core to beat the serial loop), and the load average (the machine is shared).
 Each timed case starts after ``os.sync()``, so the write-back of the previous case's output
-(done by kernel threads, on the same two cores) does not land inside the next measurement.
+(done by kernel threads, on the same two cores) does not land inside the next measurement, and
+(unless ``--cold``) right after writing and deleting a scratch file of the same size. Why: on VMs
+whose balloon device has free page reporting (virtio-balloon ``F_REPORTING``, as on the
+reference machine), memory that stayed free for about two seconds is handed back to the host,
+and the next page-cache write into it (ext4 takes it as 2 MiB folios) page-faults in the host:
+``write`` then costs 5-7x more CPU, for ``seal_file`` and ``cp`` alike, and whether a case hit
+such memory depended only on how long the previous one had been idle (0.6-4.3 GB/s for the same
+code). The scratch write takes the host's page faults itself and frees hot memory for the case
+that follows, so every case measures the same thing: our pipeline, not the host. ``--cold`` shows
+the other state.
 (2) ``unseal_file_to_bytes`` + ``onnxruntime.InferenceSession`` of a ~100 MB ONNX model against
 reading the plain model's bytes + ``InferenceSession``, interleaved, medians. Goal: at most 1.10.
 The same ratio for ``read_bytes`` + ``unseal_bytes`` is reported alongside.
@@ -75,6 +84,15 @@ def write_pattern(path: Path, size: int) -> None:
             out.write(block)
 
 
+def prime_page_allocator(folder: Path, size: int) -> None:
+    """Write ``size`` bytes to a scratch file in ``folder`` and delete it (see the module docstring)."""
+    scratch, block = folder / "scratch.bin", memoryview(bytes(4 * MIB))
+    with io.FileIO(scratch, "w") as out:
+        for _ in range(size // len(block)):
+            out.write(block)
+    scratch.unlink()
+
+
 def copy_file(src: Path, dst: Path) -> None:
     """The I/O alone: a serial 1 MiB read/write loop (the old sealing loop), without the cipher."""
     view = memoryview(bytearray(MIB))
@@ -125,8 +143,8 @@ def filesystem_type(path: Path) -> str:
 class Location:
     """One folder's files, and the timings taken there."""
 
-    def __init__(self, folder: Path, key: KeyHandle, size: int) -> None:
-        self.folder, self.key, self.size = folder, key, size
+    def __init__(self, folder: Path, key: KeyHandle, size: int, *, prime: bool) -> None:
+        self.folder, self.key, self.size, self.prime = folder, key, size, prime
         self.plain, self.sealed, self.out = (
             folder / "input.bin",
             folder / "input.sealed",
@@ -156,6 +174,8 @@ class Location:
             # Start from a clean write-back state: otherwise the kernel's flusher threads write
             # the previous case's 512 MiB to disk during this one, taking one of the two cores.
             os.sync()
+            if self.prime:
+                prime_page_allocator(self.folder, self.size)
             before = resource.getrusage(resource.RUSAGE_SELF)
             seconds = timed(fn)
             after = resource.getrusage(resource.RUSAGE_SELF)
@@ -186,10 +206,16 @@ class Location:
 
 
 def throughput(
-    folders: dict[str, Path], key: KeyHandle, size_mib: int, repeats: int, openssl_seconds: int
+    folders: dict[str, Path],
+    key: KeyHandle,
+    size_mib: int,
+    repeats: int,
+    openssl_seconds: int,
+    *,
+    prime: bool,
 ) -> dict[str, Any]:
     size = size_mib * MIB
-    locations = {name: Location(folder, key, size) for name, folder in folders.items()}
+    locations = {name: Location(folder, key, size, prime=prime) for name, folder in folders.items()}
     load_before = os.getloadavg()
     openssl: list[float] = []
     cipher: dict[str, list[float]] = {"encrypt": [], "decrypt": []}
@@ -208,6 +234,7 @@ def throughput(
         "cipher_only_gb_s": {name: size / statistics.median(values) / GB for name, values in cipher.items()},
         "load_average_before_after": [load_before[0], os.getloadavg()[0]],
         "official": "disk",
+        "page_allocator_primed": prime,
         **{name: location.report(openssl_rate) for name, location in locations.items()},
         "samples": {"openssl_gb_s": [r / GB for r in openssl]},
     }
@@ -291,6 +318,9 @@ def main() -> int:
     parser.add_argument("--tmpfs-dir", type=Path, default=Path("/dev/shm"), help="a folder on a tmpfs")
     parser.add_argument("--no-tmpfs", action="store_true", help="measure on the disk only")
     parser.add_argument("--no-model", action="store_true", help="skip the model-load part")
+    parser.add_argument(
+        "--cold", action="store_true", help="do not prime the page allocator before each case (see above)"
+    )
     args = parser.parse_args()
     key = KeyHandle.generate("bench")
     disk_root = args.disk_dir or Path(tempfile.gettempdir())
@@ -304,7 +334,8 @@ def main() -> int:
         folders = {"disk": scratch(disk_root)}
         if not args.no_tmpfs and args.tmpfs_dir.is_dir():
             folders["tmpfs"] = scratch(args.tmpfs_dir)
-        files = throughput(folders, key, args.size_mib, args.repeats, args.openssl_seconds)
+        prime = not args.cold
+        files = throughput(folders, key, args.size_mib, args.repeats, args.openssl_seconds, prime=prime)
         model = None if args.no_model else model_load(folders["disk"], key, args.model_mb, args.model_repeats)
     path = write_results(
         "sealing",
