@@ -337,6 +337,59 @@ def test_two_workers_finishing_one_request_answer_it_once(
     assert ignored == 0  # so the front end never even saw a second one
 
 
+def test_replies_finishing_together_leave_in_one_pipeline_and_survive_a_script_flush(
+    redis_url: str, cluster_key: KeyHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's completions share one round trip; after NOSCRIPT (Redis restarted) each answers once."""
+    from enclaveml.serving import _redis_worker
+
+    flushes: list[int] = []
+    real_flush = _redis_worker._CompletionPipeline._flush
+
+    async def spy(self: _redis_worker._CompletionPipeline) -> None:
+        flushes.append(len(self._queued))
+        await real_flush(self)
+
+    monkeypatch.setattr(_redis_worker._CompletionPipeline, "_flush", spy)
+    entered: list[bytes] = []
+    all_in, release = asyncio.Event(), asyncio.Event()
+
+    async def gated(model: str, payload: bytes) -> bytes:
+        entered.append(payload)
+        if len(entered) % 8 == 0:
+            all_in.set()
+        await release.wait()  # eight requests finish in the same event-loop pass, like a model batch
+        return payload[::-1]
+
+    async def main() -> tuple[list[dict[int, bytes]], WorkerStats]:
+        options: dict[str, Any] = {"cluster_key": cluster_key, "block_ms": 50}
+        front, back = RedisStreamsQueue(redis_url, **options), RedisStreamsQueue(redis_url, **options)
+        stop = asyncio.Event()
+        worker = asyncio.create_task(back.run_worker(gated, stop_event=stop, concurrency=8))
+        rounds: list[dict[int, bytes]] = []
+        for first in (0, 8):
+            if first:
+                await asyncio.to_thread(sync_client(redis_url).script_flush)  # as after a Redis restart
+            all_in.clear()
+            release.clear()
+            pending = asyncio.create_task(submit_all(front, range(first, first + 8), in_flight=8))
+            await all_in.wait()
+            release.set()
+            rounds.append(await pending)
+        stop.set()
+        stats = await worker
+        await front.aclose()
+        await back.aclose()
+        return rounds, stats
+
+    rounds, stats = run(main)
+    assert rounds == [{i: make_payload(i)[::-1] for i in range(k, k + 8)} for k in (0, 8)]
+    assert flushes == [8, 8]  # one pipeline per batch, also when every script call in it hit NOSCRIPT
+    assert stats.answered == 16
+    assert stats.broker_errors == 0
+    assert stats.duplicates_suppressed == 0
+
+
 def test_throughput_smoke(
     redis_server: RedisServer, cluster_key: KeyHandle, workers: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -7,6 +7,12 @@ which resets their idle time without counting a delivery) so that a slow handler
 mistaken for a dead worker. Nothing an entry contains can stop the loop: entries that do not
 open are dead-lettered, expired ones dropped, handler exceptions sealed into the reply, and
 Redis errors retried with back-off. Layout and scripts: :mod:`._redis_layout`.
+
+Replies leave in pipelines: the requests of one model batch finish together, and each reply's
+completion script (ack, done marker, reply) is queued and sent with the others that finish in
+the same event-loop pass (:class:`_CompletionPipeline`). One round trip per batch instead of one
+per request: fewer system calls in the worker and fewer reads and wake-ups in Redis. Each
+script still runs atomically on its own, so exactly-once answering is unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.typing import StreamIdT
 
 from enclaveml.errors import ConfigurationError
@@ -46,6 +52,57 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class _CompletionPipeline:
+    """Run a registered script once per call, sending the calls of one event-loop pass in one pipeline."""
+
+    def __init__(self, redis: aioredis.Redis, script: Any) -> None:
+        self._redis, self._script = redis, script
+        self._queued: list[tuple[list[Any], list[Any], asyncio.Future[Any]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, *, keys: list[Any], args: list[Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((keys, args, future))
+        if len(self._queued) == 1:  # the first of this pass: send after the others have queued
+            flush = asyncio.create_task(self._flush())
+            self._flushes.add(flush)
+            flush.add_done_callback(self._flushes.discard)
+        return await future
+
+    async def _flush(self) -> None:
+        batch, self._queued = self._queued, []
+        try:
+            # EVALSHA straight into the pipeline: the script object's own pipeline path would ask
+            # SCRIPT EXISTS first, a second round trip for every flush.
+            pipe = self._redis.pipeline(transaction=False)
+            for keys, args, _ in batch:
+                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+            results = await pipe.execute(raise_on_error=False)
+            for index, result in enumerate(results):
+                if isinstance(result, NoScriptError):  # Redis restarted or its scripts were flushed
+                    keys, args, _ = batch[index]
+                    results[index] = await self._script(keys=keys, args=args)  # loads it, then runs it
+        except BaseException as exc:  # every caller gets the failure (or the cancellation)
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (*_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue  # its caller was cancelled meanwhile
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def drain(self) -> None:
+        """Wait for the pipelines already sent (and whatever is queued) to finish."""
+        while self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+
+
 class RedisWorker:
     """One consumer of the request stream's group, serving until told to stop."""
 
@@ -65,7 +122,7 @@ class RedisWorker:
         self._handler = handler
         self._handler_is_async = is_async(handler)
         self._concurrency = concurrency
-        self._complete = redis.register_script(COMPLETE_LUA)
+        self._complete = _CompletionPipeline(redis, redis.register_script(COMPLETE_LUA))
         self._discard = redis.register_script(DISCARD_LUA)
         self._serving: set[bytes] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -130,6 +187,7 @@ class RedisWorker:
         finally:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._complete.drain()
             heartbeat.cancel()
             stop.cancel()
         await self._retire_consumer()
