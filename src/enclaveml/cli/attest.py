@@ -22,8 +22,8 @@ from enclaveml.attestation import (
     provider_by_name,
 )
 from enclaveml.attestation.evidence import REPORT_DATA_SIZE
-from enclaveml.attestation.providers import PROVIDER_NAMES
 from enclaveml.cli._console import claims_table, console, err_console, simulation_banner
+from enclaveml.cli._options import Tee
 from enclaveml.cli._verifiers import build_verifier
 from enclaveml.errors import (
     AttestationError,
@@ -106,7 +106,7 @@ def verify(
 @app.command("collect")
 def collect(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the evidence envelope.")],
-    tee: Annotated[str, typer.Option(help=f"Evidence provider: {', '.join(PROVIDER_NAMES)}.")] = "auto",
+    tee: Tee = "auto",
     report_data: Annotated[str, typer.Option(help="64 bytes of report data as hex (zero-padded).")] = "",
 ) -> None:
     """Collect evidence inside a TEE (binding REPORT_DATA) and write it to OUTPUT."""

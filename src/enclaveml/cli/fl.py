@@ -19,6 +19,7 @@ import numpy as np
 import typer
 
 from enclaveml.cli._console import console, err_console
+from enclaveml.cli._options import Host, HttpsPort, Kbs, KbsCa, PrintMeasurement, Tee
 from enclaveml.cli.serve import _exit_code, _provider
 from enclaveml.errors import ConfigurationError, EnclaveMLError
 
@@ -135,16 +136,12 @@ def aggregator(
     clients: Annotated[Path | None, typer.Option(help="Client registry from `enclaveml fl enrol`.")] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Directory for sealed checkpoints.")] = None,
     checkpoint_key: Annotated[str, typer.Option(help="Broker key id sealing checkpoints.")] = "fl-checkpoint",
-    kbs: Annotated[str, typer.Option("--kbs", envvar="ENCLAVEML_KBS_URL", help="Key broker URL.")] = "",
-    kbs_ca: Annotated[Path | None, typer.Option("--kbs-ca", envvar="ENCLAVEML_KBS_CA")] = None,
-    tee: Annotated[
-        str, typer.Option(help="Evidence provider: auto, gramine, tsm, sev-snp, simulation.")
-    ] = "auto",
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTPS port.")] = 8443,
-    print_measurement: Annotated[
-        bool, typer.Option(help="With --tee simulation: print the measurement of this plan and exit.")
-    ] = False,
+    kbs: Kbs = "",
+    kbs_ca: KbsCa = None,
+    tee: Tee = "auto",
+    host: Host = "127.0.0.1",
+    port: HttpsPort = 8443,
+    print_measurement: PrintMeasurement = False,
 ) -> None:
     """Run the aggregator of PLAN over RA-TLS, resuming from the sealed checkpoint if there is one."""
     from enclaveml.cli._credentials import read_registry

@@ -24,6 +24,7 @@ from rich.text import Text
 
 from enclaveml.attestation.policy import load_policy
 from enclaveml.cli._console import console, err_console
+from enclaveml.cli._options import Host
 from enclaveml.errors import (
     AuthorizationError,
     ConfigurationError,
@@ -326,7 +327,7 @@ def serve(
             help="Root key file (mode 0600, not beside the database); default $ENCLAVEML_KBS_ROOT_KEY."
         ),
     ] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    host: Host = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8443,
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM) from your CA.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="Its private key (PEM).")] = None,

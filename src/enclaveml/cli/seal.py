@@ -23,8 +23,8 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-from enclaveml.attestation.providers import PROVIDER_NAMES
 from enclaveml.cli._console import console, err_console, simulation_banner
+from enclaveml.cli._options import Tee
 from enclaveml.cli.kbs import CaOpt, JsonOpt, TokenOpt, UrlOpt, ca_of, reporting, require_url
 from enclaveml.errors import ConfigurationError
 
@@ -89,7 +89,7 @@ def seal(
 def unseal(
     source: Annotated[Path, typer.Argument(help="Sealed file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The only place the plaintext is written.")],
-    tee: Annotated[str, typer.Option(help=f"Evidence provider: {', '.join(PROVIDER_NAMES)}.")] = "auto",
+    tee: Tee = "auto",
     kem: Annotated[str, typer.Option(help="HPKE KEM for the release: MLKEM768-X25519 or X25519.")] = (
         "MLKEM768-X25519"
     ),

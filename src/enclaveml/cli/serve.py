@@ -16,6 +16,19 @@ import numpy as np
 import typer
 
 from enclaveml.cli._console import console, err_console
+from enclaveml.cli._options import (
+    BatchDelay,
+    BatchSize,
+    ClusterKey,
+    Host,
+    HttpsPort,
+    Kbs,
+    KbsCa,
+    ModelSpecs,
+    PrintMeasurement,
+    Tee,
+    Threads,
+)
 from enclaveml.errors import (
     BindingError,
     ConfigurationError,
@@ -53,29 +66,21 @@ def _exit_code(exc: EnclaveMLError) -> int:
 
 
 def serve(
-    model: Annotated[list[str], typer.Option("--model", help="NAME=PATH.sealed; repeat for several models.")],
-    kbs: Annotated[str, typer.Option("--kbs", envvar="ENCLAVEML_KBS_URL", help="Key broker URL.")] = "",
-    kbs_ca: Annotated[
-        Path | None, typer.Option("--kbs-ca", envvar="ENCLAVEML_KBS_CA", help="Broker certificate/CA to pin.")
-    ] = None,
-    tee: Annotated[
-        str, typer.Option(help="Evidence provider: auto, gramine, tsm, tdx, sev-snp, simulation.")
-    ] = "auto",
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTPS port.")] = 8443,
-    max_batch_size: Annotated[int, typer.Option(help="Dynamic batching: rows per batch.")] = 16,
-    max_delay_ms: Annotated[float, typer.Option(help="Dynamic batching: wait for company.")] = 2.0,
+    model: ModelSpecs,
+    kbs: Kbs = "",
+    kbs_ca: KbsCa = None,
+    tee: Tee = "auto",
+    host: Host = "127.0.0.1",
+    port: HttpsPort = 8443,
+    max_batch_size: BatchSize = 16,
+    max_delay_ms: BatchDelay = 2.0,
     max_queue: Annotated[int, typer.Option(help="Requests waiting per model before 429.")] = 256,
-    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")] = None,
+    threads: Threads = None,
     queue: Annotated[
         str | None, typer.Option(help="redis://... : scale out through encrypted Redis Streams to workers.")
     ] = None,
-    cluster_key: Annotated[
-        str, typer.Option(help="Broker key id of the queue's cluster key.")
-    ] = "enclaveml-cluster",
-    print_measurement: Annotated[
-        bool, typer.Option(help="With --tee simulation: print the workload measurement and exit.")
-    ] = False,
+    cluster_key: ClusterKey = "enclaveml-cluster",
+    print_measurement: PrintMeasurement = False,
 ) -> None:
     """Attest, obtain model keys, unseal models in memory, and serve them over RA-TLS."""
     try:
@@ -143,24 +148,16 @@ def _run_server(
 
 
 def serve_worker(
-    model: Annotated[list[str], typer.Option("--model", help="NAME=PATH.sealed; repeat for several models.")],
+    model: ModelSpecs,
     queue: Annotated[str, typer.Option(help="redis://... the front ends use.")],
-    kbs: Annotated[str, typer.Option("--kbs", envvar="ENCLAVEML_KBS_URL", help="Key broker URL.")] = "",
-    kbs_ca: Annotated[
-        Path | None, typer.Option("--kbs-ca", envvar="ENCLAVEML_KBS_CA", help="Broker certificate/CA to pin.")
-    ] = None,
-    tee: Annotated[
-        str, typer.Option(help="Evidence provider: auto, gramine, tsm, tdx, sev-snp, simulation.")
-    ] = "auto",
-    cluster_key: Annotated[
-        str, typer.Option(help="Broker key id of the queue's cluster key.")
-    ] = "enclaveml-cluster",
-    max_batch_size: Annotated[int, typer.Option(help="Dynamic batching: rows per batch.")] = 16,
-    max_delay_ms: Annotated[float, typer.Option(help="Dynamic batching: wait for company.")] = 2.0,
-    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")] = None,
-    print_measurement: Annotated[
-        bool, typer.Option(help="With --tee simulation: print the workload measurement and exit.")
-    ] = False,
+    kbs: Kbs = "",
+    kbs_ca: KbsCa = None,
+    tee: Tee = "auto",
+    cluster_key: ClusterKey = "enclaveml-cluster",
+    max_batch_size: BatchSize = 16,
+    max_delay_ms: BatchDelay = 2.0,
+    threads: Threads = None,
+    print_measurement: PrintMeasurement = False,
 ) -> None:
     """A scale-out worker: attest, obtain model and cluster keys, serve requests from the queue."""
     import asyncio

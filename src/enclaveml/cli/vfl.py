@@ -19,6 +19,7 @@ import numpy as np
 import typer
 
 from enclaveml.cli._console import console, err_console
+from enclaveml.cli._options import Host, HttpsPort, Kbs, KbsCa, PrintMeasurement, Tee
 from enclaveml.cli.fl import _fail, _pairs, _read_json
 from enclaveml.cli.serve import _provider
 from enclaveml.errors import ConfigurationError, EnclaveMLError
@@ -38,9 +39,7 @@ Name = Annotated[str, typer.Option("--name", help="This party's name in the plan
 Data = Annotated[Path, typer.Option(help="This party's table: .csv, .parquet or .npy.")]
 Credential = Annotated[Path, typer.Option(help="File holding this party's credential.")]
 PolicyOpt = Annotated[Path, typer.Option(help="Appraisal policy the server must satisfy (TOML/JSON).")]
-Kbs = Annotated[str, typer.Option("--kbs", envvar="ENCLAVEML_KBS_URL", help="Key broker URL.")]
-KbsCa = Annotated[Path | None, typer.Option("--kbs-ca", envvar="ENCLAVEML_KBS_CA", help="Broker CA to pin.")]
-Tee = Annotated[str, typer.Option(help="This process's evidence provider (for key release).")]
+PartyTee = Annotated[str, typer.Option("--tee", help="This process's evidence provider (for key release).")]
 SimKey = Annotated[Path | None, typer.Option(help="Simulation key PEM: accept a SIMULATED server (unsafe).")]
 Wait = Annotated[float, typer.Option(help="Seconds to wait for an unreachable server.")]
 Ignore = Annotated[list[str] | None, typer.Option(help="A column that is not a feature; repeatable.")]
@@ -126,17 +125,13 @@ def server(
         Path | None, typer.Option(help="train (boosting): write the sealed server model.")
     ] = None,
     model: Annotated[Path | None, typer.Option(help="predict (boosting): the sealed server model.")] = None,
-    tee: Annotated[
-        str, typer.Option(help="Evidence provider: auto, gramine, tsm, sev-snp, simulation.")
-    ] = "auto",
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTPS port.")] = 8443,
+    tee: Tee = "auto",
+    host: Host = "127.0.0.1",
+    port: HttpsPort = 8443,
     connect_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for every party to connect.")
     ] = 600.0,
-    print_measurement: Annotated[
-        bool, typer.Option(help="With --tee simulation: print the measurement of this plan and exit.")
-    ] = False,
+    print_measurement: PrintMeasurement = False,
 ) -> None:
     """Run the job of PLAN over RA-TLS; exits when it is over (0 succeeded, 2 failed)."""
     from enclaveml.fl.vertical import jobs
@@ -277,7 +272,7 @@ def psi(
     kbs: Kbs = "",
     kbs_ca: KbsCa = None,
     psi_key: Annotated[str, typer.Option(help="TEE mode: broker key id of the PSI key.")] = "vfl-psi",
-    tee: Tee = "auto",
+    tee: PartyTee = "auto",
     simulation_key: SimKey = None,
     wait: Wait = 120.0,
 ) -> None:
@@ -327,7 +322,7 @@ def train(
     model_key: Annotated[str, typer.Option(help="Broker key id sealing this party's model part.")] = "",
     kbs: Kbs = "",
     kbs_ca: KbsCa = None,
-    tee: Tee = "auto",
+    tee: PartyTee = "auto",
     simulation_key: SimKey = None,
     wait: Wait = 120.0,
 ) -> None:
@@ -378,7 +373,7 @@ def predict(
     ignore_column: Ignore = None,
     kbs: Kbs = "",
     kbs_ca: KbsCa = None,
-    tee: Tee = "auto",
+    tee: PartyTee = "auto",
     simulation_key: SimKey = None,
     wait: Wait = 120.0,
 ) -> None:
