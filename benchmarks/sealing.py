@@ -311,7 +311,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=512, help="file size for the throughput part")
     parser.add_argument("--model-mb", type=int, default=100, help="approximate ONNX model size")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions of each measurement")
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved repetitions of each measurement")
     parser.add_argument("--model-repeats", type=int, default=15, help="interleaved model-load repetitions")
     parser.add_argument("--openssl-seconds", type=int, default=3)
     parser.add_argument("--disk-dir", type=Path, default=None, help="a folder on a real disk (default: temp)")
