@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encryptor
 
+from enclaveml import _files
 from enclaveml.crypto import _buffers, _input_blocks, _pipeline, _sealed_io, sealed
 from enclaveml.crypto._sealed_header import (
     AUTH_FAILED,
@@ -751,10 +752,18 @@ def _entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+def _o_tmpfile_works(folder: Path) -> bool:
+    fd = _files._unnamed_file(folder)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
 @pytest.mark.parametrize("call", [_seal, _unseal])
 def test_the_output_has_no_name_until_it_is_complete(files: tuple[Path, bytes], call: object) -> None:
     tmp, plaintext = files
-    if _sealed_io._unnamed_file(tmp) is None:
+    if not _o_tmpfile_works(tmp):
         pytest.skip("no O_TMPFILE here")
     seen: list[list[str]] = []
     call(tmp, progress=lambda done: seen.append(_entries(tmp)))  # type: ignore[operator]
@@ -771,7 +780,7 @@ def test_without_o_tmpfile_a_named_partial_file_is_used_and_removed_on_failure(
     files: tuple[Path, bytes], call: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tmp, _ = files
-    monkeypatch.setattr(_sealed_io, "_unnamed_file", lambda directory: None)
+    monkeypatch.setattr(_files, "_unnamed_file", lambda directory: None)
     seen: list[list[str]] = []
 
     def progress(done: int) -> None:
@@ -802,7 +811,7 @@ unseal_file(sys.argv[1], sys.argv[2], unwrapper=key, progress=progress)
 
 def test_a_killed_unseal_leaves_no_plaintext_behind(tmp_path: Path) -> None:
     """kill -9 cannot be cleaned up after: the unnamed output dies with the process."""
-    if _sealed_io._unnamed_file(tmp_path) is None:
+    if not _o_tmpfile_works(tmp_path):
         pytest.skip("no O_TMPFILE here")
     secret = os.urandom(32)
     canary = b"CANARY-PLAINTEXT-" * (1 << 16)  # about 1 MiB, repeated 24 times below

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlencode
@@ -22,6 +21,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from enclaveml._files import write_atomically
 from enclaveml.attestation._collateral import Collateral, _normalise
 from enclaveml.attestation.evidence import TeeType
 from enclaveml.errors import CollateralError, ConfigurationError
@@ -173,17 +173,7 @@ class PccsCollateral:
         payload = json.dumps({"fetched_at": fetched_at, "collateral": collateral.to_json()}).encode()
         try:
             self._cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # mkstemp creates the file 0600; os.replace makes the new entry appear atomically.
-            fd, tmp = tempfile.mkstemp(dir=self._cache_dir, prefix=".tmp-", suffix=".json")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(payload)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomically(path, payload, mode=0o600)
         except OSError as exc:
             _log.warning("could not cache DCAP collateral in %s: %s", path, exc)
 

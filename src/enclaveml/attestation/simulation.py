@@ -41,6 +41,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from enclaveml._files import write_atomically
 from enclaveml.attestation._time import Instant, to_unix
 from enclaveml.attestation.claims import SimulatedClaims
 from enclaveml.attestation.evidence import Evidence, TeeType, check_report_data
@@ -117,14 +118,7 @@ class SimulationKey:
         pem = self._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_atomically(path, pem, mode=0o600)
 
     def public_key(self) -> Ed25519PublicKey:
         return self._key.public_key()

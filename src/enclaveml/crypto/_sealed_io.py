@@ -17,12 +17,12 @@ import io
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
+from enclaveml._files import atomic_file
 from enclaveml.crypto._sealed_header import ByteReader
 from enclaveml.errors import ConfigurationError
 
@@ -202,72 +202,17 @@ class OutputFile:
 def atomic_output(dst: Path) -> Iterator[OutputFile]:
     """Yield an output file (mode 0600) beside ``dst`` that becomes ``dst`` only if the block succeeds.
 
-    On any exception (including KeyboardInterrupt) the output is deleted and ``dst`` is left
-    untouched. The caller must not have any write to the file still in flight when the block
-    ends: whoever writes from other threads must have joined them first.
-
-    Where the file system supports it (Linux ``O_TMPFILE``: ext4, XFS, btrfs, tmpfs) the output
-    has no name until it is complete, so a process that dies mid-way (``kill -9``, SIGBUS from a
-    truncated mapped input, a power cut) leaves nothing behind: the kernel frees the unnamed
-    file. Elsewhere it is a named ``.<dst>.*.partial`` sibling that the ``except`` path removes.
+    :func:`enclaveml._files.atomic_file`: the output has no name until it is complete where the
+    file system supports ``O_TMPFILE`` (a process killed mid-way leaves nothing), else a named
+    sibling removed on failure. On any exception ``dst`` is left untouched. The caller must not
+    have any write to the file still in flight when the block ends: whoever writes from other
+    threads must have joined them first.
     """
-    fd = _unnamed_file(dst.parent)
-    temp_name: str | None = None
-    if fd is None:
+    with contextlib.ExitStack() as stack:
         try:
-            fd, temp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+            fd = stack.enter_context(atomic_file(dst))
         except OSError as exc:
             raise ConfigurationError(f"cannot write to {str(dst.parent)!r}: {exc.strerror or exc}") from exc
-    committed = False
-    try:
-        try:
-            output = OutputFile(fd)
-            yield output
-            output._trim()
-            if temp_name is None:
-                temp_name = _name_unnamed_file(fd, dst)
-        finally:
-            os.close(fd)
-        os.replace(temp_name, dst)
-        committed = True
-    finally:
-        if not committed and temp_name is not None:
-            Path(temp_name).unlink(missing_ok=True)
-
-
-# Errors of open(O_TMPFILE) that mean "not supported here" rather than "cannot write here".
-_NO_TMPFILE: Final = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
-
-
-def _unnamed_file(directory: Path) -> int | None:
-    """An unnamed 0600 file in ``directory`` (``O_TMPFILE``), or None where that is not supported."""
-    flag = getattr(os, "O_TMPFILE", None)
-    if flag is None or not os.path.isdir("/proc/self/fd"):
-        return None  # naming it at the end goes through /proc (linkat without CAP_DAC_READ_SEARCH)
-    try:
-        return os.open(directory, flag | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        if exc.errno in _NO_TMPFILE:
-            return None
-        raise ConfigurationError(f"cannot write to {str(directory)!r}: {exc.strerror or exc}") from exc
-
-
-def _name_unnamed_file(fd: int, dst: Path) -> str:
-    """Link the complete unnamed file under a fresh temporary name beside ``dst`` and return that name.
-
-    ``linkat`` cannot replace an existing file, so the caller renames the new name onto ``dst``.
-    """
-    # linkat("/proc/self/fd/N", AT_SYMLINK_FOLLOW), as open(2) documents; os.link uses linkat
-    # (rather than link, which would not follow the magic link) only when given a directory fd.
-    proc_fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for _ in range(100):
-            name = os.path.join(dst.parent, f".{dst.name}.{os.urandom(6).hex()}.partial")
-            try:
-                os.link(str(fd), name, src_dir_fd=proc_fds, follow_symlinks=True)
-            except FileExistsError:
-                continue
-            return name
-    finally:
-        os.close(proc_fds)
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(dst.parent))  # pragma: no cover
+        output = OutputFile(fd)
+        yield output
+        output._trim()

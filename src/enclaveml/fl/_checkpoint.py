@@ -22,7 +22,6 @@ operator can see how far a run got). Payload, canonical CBOR::
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 import cbor2
 import numpy as np
 
+from enclaveml._files import write_atomically
 from enclaveml.crypto import KeyHandle, read_header, seal_bytes, unseal_bytes
 from enclaveml.crypto.keys import DataKeyUnwrapper
 from enclaveml.errors import ConfigurationError, DecryptionError
@@ -181,17 +181,7 @@ class CheckpointStore:
             metadata=metadata,
         )
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".checkpoint.", suffix=".partial", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(blob)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, self.path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-        _fsync_directory(self.directory)
+        write_atomically(self.path, blob)  # durable: data and the rename are fsynced
 
     def load(self, plan_sha256: bytes) -> Checkpoint | None:
         """The last checkpoint of this plan, or None when there is none yet.
@@ -217,11 +207,3 @@ class CheckpointStore:
         if checkpoint.plan_sha256 != plan_sha256:
             raise DecryptionError("checkpoint payload and header disagree")
         return checkpoint
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -8,7 +8,6 @@ and tests a self-signed one is enough, because clients pin the broker's certific
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from enclaveml._files import write_atomically
 from enclaveml.errors import ConfigurationError
 
 __all__ = ["create_self_signed_certificate"]
@@ -92,16 +92,7 @@ def create_self_signed_certificate(
 def _write(path: Path, data: bytes, mode: int) -> None:
     """Write atomically with ``mode`` from the first byte (a key never exists with wider permissions)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            os.fchmod(fd, mode)
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_atomically(path, data, mode=mode)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ConfigurationError(f"cannot write {path}: {exc.strerror}") from exc
