@@ -23,7 +23,7 @@ from typing import Final
 __all__ = ["atomic_file", "write_atomically"]
 
 # Errors of open(O_TMPFILE) that mean "not supported here" rather than "cannot write here".
-_NO_TMPFILE: Final = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
+_NO_TMPFILE: Final = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT, errno.ENOSYS})
 
 
 @contextmanager
