@@ -83,7 +83,10 @@ def test_round_trip_via_worker_processes_leaves_only_ciphertext_in_redis(
         async with RedisStreamsQueue(url, cluster_key=cluster_key, block_ms=100) as queue:
             assert isinstance(queue, RequestQueue)
             early = asyncio.create_task(submit_all(queue, range(20), in_flight=20))
-            await asyncio.sleep(0.3)
+            for _ in range(200):  # a busy machine may take a while; nothing consumes them yet
+                if sync_client(url).xlen(STREAM) == 20:
+                    break
+                await asyncio.sleep(0.05)
             blob, types = redis_snapshot(url)  # 20 sealed requests queued, no worker yet
             assert sync_client(url).xlen(STREAM) == 20
             assert_no_plaintext(blob)

@@ -50,7 +50,7 @@ def run(tmp_path: Path, plan: VerticalPlan) -> tuple[dict[str, Any], dict[str, A
     )  # fmt: skip
     parties = []
     for name in PARTIES:
-        command = [*base, "party", *common, "--name", name, "--token", tokens[name], "--url",
+        command = [*base, "party", *common, "--name", name, f"--token={tokens[name]}", "--url",
                    f"https://127.0.0.1:{port}", "--out", str(tmp_path / f"{name}.cbor")]  # fmt: skip
         parties.append(
             subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
