@@ -148,3 +148,26 @@ def test_block_size_must_be_positive(data_file: tuple[Path, bytes]) -> None:
         input_blocks(reader, 0),
     ):
         pass
+
+
+def _populate_supported(path: Path) -> bool:
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        try:
+            mapped.madvise(_input_blocks._MADV_POPULATE_READ, 0, mmap.PAGESIZE)
+        except OSError:
+            return False
+    return True
+
+
+def test_a_file_truncated_while_mapped_fails_like_a_read_not_with_sigbus(
+    data_file: tuple[Path, bytes],
+) -> None:
+    path, data = data_file
+    if not _populate_supported(path):
+        pytest.skip("MADV_POPULATE_READ needs Linux 5.14")
+    with io.FileIO(path, "r") as reader, input_blocks(reader, 64 * KIB) as blocks:
+        assert bytes(next(blocks)) == data[: 64 * KIB]
+        os.truncate(path, 70 * KIB)  # the next block reaches past the new end
+        with pytest.raises(OSError, match="truncated while it was read") as caught:
+            next(blocks)
+    assert caught.value.errno is not None

@@ -10,6 +10,7 @@ import errno
 import gc
 import io
 import itertools
+import mmap
 import os
 import signal
 import struct
@@ -831,3 +832,27 @@ def test_a_killed_unseal_leaves_no_plaintext_behind(tmp_path: Path) -> None:
         child.wait(timeout=30)
     assert child.returncode == -signal.SIGKILL
     assert _entries(tmp_path) == ["s"]
+
+
+@pytest.mark.parametrize("call", [_seal, _unseal, "to_bytes"])
+def test_an_input_truncated_mid_read_fails_cleanly(files: tuple[Path, bytes], call: object) -> None:
+    tmp, _ = files
+    source = tmp / ("p" if call is _seal else "s")
+    with source.open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        try:
+            mapped.madvise(_input_blocks._MADV_POPULATE_READ, 0, mmap.PAGESIZE)
+        except OSError:
+            pytest.skip("MADV_POPULATE_READ needs Linux 5.14")
+
+    def progress(done: int) -> None:
+        if done > 2 * MIB:
+            os.truncate(source, MIB)
+
+    def run() -> object:
+        if call == "to_bytes":
+            return unseal_file_to_bytes(source, unwrapper=KEY, progress=progress)
+        return call(tmp, progress=progress)  # type: ignore[operator]
+
+    with pytest.raises(OSError, match="truncated while it was read"):
+        run()
+    _assert_clean_failure(tmp)  # no output, the old one untouched, no thread left

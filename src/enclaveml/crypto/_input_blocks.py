@@ -17,11 +17,13 @@ about 0.53 s to 0.44 s and throughput rose by a quarter.
 * Every yielded view is valid until the next block is requested; mapped views are released
   then, so a caller that keeps one gets ``ValueError``, never a dangling pointer.
 
-The one behaviour that differs: a file mapped this way must not be *truncated* while it is
-being read. Like every memory-mapped reader (ripgrep, git's pack files, LMDB), the process
-then gets SIGBUS instead of a short read. Sealing and unsealing read files their owner (or the
-TEE's own file system) controls; a short read would have produced a damaged artifact or a
-DecryptionError anyway. Appending to the file is harmless: only the size at open is read.
+The one behaviour that differs: a file mapped this way should not be *truncated* while it is
+being read. Populating each block before the cipher touches it turns a truncation (or a disk
+read error) found there into an ``OSError``, as a failed read would be; only a truncation in
+the instant between populating a block and reading it still ends the process with SIGBUS, as
+with every memory-mapped reader (ripgrep, git's pack files, LMDB). Sealing and unsealing read
+files their owner (or the TEE's own file system) controls. Appending to the file is harmless:
+only the size at open is read.
 Content is never trusted because it was mapped: unsealing authenticates every chunk before its
 plaintext is written. The mapping shows the workload's own page cache: inside a TDX or SEV-SNP
 guest the host cannot write it, and another process of the same guest that could rewrite the
@@ -32,6 +34,7 @@ memory).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import mmap
 import os
@@ -130,9 +133,19 @@ class _MappedBlocks:
             return
         try:
             self._mapped.madvise(option, first, end - first)
-        except OSError:
-            if option == _MADV_POPULATE_READ:
+        except OSError as exc:
+            if option != _MADV_POPULATE_READ:
+                return  # dropping pages from the mapping is only an optimisation
+            if exc.errno == errno.EINVAL:
                 self._populate = False  # a kernel before 5.14: pages fault in on first touch instead
+                return
+            # EFAULT: touching these pages would raise SIGBUS (the file was truncated, or the disk
+            # failed to read them); EIO, ENOMEM, EHWPOISON likewise. Fail like a failed read.
+            raise OSError(
+                exc.errno,
+                f"the input could not be read at offset {first} "
+                f"(truncated while it was read, or an I/O error): {exc.strerror}",
+            ) from None
 
     def _release_current(self) -> None:
         if self._current is not None:

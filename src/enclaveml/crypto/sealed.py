@@ -261,8 +261,9 @@ def unseal_file_to_bytes(
 ) -> bytes:
     """Unseal a sealed file straight into memory (no plaintext on disk), e.g. a model for ONNX Runtime.
 
-    Reads in 1 MiB blocks into one output buffer sized from the file size, so peak memory is
-    the plaintext plus about 1 MiB. Nothing is returned unless the whole artifact verified.
+    Decrypts block by block (from the memory-mapped file, :mod:`._input_blocks`) into one
+    output buffer sized from the file size, so peak memory is the plaintext plus at most one
+    block. Nothing is returned unless the whole artifact verified.
     """
     check_progress(progress)
     with open_input(src) as reader:
@@ -273,19 +274,18 @@ def unseal_file_to_bytes(
         remaining = status.st_size - header.size
         decryptor = Cobblestone256Decryptor(_unwrap(header, unwrapper), header.encoded)
         out = FreshBytes(plaintext_size(remaining))
-        in_view = memoryview(bytearray(_UNSEAL_READ))
         try:
             written, done = 0, header.size
-            while remaining:
-                count = fill(reader, in_view[: min(len(in_view), remaining)])
-                if not count:  # the file shrank while we read it
-                    raise DecryptionError(AUTH_FAILED)
-                written += _update(decryptor, in_view[:count], out.view[written:])
-                remaining -= count
-                done += count
-                if progress is not None:
-                    progress(done)
-            if reader.read(1):  # the file grew: appended bytes are not part of the artifact
+            with input_blocks(reader, _UNSEAL_FILE_READ) as blocks:
+                for block in blocks:
+                    if len(block) > remaining:  # the file grew: appended bytes are not part of it
+                        raise DecryptionError(AUTH_FAILED)
+                    written += _update(decryptor, block, out.view[written:])
+                    remaining -= len(block)
+                    done += len(block)
+                    if progress is not None:
+                        progress(done)
+            if remaining:  # the file shrank while it was read
                 raise DecryptionError(AUTH_FAILED)
             _finish(decryptor, out.view, written)
         except BaseException:
