@@ -47,7 +47,7 @@ def atomic_file(dst: Path, *, mode: int = 0o600, durable: bool = False) -> Itera
             if durable:
                 os.fsync(fd)
             if temp_name is None:
-                temp_name = _name_unnamed_file(fd, dst)
+                temp_name = _name_unnamed_file(fd, dst, durable=durable)
         finally:
             os.close(fd)
         os.replace(temp_name, dst)
@@ -73,32 +73,59 @@ def _unnamed_file(directory: Path) -> int | None:
     if flag is None or not os.path.isdir("/proc/self/fd"):
         return None  # naming it at the end goes through /proc (linkat without CAP_DAC_READ_SEARCH)
     try:
-        return os.open(directory, flag | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        # Read-write, so that its content can still be copied out if naming it is refused.
+        return os.open(directory, flag | os.O_RDWR | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         if exc.errno in _NO_TMPFILE:
             return None
         raise
 
 
-def _name_unnamed_file(fd: int, dst: Path) -> str:
-    """Link the complete unnamed file under a fresh temporary name beside ``dst`` and return that name.
+def _name_unnamed_file(fd: int, dst: Path, *, durable: bool) -> str:
+    """Give the complete unnamed file a fresh temporary name beside ``dst`` and return that name.
 
     ``linkat`` cannot replace an existing file, so the caller renames the new name onto ``dst``.
+    Where linking through /proc is refused (some sandboxes), the content is copied by the
+    kernel into a named temporary file instead, so the output is never lost.
     """
     # linkat("/proc/self/fd/N", AT_SYMLINK_FOLLOW), as open(2) documents; os.link uses linkat
     # (rather than link, which would not follow the magic link) only when given a directory fd.
-    proc_fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for _ in range(100):
-            name = os.path.join(dst.parent, f".{dst.name}.{os.urandom(6).hex()}.partial")
-            try:
-                os.link(str(fd), name, src_dir_fd=proc_fds, follow_symlinks=True)
-            except FileExistsError:
-                continue
-            return name
-    finally:
-        os.close(proc_fds)
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(dst.parent))  # pragma: no cover
+        proc_fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for _ in range(100):
+                name = os.path.join(dst.parent, f".{dst.name}.{os.urandom(6).hex()}.partial")
+                try:
+                    os.link(str(fd), name, src_dir_fd=proc_fds, follow_symlinks=True)
+                except FileExistsError:
+                    continue
+                return name
+        finally:
+            os.close(proc_fds)
+    except OSError:
+        pass  # refused: copy instead
+    return _copy_to_named_file(fd, dst, durable=durable)
+
+
+def _copy_to_named_file(fd: int, dst: Path, *, durable: bool) -> str:
+    copy_fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+    try:
+        try:
+            os.fchmod(copy_fd, os.fstat(fd).st_mode & 0o7777)
+            size, offset = os.fstat(fd).st_size, 0
+            while offset < size:
+                sent = os.sendfile(copy_fd, fd, offset, size - offset)
+                if sent == 0:
+                    raise OSError(errno.EIO, "the output shrank while it was copied", str(dst))
+                offset += sent
+            if durable:
+                os.fsync(copy_fd)
+        finally:
+            os.close(copy_fd)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return name
 
 
 def _fsync_directory(directory: Path) -> None:

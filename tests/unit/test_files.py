@@ -83,3 +83,22 @@ def test_durable_writes_sync_the_data_and_the_directory(
 def test_a_missing_directory_raises_file_not_found(tmp_path: Path, mode_of_creation: str) -> None:
     with pytest.raises(FileNotFoundError), atomic_file(tmp_path / "missing" / "file"):
         pass
+
+
+def test_if_naming_the_unnamed_file_is_refused_its_content_is_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probe = _files._unnamed_file(tmp_path)
+    if probe is None:
+        pytest.skip("no O_TMPFILE here")
+    os.close(probe)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted")  # e.g. a sandbox refusing linkat via /proc
+
+    monkeypatch.setattr(_files.os, "link", refused)
+    data = os.urandom(3 << 20)
+    write_atomically(tmp_path / "model.bin", data, mode=0o640)
+    assert (tmp_path / "model.bin").read_bytes() == data
+    assert stat.S_IMODE((tmp_path / "model.bin").stat().st_mode) == 0o640
+    assert _entries(tmp_path) == ["model.bin"]
