@@ -43,6 +43,8 @@ PartyTee = Annotated[str, typer.Option("--tee", help="This process's evidence pr
 SimKey = Annotated[Path | None, typer.Option(help="Simulation key PEM: accept a SIMULATED server (unsafe).")]
 Wait = Annotated[float, typer.Option(help="Seconds to wait for an unreachable server.")]
 Ignore = Annotated[list[str] | None, typer.Option(help="A column that is not a feature; repeatable.")]
+Rows = Annotated[Path | None, typer.Option(help="Aligned rows from `enclaveml vfl psi`.")]
+IdColumn = Annotated[str | None, typer.Option(help="ID column to leave out of the features.")]
 
 
 def _plan(path: Path) -> Any:
@@ -311,8 +313,8 @@ def train(
     credential_file: Credential,
     policy: PolicyOpt,
     model_out: Annotated[Path, typer.Option(help="Where to write this party's sealed model part.")],
-    rows: Annotated[Path | None, typer.Option(help="Aligned rows from `enclaveml vfl psi`.")] = None,
-    id_column: Annotated[str | None, typer.Option(help="ID column to leave out of the features.")] = None,
+    rows: Rows = None,
+    id_column: IdColumn = None,
     label_column: Annotated[str | None, typer.Option(help="The label party: the label column.")] = None,
     ignore_column: Ignore = None,
     valid_data: Annotated[
@@ -365,8 +367,8 @@ def predict(
     credential_file: Credential,
     policy: PolicyOpt,
     model: Annotated[Path, typer.Option(help="This party's sealed model part (from `vfl train`).")],
-    rows: Annotated[Path | None, typer.Option(help="Aligned rows from `enclaveml vfl psi`.")] = None,
-    id_column: Annotated[str | None, typer.Option(help="ID column to leave out of the features.")] = None,
+    rows: Rows = None,
+    id_column: IdColumn = None,
     output: Annotated[
         Path | None, typer.Option(help="The label party: where to write the predictions (.npy).")
     ] = None,
