@@ -186,42 +186,53 @@ def test_a_round_holds_one_copy_of_the_uploads_and_frees_it_at_close() -> None:
     np.testing.assert_allclose(aggregator.global_model().weights[0], np.full(p, 4.5))
 
 
+class _HeldCopy:
+    """c0 and c1 upload; c2's upload is then held inside its row copy, in a thread, until release()."""
+
+    def __init__(self, aggregator: Aggregator, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered, self._release = threading.Event(), threading.Event()
+        self.errors: list[BaseException] = []
+        write = _round.RoundUploads.write
+
+        def slow_write(rows: _round.RoundUploads, upload: _round.Upload, weights: Weights) -> None:
+            if upload.client_id == "c2":
+                self.entered.set()
+                self._release.wait(10)
+            write(rows, upload, weights)
+
+        monkeypatch.setattr(_round.RoundUploads, "write", slow_write)
+        aggregator.submit("c0", 1, [np.full_like(g, 1.0) for g in MODEL], 1)
+        aggregator.submit("c1", 1, [np.full_like(g, 3.0) for g in MODEL], 1)
+
+        def submit_c2() -> None:
+            try:
+                aggregator.submit("c2", 1, [np.full_like(g, 500.0) for g in MODEL], 1)
+            except BaseException as exc:  # noqa: BLE001 - checked by the test
+                self.errors.append(exc)
+
+        self._thread = threading.Thread(target=submit_c2)
+        self._thread.start()
+        assert self.entered.wait(10)
+
+    def release(self) -> None:
+        """Let c2's copy land and wait for its submit to return."""
+        self._release.set()
+        self._thread.join(10)
+
+
 def test_an_upload_still_being_copied_when_the_round_closes_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = Clock()
     aggregator = aggregator_for(FedAvg(), 3, min_clients=2, clock=clock)
-    entered, release = threading.Event(), threading.Event()
-    write = _round.RoundUploads.write
-
-    def slow_write(self: _round.RoundUploads, upload: _round.Upload, weights: Weights) -> None:
-        if upload.client_id == "c2":
-            entered.set()
-            release.wait(10)
-        write(self, upload, weights)
-
-    monkeypatch.setattr(_round.RoundUploads, "write", slow_write)
-    aggregator.submit("c0", 1, [np.full_like(g, 1.0) for g in MODEL], 1)
-    aggregator.submit("c1", 1, [np.full_like(g, 3.0) for g in MODEL], 1)
-    errors: list[BaseException] = []
-
-    def late() -> None:
-        try:
-            aggregator.submit("c2", 1, [np.full_like(g, 500.0) for g in MODEL], 1)
-        except BaseException as exc:  # noqa: BLE001 - checked below
-            errors.append(exc)
-
-    thread = threading.Thread(target=late)
-    thread.start()
-    assert entered.wait(10)
+    held = _HeldCopy(aggregator, monkeypatch)
     assert aggregator.status()["uploads"] == 2  # a copy in progress is not an upload yet
     clock.now += 31
     assert aggregator.poll()  # closes with c0 and c1 while c2 is being copied
-    release.set()
-    thread.join(10)
-    assert [type(e) for e in errors] == [RoundMismatchError]
-    assert isinstance(errors[0], RoundMismatchError)
-    assert errors[0].current == 2
+    held.release()
+    assert [type(e) for e in held.errors] == [RoundMismatchError]
+    assert isinstance(held.errors[0], RoundMismatchError)
+    assert held.errors[0].current == 2
     assert aggregator.history[-1].accepted == ("c0", "c1")
     for w in aggregator.global_model().weights:
         np.testing.assert_array_equal(w, np.full_like(w, 2.0))
@@ -232,34 +243,11 @@ def test_a_row_still_being_written_by_a_revoked_client_is_not_given_to_another(
 ) -> None:
     clock = Clock()
     aggregator = aggregator_for(FedAvg(), 5, min_clients=2, clock=clock)  # c4 never uploads
-    entered, release = threading.Event(), threading.Event()
-    write = _round.RoundUploads.write
-
-    def slow_write(self: _round.RoundUploads, upload: _round.Upload, weights: Weights) -> None:
-        if upload.client_id == "c2":
-            entered.set()
-            release.wait(10)
-        write(self, upload, weights)
-
-    monkeypatch.setattr(_round.RoundUploads, "write", slow_write)
-    aggregator.submit("c0", 1, [np.full_like(g, 1.0) for g in MODEL], 1)
-    aggregator.submit("c1", 1, [np.full_like(g, 3.0) for g in MODEL], 1)
-    errors: list[BaseException] = []
-
-    def revoked_later() -> None:
-        try:
-            aggregator.submit("c2", 1, [np.full_like(g, 500.0) for g in MODEL], 1)
-        except BaseException as exc:  # noqa: BLE001 - checked below
-            errors.append(exc)
-
-    thread = threading.Thread(target=revoked_later)
-    thread.start()
-    assert entered.wait(10)
+    held = _HeldCopy(aggregator, monkeypatch)
     aggregator.revoke("c2")
     aggregator.submit("c3", 1, [np.full_like(g, 5.0) for g in MODEL], 1)
-    release.set()  # c2's copy lands now, after c3's
-    thread.join(10)
-    assert [type(e) for e in errors] == [NotEnrolledError]
+    held.release()  # c2's copy lands now, after c3's
+    assert [type(e) for e in held.errors] == [NotEnrolledError]
     clock.now += 31
     assert aggregator.poll()
     assert aggregator.history[-1].accepted == ("c0", "c1", "c3")
