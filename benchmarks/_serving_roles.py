@@ -1,14 +1,15 @@
 """The server processes of ``benchmarks.serving``: ``python -m benchmarks._serving_roles ROLE ...``.
 
-* ``plain``: :func:`enclaveml.serving.create_app` over the model (``--threads`` intra-op threads)
-  under uvicorn on 127.0.0.1, no TLS, in-process dynamic batching. Prints ``ready http://...``.
+* ``plain``: :func:`enclaveml.serving.create_app` over the model (``--threads`` intra-op threads,
+  ``--instances`` batches at once) under uvicorn on 127.0.0.1, no TLS, in-process dynamic
+  batching. Prints ``ready http://...``.
 * ``secure``: the RA-TLS front end (:func:`enclaveml.serving.secure.serve_in_thread`, simulation
   TEE) in queue mode over the encrypted Redis Streams queue. It loads the model only for its
   signature (one intra-op thread, never run). Prints ``ready https://...``.
-* ``worker``: one :class:`enclaveml.serving.QueueWorker` with ``--threads`` intra-op threads.
-  Prints ``ready``. ``--worker-concurrency N`` (an experiment, not the product's behaviour)
-  serves ``QueueWorker.handle`` with N requests in flight instead of ``QueueWorker.run``'s one
-  batch's worth.
+* ``worker``: one :class:`enclaveml.serving.QueueWorker` with ``--threads`` intra-op threads and
+  ``--instances`` batches at once. Prints ``ready``. ``--worker-concurrency N`` (an experiment,
+  not the product's behaviour) serves ``QueueWorker.handle`` with N requests in flight instead
+  of ``QueueWorker.run``'s own (one batch more than the instances).
 
 Each serves until SIGTERM, then prints ``stats {json}`` (batch sizes: rows -> batches) and exits.
 The cluster key comes from ``$ENCLAVEML_BENCH_CLUSTER_KEY`` (hex), never the command line; the
@@ -84,6 +85,7 @@ def _plain(args: argparse.Namespace) -> dict[str, Any]:
         {model.name: model},
         max_batch_size=args.max_batch,
         max_delay_ms=args.max_delay_ms,
+        instances=args.instances,
         request_timeout_s=REQUEST_TIMEOUT_S,
     )
     # The same server settings as enclaveml.serving.secure.uvicorn_config, without TLS.
@@ -143,6 +145,7 @@ async def _serve_queue(args: argparse.Namespace) -> dict[str, Any]:
             max_batch_size=args.max_batch,
             max_delay_ms=args.max_delay_ms,
             timeout_s=REQUEST_TIMEOUT_S,
+            instances=args.instances,
         )
         print("ready", flush=True)
         if not args.worker_concurrency:
@@ -164,6 +167,7 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="the name to serve it under")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--instances", type=int, default=1, help="batches of the model run at once")
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
     parser.add_argument("--redis", default="", help="redis:// URL of the request queue")
     parser.add_argument("--sim-key", type=Path, help="simulation TEE key file (secure)")

@@ -3,8 +3,8 @@
 One model (ResNet-50 FP32 from :mod:`benchmarks.int8_resnet50`, 1x3x224x224 images), three
 configurations measured side by side in one run:
 
-1. ``inprocess``: ``OnnxModel.run`` on batches of 16 in this process; the engine settings the
-   servers use (intra-op threads = available cores, spinning off).
+1. ``inprocess``: ``OnnxModel.run`` on batches of 16 in this process, ``--instances`` threads
+   calling it at once; the engine settings the servers use (spinning off).
 2. ``plain``: :func:`enclaveml.serving.create_app` under uvicorn on 127.0.0.1, no TLS, in-process
    dynamic batching to 16 (:mod:`benchmarks._serving_roles` ``plain``).
 3. ``secure``: the RA-TLS front end (simulation TEE) in queue mode, the encrypted Redis Streams
@@ -15,11 +15,16 @@ configurations measured side by side in one run:
    ``UnsafeAllowSimulation(AllOf(MeasurementAllowlist([measurement])))``); the load then pins
    exactly that certificate.
 
-Load (:mod:`benchmarks._serving_load`): closed loop, ``--clients`` connections over
-``--processes`` separate processes (stdlib ``http.client``, keep-alive, one pre-encoded
-binary-tensor request each, one image per request), so the server always has a full batch
-waiting. Server, worker, Redis and load share the machine's cores, the same way for both HTTP
-configurations.
+All three run the model with the same engine settings: ``--instances`` batches at once (default:
+one per core, the throughput setting of ``enclaveml serve --instances``), each on cores /
+instances intra-op threads. ``--instances 1`` measures the product's default (one batch at a
+time on every core), which has the lowest latency for a lone request.
+
+Load (:mod:`benchmarks._serving_load`): closed loop, ``--clients`` connections (default: one
+batch more than the instances run at once) over ``--processes`` separate processes (stdlib
+``http.client``, keep-alive, one pre-encoded binary-tensor request each, one image per
+request), so the server always has a full batch waiting. Server, worker, Redis and load share
+the machine's cores, the same way for both HTTP configurations.
 
 Measurement: rounds run every configuration back to back (order rotating); each HTTP
 measurement has a warm-up, a window, and a drain (no new requests, in-flight ones answered),
@@ -54,6 +59,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -65,7 +71,7 @@ import numpy as np
 import redis
 from tests.redis_server import RedisServer
 
-from benchmarks._common import rate, write_results
+from benchmarks._common import write_results
 from benchmarks._serving_load import LoadSpec, RoleProcess, aligned_rate, machine_busy_s, proc_cpu_s, run_load
 from benchmarks._serving_roles import CLUSTER_KEY_ENV, fresh_measurement
 from enclaveml.attestation.policy import AllOf, MeasurementAllowlist, UnsafeAllowSimulation
@@ -73,6 +79,7 @@ from enclaveml.attestation.simulation import SimulationKey, SimulationVerifier
 from enclaveml.attestation.tls import attest_server
 from enclaveml.crypto.keys import KeyHandle
 from enclaveml.serving import OnnxModel
+from enclaveml.serving._engine import available_cores, threads_per_instance
 from enclaveml.serving._oip_codec import HEADER_LENGTH, decode_response, encode_request
 from enclaveml.serving.client import Client
 
@@ -89,14 +96,21 @@ PARTS = {
 @dataclass(frozen=True)
 class Settings:
     batch: int = 16
-    clients: int = 32
+    instances: int = field(default_factory=available_cores)
+    clients: int = 0  # 0: (instances + 1) * batch, so that a full batch waits for every instance
     processes: int = 2
     rounds: int = 6
     seconds: float = 8.0
     warmup_s: float = 3.0
     max_delay_ms: float = 5.0
     worker_concurrency: int = 0  # 0: QueueWorker.run's own (max_batch_size); see _serving_roles
-    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    threads: int = 0  # intra-op threads per instance; 0: cores / instances
+
+    def __post_init__(self) -> None:
+        if not self.clients:
+            object.__setattr__(self, "clients", (self.instances + 1) * self.batch)
+        if not self.threads:
+            object.__setattr__(self, "threads", threads_per_instance(self.instances))
 
 
 def _percentiles_ms(latency: list[float]) -> dict[str, float]:
@@ -124,17 +138,25 @@ def _accounted(
 
 
 def measure_inprocess(model: OnnxModel, feed: dict[str, np.ndarray], s: Settings) -> dict[str, Any]:
+    """``s.instances`` threads each running batches back to back for ``s.seconds`` (after a warm-up)."""
     durations: list[float] = []
+    model.run(feed)
+    started = time.perf_counter()
 
-    def call() -> None:
-        started = time.perf_counter()
-        model.run(feed)
-        durations.append(time.perf_counter() - started)
+    def calls() -> None:
+        while (begun := time.perf_counter()) - started < s.seconds:
+            model.run(feed)
+            durations.append(time.perf_counter() - begun)
 
-    calls_per_s = rate(call, min_seconds=s.seconds, min_calls=3)
+    threads = [threading.Thread(target=calls) for _ in range(s.instances)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
     return {
-        "images_per_s": calls_per_s * s.batch,
-        "latency": durations[1:],  # rate() makes one warm-up call first
+        "images_per_s": len(durations) * s.batch / elapsed,
+        "latency": durations,
         "errors": 0,
         "images": len(durations) * s.batch,
         "load_s": 0.0,
@@ -219,6 +241,7 @@ def run_benchmark(model_path: Path, name: str, sample: np.ndarray, settings: Set
         env = {**os.environ, CLUSTER_KEY_ENV: KeyHandle.generate("cluster").secret_bytes().hex()}
         common = ["--model", str(model_path), "--name", name, "--max-batch", str(s.batch)]
         common += ["--max-delay-ms", str(s.max_delay_ms), "--threads", str(s.threads)]
+        common += ["--instances", str(s.instances)]
         roles = {
             "plain": RoleProcess("plain", common),
             "worker": RoleProcess(
@@ -374,8 +397,9 @@ def main() -> None:
     logging.getLogger("enclaveml.attestation.simulation").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     defaults = Settings()
-    for option in ("rounds", "clients", "processes", "worker_concurrency"):
-        parser.add_argument(f"--{option.replace('_', '-')}", type=int, default=getattr(defaults, option))
+    for option in ("instances", "rounds", "clients", "processes", "worker_concurrency"):
+        default = 0 if option == "clients" else getattr(defaults, option)  # 0: from --instances
+        parser.add_argument(f"--{option.replace('_', '-')}", type=int, default=default)
     for option in ("seconds", "warmup_s", "max_delay_ms"):
         parser.add_argument(f"--{option.replace('_', '-')}", type=float, default=getattr(defaults, option))
     parser.add_argument("--no-overhead", action="store_true", help="skip the null-model overhead pass")

@@ -24,7 +24,8 @@ from tests.serving_models import digits_model
 
 def _start_server(env: dict[str, str], sealed: Path, port: int) -> subprocess.Popen[str]:
     command = [sys.executable, "-c", "from enclaveml.cli import main; main()", "serve"]
-    command += ["--model", f"digits={sealed}", "--tee", "simulation", "--port", str(port), "--threads", "1"]
+    command += ["--model", f"digits={sealed}", "--tee", "simulation", "--port", str(port)]
+    command += ["--threads", "1", "--instances", "2"]
     return subprocess.Popen(
         command, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

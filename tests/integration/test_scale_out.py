@@ -26,10 +26,10 @@ from tests.serving_models import digits_model
 CLUSTER = KeyHandle.generate("cluster")
 
 
-def _worker(redis_url: str) -> subprocess.Popen[str]:
+def _worker(redis_url: str, instances: int = 1) -> subprocess.Popen[str]:
     env = {**os.environ, "ENCLAVEML_TEST_CLUSTER_KEY": CLUSTER.secret_bytes().hex()}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.serving_worker", redis_url],
+        [sys.executable, "-m", "tests.serving_worker", redis_url, str(instances)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -54,7 +54,8 @@ def test_kill_9_worker_under_load_every_request_answered_once(
 ) -> None:
     model_bytes, x_test, _ = digits_model()
     expected = ort.InferenceSession(model_bytes).run(None, {"X": x_test})[0]
-    workers = [_worker(redis_url), _worker(redis_url)]
+    # The one killed runs two batches at once: both batches' entries must be reclaimed.
+    workers = [_worker(redis_url, instances=2), _worker(redis_url)]
     answers: collections.Counter[int] = collections.Counter()
     lock = threading.Lock()
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Mapping
@@ -38,8 +39,21 @@ class FakeModel:
         self.threads: set[str] = set()
         self.gate = threading.Event()
         self.gate.set()
+        self.running = 0
+        self.peak = 0  # the most runs in progress at one time
+        self._lock = threading.Lock()
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            return self._run(inputs)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.gate.wait(5)
         self.threads.add(threading.current_thread().name)
         x = inputs["x"]
@@ -251,8 +265,61 @@ def test_the_event_loop_keeps_running_while_a_batch_computes() -> None:
     assert asyncio.run(scenario()) >= 10
 
 
+@pytest.mark.parametrize("instances", [1, 2, 3])
+def test_instances_run_that_many_full_batches_at_once(instances: int) -> None:
+    model = FakeModel(delay_s=0.2)
+
+    async def scenario() -> list[object]:
+        batcher = DynamicBatcher(model, max_batch_size=2, max_delay_ms=0, instances=instances)
+        results = await gather_all(batcher, [rows(1, 10 * i) for i in range(6)])
+        await batcher.close()
+        return results
+
+    started = time.monotonic()
+    results = asyncio.run(scenario())
+    elapsed = time.monotonic() - started
+    # Batches are still gathered whole while other instances compute: three batches of two.
+    assert model.batches == [2, 2, 2]
+    assert model.peak == instances
+    assert len(model.threads) == instances
+    assert elapsed < 0.2 * math.ceil(3 / instances) + 0.15
+    for i, result in enumerate(results):
+        assert isinstance(result, dict)
+        np.testing.assert_array_equal(result["y"], rows(1, 10 * i)["x"] * 2)
+
+
+def test_close_finishes_every_running_instance_and_fails_the_queue() -> None:
+    model = FakeModel()
+    model.gate.clear()
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(model, max_batch_size=1, max_delay_ms=0, instances=2)
+        running = [asyncio.ensure_future(batcher.submit(rows(1, i))) for i in range(2)]
+        await asyncio.sleep(0.05)
+        assert model.running == 2
+        queued = asyncio.ensure_future(batcher.submit(rows(1, 3)))
+        await asyncio.sleep(0.01)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        await closing
+        for request in running:
+            assert isinstance(await request, dict)  # both running batches finish
+        with pytest.raises(BatcherClosedError):
+            await queued
+
+    asyncio.run(scenario())
+    assert model.batches == [1, 1]
+
+
 def test_limits_are_validated() -> None:
-    for kwargs in ({"max_batch_size": 0}, {"max_queue": 0}, {"max_delay_ms": -1}, {"timeout_s": 0}):
+    for kwargs in (
+        {"max_batch_size": 0},
+        {"max_queue": 0},
+        {"max_delay_ms": -1},
+        {"timeout_s": 0},
+        {"instances": 0},
+    ):
         with pytest.raises(ConfigurationError):
             DynamicBatcher(FakeModel(), **kwargs)
 

@@ -10,6 +10,7 @@ from typing import TypeVar
 import pytest
 
 from enclaveml.errors import ConfigurationError, EnclaveMLError
+from enclaveml.serving import ModelRepository, QueueWorker
 from enclaveml.serving._queue import (
     HandlerError,
     InProcessQueue,
@@ -189,3 +190,6 @@ def test_invalid_arguments_are_configuration_errors() -> None:
             await queue.run_worker(echo, stop_event=asyncio.Event(), concurrency=0)
 
     run(main)
+    for limits in ({"instances": 0}, {"max_batch_size": 0}, {"max_delay_ms": -1.0}):
+        with pytest.raises(ConfigurationError):
+            QueueWorker(ModelRepository(), InProcessQueue(), **limits)  # type: ignore[arg-type]

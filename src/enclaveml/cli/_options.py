@@ -45,4 +45,13 @@ ModelSpecs = Annotated[
 ClusterKey = Annotated[str, typer.Option(help="Broker key id of the queue's cluster key.")]
 BatchSize = Annotated[int, typer.Option(help="Dynamic batching: rows per batch.")]
 BatchDelay = Annotated[float, typer.Option(help="Dynamic batching: wait for company.")]
-Threads = Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")]
+Threads = Annotated[
+    int | None, typer.Option(help="ONNX Runtime intra-op threads per instance [default: cores / instances].")
+]
+Instances = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Batches of a model run at once: 1 for the lowest latency, one per core for throughput.",
+    ),
+]

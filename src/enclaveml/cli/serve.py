@@ -22,6 +22,7 @@ from enclaveml.cli._options import (
     ClusterKey,
     Host,
     HttpsPort,
+    Instances,
     Kbs,
     KbsCa,
     ModelSpecs,
@@ -75,6 +76,7 @@ def serve(
     max_batch_size: BatchSize = 16,
     max_delay_ms: BatchDelay = 2.0,
     max_queue: Annotated[int, typer.Option(help="Requests waiting per model before 429.")] = 256,
+    instances: Instances = 1,
     threads: Threads = None,
     queue: Annotated[
         str | None, typer.Option(help="redis://... : scale out through encrypted Redis Streams to workers.")
@@ -90,7 +92,12 @@ def serve(
             return
         if not kbs:
             raise ConfigurationError("--kbs URL (or ENCLAVEML_KBS_URL) is required")
-        options = {"max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms, "max_queue": max_queue}
+        options = {
+            "max_batch_size": max_batch_size,
+            "max_delay_ms": max_delay_ms,
+            "max_queue": max_queue,
+            "instances": instances,
+        }
         _run_server(provider, models, kbs, kbs_ca, host, port, threads, queue, cluster_key, options)
     except EnclaveMLError as exc:
         err_console.print(f"[bold red]serve failed:[/bold red] {exc}")
@@ -132,12 +139,14 @@ def _run_server(
     from enclaveml.attestation import create_ratls_certificate
     from enclaveml.kms import KeyBrokerClient
     from enclaveml.serving import RedisStreamsQueue
+    from enclaveml.serving._engine import threads_per_instance
     from enclaveml.serving.app import create_app
     from enclaveml.serving.secure import load_sealed_models
 
     with KeyBrokerClient(kbs, provider, verify=str(kbs_ca) if kbs_ca else True) as broker:
         # A front end in queue mode only needs the models' signatures, not compute threads.
-        repository = load_sealed_models(models, broker, intra_op_threads=1 if queue_url else threads)
+        compute = threads or threads_per_instance(options["instances"])
+        repository = load_sealed_models(models, broker, intra_op_threads=1 if queue_url else compute)
         queue = RedisStreamsQueue(queue_url, cluster_key=broker.release(cluster_key)) if queue_url else None
     ratls = create_ratls_certificate(provider, dns_names=("localhost", host))
     app = create_app(repository, attestation=attestation_hook(provider, ratls), queue=queue, **options)
@@ -156,6 +165,7 @@ def serve_worker(
     cluster_key: ClusterKey = "enclaveml-cluster",
     max_batch_size: BatchSize = 16,
     max_delay_ms: BatchDelay = 2.0,
+    instances: Instances = 1,
     threads: Threads = None,
     print_measurement: PrintMeasurement = False,
 ) -> None:
@@ -172,10 +182,12 @@ def serve_worker(
             raise ConfigurationError("--kbs URL (or ENCLAVEML_KBS_URL) is required")
         from enclaveml.kms import KeyBrokerClient
         from enclaveml.serving import QueueWorker, RedisStreamsQueue
+        from enclaveml.serving._engine import threads_per_instance
         from enclaveml.serving.secure import load_sealed_models
 
         with KeyBrokerClient(kbs, provider, verify=str(kbs_ca) if kbs_ca else True) as broker:
-            repository = load_sealed_models(models, broker, intra_op_threads=threads)
+            compute = threads or threads_per_instance(instances)
+            repository = load_sealed_models(models, broker, intra_op_threads=compute)
             key = broker.release(cluster_key)
 
         async def run() -> None:
@@ -186,7 +198,11 @@ def serve_worker(
             async with RedisStreamsQueue(queue, cluster_key=key) as redis_queue:
                 err_console.print(f"worker serving {', '.join(sorted(models))} from {queue}")
                 worker = QueueWorker(
-                    repository, redis_queue, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms
+                    repository,
+                    redis_queue,
+                    max_batch_size=max_batch_size,
+                    max_delay_ms=max_delay_ms,
+                    instances=instances,
                 )
                 await worker.run(stop)
 

@@ -7,6 +7,14 @@ gathered or the oldest request has waited ``max_delay_ms``. The batch runs in a 
 thread (ORT releases the GIL), so the event loop keeps accepting requests, and the results are
 split back along dim 0.
 
+``instances`` (Triton's instance count) lets that many batches of one model run at once, each on
+its own thread (ORT sessions may be run concurrently); batches are still gathered one at a time,
+so the next batch forms while the running ones compute. With ``k`` instances give the model about
+``cores / k`` intra-op threads. One instance with every core gives the lowest latency to a lone
+request; one single-threaded instance per core gives more throughput under load, because a
+batch no longer waits at ORT's per-operator barriers for a thread that another process has
+preempted (measured in docs/benchmarks.md).
+
 Failure containment: a full queue rejects at once with :class:`Overloaded` (never unbounded
 memory); a request that times out or is cancelled leaves the queue and is dropped from any batch
 not yet started; when a batch fails, its requests are retried one by one so that one bad request
@@ -115,9 +123,11 @@ class DynamicBatcher:
         max_delay_ms: float = 2.0,
         max_queue: int = 256,
         timeout_s: float = 30.0,
+        instances: int = 1,
     ) -> None:
-        self.validate(max_batch_size, max_delay_ms, max_queue, timeout_s)
+        self.validate(max_batch_size, max_delay_ms, max_queue, timeout_s, instances)
         self.model = model
+        self.instances = instances
         self.max_batch_size = max_batch_size if model.batchable else 1
         self.max_delay_s = max_delay_ms / 1000
         self.max_queue = max_queue
@@ -125,17 +135,21 @@ class DynamicBatcher:
         self.stats = BatcherStats()
         self._queue: collections.deque[_Pending] = collections.deque()
         self._arrived: asyncio.Event | None = None
-        self._worker: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{model.name}")
+        self._gathering: asyncio.Lock | None = None  # one instance gathers at a time
+        self._workers: list[asyncio.Task[None]] = []
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"ort-{model.name}")
         self._closed = False
         self._batch_seconds = 0.0  # moving average of one batch's run time, for Retry-After
 
     @staticmethod
-    def validate(max_batch_size: int, max_delay_ms: float, max_queue: int, timeout_s: float) -> None:
+    def validate(
+        max_batch_size: int, max_delay_ms: float, max_queue: int, timeout_s: float, instances: int = 1
+    ) -> None:
         """Raise :class:`ConfigurationError` unless the batching limits make sense."""
-        if max_batch_size < 1 or max_queue < 1 or max_delay_ms < 0 or timeout_s <= 0:
+        if max_batch_size < 1 or max_queue < 1 or max_delay_ms < 0 or timeout_s <= 0 or instances < 1:
             raise ConfigurationError(
-                "DynamicBatcher needs max_batch_size >= 1, max_queue >= 1, max_delay_ms >= 0, timeout_s > 0"
+                "DynamicBatcher needs max_batch_size >= 1, max_queue >= 1, max_delay_ms >= 0, timeout_s > 0,"
+                " instances >= 1"
             )
 
     async def submit(
@@ -173,7 +187,7 @@ class DynamicBatcher:
             timer.cancel()
 
     async def close(self) -> None:
-        """Stop accepting requests, finish the running batch, fail everything still queued."""
+        """Stop accepting requests, finish the running batches, fail everything still queued."""
         self._closed = True
         while self._queue:
             item = self._queue.popleft()
@@ -182,16 +196,18 @@ class DynamicBatcher:
         self.stats.queued = 0
         if self._arrived is not None:
             self._arrived.set()
-        if self._worker is not None:
-            await asyncio.gather(self._worker, return_exceptions=True)
+        await asyncio.gather(*self._workers, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     def _ensure_worker(self) -> None:
-        if self._worker is None:
+        if not self._workers:
             self._arrived = asyncio.Event()
-            self._worker = asyncio.get_running_loop().create_task(
-                self._work(), name=f"batcher-{self.model.name}"
-            )
+            self._gathering = asyncio.Lock()
+            loop = asyncio.get_running_loop()
+            self._workers = [
+                loop.create_task(self._work(), name=f"batcher-{self.model.name}-{i}")
+                for i in range(self.instances)
+            ]
 
     def _expire(self, item: _Pending, limit: float) -> None:
         if item.future.done():
@@ -213,21 +229,29 @@ class DynamicBatcher:
 
     def _retry_after(self) -> float:
         batches_ahead = math.ceil(len(self._queue) / self.max_batch_size)
-        return max(1.0, batches_ahead * self._batch_seconds)
+        return max(1.0, batches_ahead * self._batch_seconds / self.instances)
 
     async def _work(self) -> None:
-        assert self._arrived is not None
+        """One instance: take the next batch (one instance at a time), run it, repeat until closed."""
+        assert self._gathering is not None
         while not self._closed:
-            if not self._queue:
-                self._arrived.clear()
-                await self._arrived.wait()
-                continue
             try:
-                batch = await self._gather()
+                async with self._gathering:
+                    batch = await self._next_batch()
                 if batch:
                     await self._run(batch)
             except Exception:  # noqa: BLE001 - a bug here must not silently stop serving the model
                 _log.exception("batcher of model %s hit an unexpected error", self.model.name)
+
+    async def _next_batch(self) -> list[_Pending]:
+        """Wait for a request (none once closed), then gather its batch."""
+        assert self._arrived is not None
+        while not self._queue:
+            if self._closed:
+                return []
+            self._arrived.clear()
+            await self._arrived.wait()
+        return await self._gather()
 
     async def _gather(self) -> list[_Pending]:
         """Take the oldest live request plus compatible ones, waiting at most until its deadline."""
@@ -321,6 +345,7 @@ def batcher_for(
     max_delay_ms: float,
     max_queue: int,
     timeout_s: float,
+    instances: int = 1,
 ) -> DynamicBatcher:
     """The batcher of ``model`` in ``batchers`` (keyed ``name:version``), created on first use.
 
@@ -335,6 +360,7 @@ def batcher_for(
             max_delay_ms=max_delay_ms,
             max_queue=max_queue,
             timeout_s=timeout_s,
+            instances=instances,
         )
         batchers[key] = batcher
     return batcher

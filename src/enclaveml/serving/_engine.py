@@ -157,6 +157,11 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) or 1
 
 
+def threads_per_instance(instances: int) -> int:
+    """Intra-op threads for each of ``instances`` batches running at once: the cores shared out."""
+    return max(1, available_cores() // max(1, instances))
+
+
 class OnnxModel:
     """An ONNX Runtime session over a model that exists only in memory.
 

@@ -92,6 +92,7 @@ class ServerState:
     max_batch_size: int
     max_delay_ms: float
     max_queue: int
+    instances: int
     max_request_bytes: int
     request_timeout_s: float
     attestation: Callable[[bytes], bytes] | None
@@ -114,6 +115,7 @@ class ServerState:
             max_delay_ms=self.max_delay_ms,
             max_queue=self.max_queue,
             timeout_s=self.request_timeout_s,
+            instances=self.instances,
         )
 
     async def close(self) -> None:
@@ -130,6 +132,7 @@ def create_app(
     max_batch_size: int = 16,
     max_delay_ms: float = 2.0,
     max_queue: int = 256,
+    instances: int = 1,
     max_request_bytes: int = 8 * 1024 * 1024,
     request_timeout_s: float = 30.0,
     attestation: Callable[[bytes], bytes] | None = None,
@@ -141,7 +144,8 @@ def create_app(
     ``models`` maps served names to loaded models, or is a repository the caller fills later
     (the server reports not-ready until its expected models are in). ``attestation`` receives the
     client's nonce and returns evidence bound to it and to the TLS key; without it
-    ``/attestation`` is 404. Batching, queue, body-size and timeout limits apply per model.
+    ``/attestation`` is 404. Batching, queue, body-size and timeout limits apply per model;
+    ``instances`` batches of a model may run at once (see :class:`DynamicBatcher`).
     With ``queue`` (scale-out), inference is not run here: parsed inputs go through the queue to
     workers (:func:`enclaveml.serving.worker.run_worker`), which batch and run them.
     """
@@ -155,7 +159,7 @@ def create_app(
                 raise ConfigurationError(f"model {model.name!r} is registered under a different name {key!r}")
         repository = ModelRepository(models.values())
     # Validates the batching arguments now rather than on the first request.
-    DynamicBatcher.validate(max_batch_size, max_delay_ms, max_queue, request_timeout_s)
+    DynamicBatcher.validate(max_batch_size, max_delay_ms, max_queue, request_timeout_s, instances)
 
     registry = CollectorRegistry(auto_describe=True)
     state = ServerState(
@@ -166,6 +170,7 @@ def create_app(
         max_batch_size=max_batch_size,
         max_delay_ms=max_delay_ms,
         max_queue=max_queue,
+        instances=instances,
         max_request_bytes=max_request_bytes,
         request_timeout_s=request_timeout_s,
         attestation=attestation,

@@ -29,7 +29,13 @@ class QueueWorker:
     max_delay_ms: float = 2.0
     max_queue: int = 256
     timeout_s: float = 30.0
+    instances: int = 1
     _batchers: dict[str, DynamicBatcher] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        DynamicBatcher.validate(
+            self.max_batch_size, self.max_delay_ms, self.max_queue, self.timeout_s, self.instances
+        )
 
     async def handle(self, model_key: str, payload: bytes) -> bytes:
         name, _, version = model_key.partition(":")
@@ -41,15 +47,16 @@ class QueueWorker:
             max_delay_ms=self.max_delay_ms,
             max_queue=self.max_queue,
             timeout_s=self.timeout_s,
+            instances=self.instances,
         )
         outputs = await batcher.submit(decode_tensors(payload))
         return b"".join(encode_tensors(outputs))
 
     async def run(self, stop_event: asyncio.Event) -> WorkerStats:
-        """Serve until ``stop_event``; two batches' worth in flight, so the next gathers while one runs."""
+        """Serve until ``stop_event``; one batch more in flight than run at once, so the next gathers."""
         try:
             return await self.queue.run_worker(
-                self.handle, stop_event=stop_event, concurrency=2 * self.max_batch_size
+                self.handle, stop_event=stop_event, concurrency=(self.instances + 1) * self.max_batch_size
             )
         finally:
             for batcher in self._batchers.values():
