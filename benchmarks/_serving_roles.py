@@ -11,7 +11,9 @@
   not the product's behaviour) serves ``QueueWorker.handle`` with N requests in flight instead
   of ``QueueWorker.run``'s own (one batch more than the instances).
 
-Each serves until SIGTERM, then prints ``stats {json}`` (batch sizes: rows -> batches) and exits.
+Each keeps the heap memory it frees (:func:`enclaveml._memory.keep_freed_memory`, as ``enclaveml
+serve`` and ``serve-worker`` do), serves until SIGTERM, then prints ``stats {json}`` (batch sizes:
+rows -> batches) and exits.
 The cluster key comes from ``$ENCLAVEML_BENCH_CLUSTER_KEY`` (hex), never the command line; the
 simulation key from the file ``--sim-key`` (mode 0600, written by the orchestrator).
 """
@@ -33,6 +35,7 @@ from typing import Any
 
 import uvicorn
 
+from enclaveml._memory import keep_freed_memory
 from enclaveml.attestation.simulation import SimulationKey, SimulationProvider
 from enclaveml.crypto.keys import KeyHandle
 from enclaveml.serving import ModelRepository, OnnxModel, QueueWorker, RedisStreamsQueue, create_app
@@ -175,6 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     # The simulation TEE warns on every start; the orchestrator reports that it is a simulation.
     logging.getLogger("enclaveml.attestation.simulation").setLevel(logging.ERROR)
+    keep_freed_memory()  # as enclaveml serve and serve-worker do
     if args.role == "plain":
         stats = _plain(args)
     elif args.role == "secure":

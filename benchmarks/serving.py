@@ -15,10 +15,10 @@ configurations measured side by side in one run:
    ``UnsafeAllowSimulation(AllOf(MeasurementAllowlist([measurement])))``); the load then pins
    exactly that certificate.
 
-All three run the model with the same engine settings: ``--instances`` batches at once (default:
-one per core, the throughput setting of ``enclaveml serve --instances``), each on cores /
-instances intra-op threads. ``--instances 1`` measures the product's default (one batch at a
-time on every core), which has the lowest latency for a lone request.
+All three run the model with the same engine settings: ``--instances`` batches at once, each on
+cores / instances intra-op threads (default 1: the product's default, one batch at a time on
+every core; ``--instances 2`` is ``enclaveml serve --instances 2``, one single-threaded batch
+per core).
 
 Load (:mod:`benchmarks._serving_load`): closed loop, ``--clients`` connections (default: one
 batch more than the instances run at once) over ``--processes`` separate processes (stdlib
@@ -62,7 +62,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +74,13 @@ from tests.redis_server import RedisServer
 from benchmarks._common import write_results
 from benchmarks._serving_load import LoadSpec, RoleProcess, aligned_rate, machine_busy_s, proc_cpu_s, run_load
 from benchmarks._serving_roles import CLUSTER_KEY_ENV, fresh_measurement
+from enclaveml._memory import keep_freed_memory
 from enclaveml.attestation.policy import AllOf, MeasurementAllowlist, UnsafeAllowSimulation
 from enclaveml.attestation.simulation import SimulationKey, SimulationVerifier
 from enclaveml.attestation.tls import attest_server
 from enclaveml.crypto.keys import KeyHandle
 from enclaveml.serving import OnnxModel
-from enclaveml.serving._engine import available_cores, threads_per_instance
+from enclaveml.serving._engine import threads_per_instance
 from enclaveml.serving._oip_codec import HEADER_LENGTH, decode_response, encode_request
 from enclaveml.serving.client import Client
 
@@ -96,7 +97,7 @@ PARTS = {
 @dataclass(frozen=True)
 class Settings:
     batch: int = 16
-    instances: int = field(default_factory=available_cores)
+    instances: int = 1
     clients: int = 0  # 0: (instances + 1) * batch, so that a full batch waits for every instance
     processes: int = 2
     rounds: int = 6
@@ -395,6 +396,7 @@ def main() -> None:
     # The simulation warning is printed once by the banner logic of each process; a line per
     # verification would flood the benchmark's output. Only the benchmark process does this.
     logging.getLogger("enclaveml.attestation.simulation").setLevel(logging.ERROR)
+    keep_freed_memory()  # the in-process baseline runs with the servers' allocator settings
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     defaults = Settings()
     for option in ("instances", "rounds", "clients", "processes", "worker_concurrency"):

@@ -135,6 +135,7 @@ def _run_server(
 ) -> None:
     import uvicorn
 
+    from enclaveml._memory import keep_freed_memory
     from enclaveml._web import attestation_hook, uvicorn_config
     from enclaveml.attestation import create_ratls_certificate
     from enclaveml.kms import KeyBrokerClient
@@ -143,6 +144,7 @@ def _run_server(
     from enclaveml.serving.app import create_app
     from enclaveml.serving.secure import load_sealed_models
 
+    keep_freed_memory()  # every request allocates image-sized buffers: see enclaveml._memory
     with KeyBrokerClient(kbs, provider, verify=str(kbs_ca) if kbs_ca else True) as broker:
         # A front end in queue mode only needs the models' signatures, not compute threads.
         compute = threads or threads_per_instance(options["instances"])
@@ -180,11 +182,13 @@ def serve_worker(
             return
         if not kbs:
             raise ConfigurationError("--kbs URL (or ENCLAVEML_KBS_URL) is required")
+        from enclaveml._memory import keep_freed_memory
         from enclaveml.kms import KeyBrokerClient
         from enclaveml.serving import QueueWorker, RedisStreamsQueue
         from enclaveml.serving._engine import threads_per_instance
         from enclaveml.serving.secure import load_sealed_models
 
+        keep_freed_memory()  # every request allocates image-sized buffers: see enclaveml._memory
         with KeyBrokerClient(kbs, provider, verify=str(kbs_ca) if kbs_ca else True) as broker:
             compute = threads or threads_per_instance(instances)
             repository = load_sealed_models(models, broker, intra_op_threads=compute)
