@@ -4,10 +4,12 @@ Why: a serving process allocates and frees image-sized buffers for every request
 the request body, the queue envelope, the decrypted payload, the batch). With glibc's defaults
 such memory goes back to the kernel as soon as it is freed: a buffer above the dynamic mmap
 threshold is a mapping of its own, and the heap top is trimmed once more than twice that
-threshold is free. The next request then page-faults every page of its buffers back in (a 600 KB
-buffer allocated and freed 64 times: 9,400 faults per round, measured; 0 with this setting),
-which cost the secure serving path about 0.3 CPU ms per image (docs/benchmarks.md). Inside an
-SGX enclave page faults are dearer still.
+threshold is free. The next request then page-faults its buffers back in (64 buffers of 600 KB
+allocated and freed: 9,400 faults per round, 0 with this setting). Measured on the serving
+benchmark's RA-TLS front end: 16 page faults per request before, 1 after (the worker: 1.5 and
+0.05). On the benchmark VM that CPU time is below what its run-to-run noise resolves (under 0.1 ms
+per image); it matters more where a fault is dearer: an SGX enclave with EDMM, where memory
+handed back must be added to the enclave again, or a VM whose host reclaims free guest memory.
 
 :func:`keep_freed_memory` sets the mmap threshold to 32 MiB (glibc's own ceiling for its dynamic
 threshold) and the trim threshold to twice that: at most 64 MiB of freed memory stays mapped
