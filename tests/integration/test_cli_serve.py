@@ -19,6 +19,7 @@ from enclaveml.attestation import MeasurementAllowlist, UnsafeAllowSimulation, a
 from enclaveml.attestation.simulation import default_key_path
 from enclaveml.cli._verifiers import build_verifier
 from tests.integration.test_cli_kbs import Served, _cli, _free_port, _policy_toml, served  # noqa: F401
+from tests.redis_server import redis_snapshot
 from tests.serving_models import digits_model
 
 
@@ -124,3 +125,93 @@ def test_serve_predict_and_tritonclient(tmp_path: Path, served: Served) -> None:
 def test_bad_model_spec_is_a_usage_error(spec: str) -> None:
     code, _, text = _cli({}, "serve", "--model", spec, "--tee", "simulation", "--print-measurement")
     assert code == 3, text
+
+
+def _measurement(env: dict[str, str], *command: str) -> str:
+    code, _, text = _cli(env, *command, "--tee", "simulation", "--print-measurement")
+    assert code == 0, text
+    return re.search(r"\b[0-9a-f]{96}\b", text).group(0)  # type: ignore[union-attr]
+
+
+def _wait_for_line(process: subprocess.Popen[str], needle: str, timeout_s: float = 90) -> None:
+    """Read the process's output until a line contains ``needle`` (a worker has no port to probe)."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    seen: list[str] = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        seen.append(line)
+        if needle in line:
+            return
+    raise AssertionError(f"{needle!r} never appeared: {''.join(seen)}")
+
+
+def test_serve_queue_and_serve_worker_obtain_their_keys_from_the_broker(
+    tmp_path: Path,
+    served: Served,  # noqa: F811
+    redis_url: str,
+) -> None:
+    """The scale-out CLI end to end: a front end and a worker, each attested to the broker for the
+    model key and the cluster key, answer through encrypted Redis Streams."""
+    env = served.env
+    model_bytes, x_test, _ = digits_model()
+    plain = tmp_path / "digits.onnx"
+    plain.write_bytes(model_bytes)
+    sealed = tmp_path / "digits.sealed"
+    spec = ["--model", f"digits={sealed}"]
+    front_end = _measurement(env, "serve", *spec, "--queue", redis_url)
+    worker = _measurement(env, "serve-worker", *spec, "--queue", redis_url)
+    assert front_end != worker  # different code paths, separately allowed
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        'type = "unsafe_allow_simulation"\n[policy]\ntype = "measurement"\n'
+        f'values = ["{front_end}", "{worker}"]\n'
+    )
+    for key in ("digits", "enclaveml-cluster"):
+        assert _cli(env, "kbs", "key", "create", key, "--policy", str(policy), "--json")[0] == 0
+    code, _, text = _cli(
+        env, "seal", str(plain), str(sealed), "--key", "digits", "--content-type", "application/onnx"
+    )
+    assert code == 0, text
+
+    base = [sys.executable, "-c", "from enclaveml.cli import main; main()"]
+    options = {
+        "env": {**os.environ, **env},
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.STDOUT,
+        "text": True,
+    }
+    worker_process = subprocess.Popen(
+        [*base, "serve-worker", *spec, "--queue", redis_url, "--tee", "simulation", "--instances", "2"],
+        **options,  # type: ignore[call-overload]
+    )
+    port = _free_port()
+    server = subprocess.Popen(
+        [*base, "serve", *spec, "--queue", redis_url, "--tee", "simulation", "--port", str(port)],
+        **options,  # type: ignore[call-overload]
+    )
+    try:
+        _wait_for_line(worker_process, "worker serving digits")
+        _wait_ready(server, port)
+        np.save(tmp_path / "x.npy", x_test[:20])
+        code, out, text = _cli(
+            {},
+            "predict", f"https://127.0.0.1:{port}", "digits", "--input", str(tmp_path / "x.npy"),
+            "--policy", str(policy), "--simulation-key", str(default_key_path()), "--json",
+        )  # fmt: skip
+        assert code == 0, text
+        expected = ort.InferenceSession(model_bytes).run(None, {"X": x_test[:20]})[0]
+        assert out["outputs"]["label"] == expected.tolist()
+        assert out["claims"]["measurement"] == front_end
+    finally:
+        for process in (server, worker_process):
+            process.terminate()
+        for process in (server, worker_process):
+            process.wait(timeout=30)
+    assert worker_process.returncode == 0  # SIGTERM drains and stops the worker cleanly
+    blob, _ = redis_snapshot(redis_url)
+    # Redis saw ciphertext only: neither an input row nor even the model name.
+    assert x_test[0].tobytes() not in blob
+    assert b"digits" not in blob
