@@ -16,9 +16,10 @@ configurations measured side by side in one run:
    exactly that certificate.
 
 All three run the model with the same engine settings: ``--instances`` batches at once, each on
-cores / instances intra-op threads (default 1: the product's default, one batch at a time on
-every core; ``--instances 2`` is ``enclaveml serve --instances 2``, one single-threaded batch
-per core).
+cores / instances intra-op threads. The default is the throughput setting, one single-threaded
+instance per core (``enclaveml serve --instances 2`` and ``serve-worker --instances 2`` here);
+``--instances 1`` measures the servers' default, one batch at a time on every core, which
+answers a lone request fastest (both are reported in docs/benchmarks.md).
 
 Load (:mod:`benchmarks._serving_load`): closed loop, ``--clients`` connections (default: one
 batch more than the instances run at once) over ``--processes`` separate processes (stdlib
@@ -62,7 +63,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ from enclaveml.attestation.simulation import SimulationKey, SimulationVerifier
 from enclaveml.attestation.tls import attest_server
 from enclaveml.crypto.keys import KeyHandle
 from enclaveml.serving import OnnxModel
-from enclaveml.serving._engine import threads_per_instance
+from enclaveml.serving._engine import available_cores, threads_per_instance
 from enclaveml.serving._oip_codec import HEADER_LENGTH, decode_response, encode_request
 from enclaveml.serving.client import Client
 
@@ -97,7 +98,7 @@ PARTS = {
 @dataclass(frozen=True)
 class Settings:
     batch: int = 16
-    instances: int = 1
+    instances: int = field(default_factory=available_cores)
     clients: int = 0  # 0: (instances + 1) * batch, so that a full batch waits for every instance
     processes: int = 2
     rounds: int = 6
