@@ -220,29 +220,6 @@ def test_outputs_that_are_not_split_by_rows_fall_back_to_single_runs() -> None:
     np.testing.assert_array_equal(second["mean"], rows(2, 100)["x"].mean(axis=0))
 
 
-def test_close_answers_queued_requests_and_refuses_new_ones() -> None:
-    model = FakeModel()
-    model.gate.clear()
-
-    async def scenario() -> None:
-        batcher = DynamicBatcher(model, max_batch_size=1, max_delay_ms=0)
-        running = asyncio.ensure_future(batcher.submit(rows(1)))
-        await asyncio.sleep(0.05)
-        queued = asyncio.ensure_future(batcher.submit(rows(1, 3)))
-        await asyncio.sleep(0.01)
-        closing = asyncio.ensure_future(batcher.close())
-        await asyncio.sleep(0.01)
-        model.gate.set()
-        await closing
-        assert isinstance(await running, dict)  # the running batch finishes
-        with pytest.raises(BatcherClosedError):
-            await queued
-        with pytest.raises(BatcherClosedError):
-            await batcher.submit(rows(1))
-
-    asyncio.run(scenario())
-
-
 def test_the_event_loop_keeps_running_while_a_batch_computes() -> None:
     model = FakeModel(delay_s=0.3)
 
@@ -288,15 +265,16 @@ def test_instances_run_that_many_full_batches_at_once(instances: int) -> None:
         np.testing.assert_array_equal(result["y"], rows(1, 10 * i)["x"] * 2)
 
 
-def test_close_finishes_every_running_instance_and_fails_the_queue() -> None:
+@pytest.mark.parametrize("instances", [1, 2])
+def test_close_finishes_running_batches_fails_the_queue_and_refuses_new_requests(instances: int) -> None:
     model = FakeModel()
     model.gate.clear()
 
     async def scenario() -> None:
-        batcher = DynamicBatcher(model, max_batch_size=1, max_delay_ms=0, instances=2)
-        running = [asyncio.ensure_future(batcher.submit(rows(1, i))) for i in range(2)]
+        batcher = DynamicBatcher(model, max_batch_size=1, max_delay_ms=0, instances=instances)
+        running = [asyncio.ensure_future(batcher.submit(rows(1, i))) for i in range(instances)]
         await asyncio.sleep(0.05)
-        assert model.running == 2
+        assert model.running == instances
         queued = asyncio.ensure_future(batcher.submit(rows(1, 3)))
         await asyncio.sleep(0.01)
         closing = asyncio.ensure_future(batcher.close())
@@ -304,12 +282,14 @@ def test_close_finishes_every_running_instance_and_fails_the_queue() -> None:
         model.gate.set()
         await closing
         for request in running:
-            assert isinstance(await request, dict)  # both running batches finish
+            assert isinstance(await request, dict)  # every running batch finishes
         with pytest.raises(BatcherClosedError):
             await queued
+        with pytest.raises(BatcherClosedError):
+            await batcher.submit(rows(1))
 
     asyncio.run(scenario())
-    assert model.batches == [1, 1]
+    assert model.batches == [1] * instances
 
 
 def test_limits_are_validated() -> None:
