@@ -147,8 +147,8 @@ def _run_server(
     keep_freed_memory()  # every request allocates image-sized buffers: see enclaveml._memory
     with KeyBrokerClient(kbs, provider, verify=str(kbs_ca) if kbs_ca else True) as broker:
         # A front end in queue mode only needs the models' signatures, not compute threads.
-        compute = threads or threads_per_instance(options["instances"])
-        repository = load_sealed_models(models, broker, intra_op_threads=1 if queue_url else compute)
+        compute = 1 if queue_url else threads_per_instance(options["instances"], threads)
+        repository = load_sealed_models(models, broker, intra_op_threads=compute)
         queue = RedisStreamsQueue(queue_url, cluster_key=broker.release(cluster_key)) if queue_url else None
     ratls = create_ratls_certificate(provider, dns_names=("localhost", host))
     app = create_app(repository, attestation=attestation_hook(provider, ratls), queue=queue, **options)
@@ -190,7 +190,7 @@ def serve_worker(
 
         keep_freed_memory()  # every request allocates image-sized buffers: see enclaveml._memory
         with KeyBrokerClient(kbs, provider, verify=str(kbs_ca) if kbs_ca else True) as broker:
-            compute = threads or threads_per_instance(instances)
+            compute = threads_per_instance(instances, threads)
             repository = load_sealed_models(models, broker, intra_op_threads=compute)
             key = broker.release(cluster_key)
 

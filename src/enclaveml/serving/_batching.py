@@ -11,9 +11,10 @@ split back along dim 0.
 its own thread (ORT sessions may be run concurrently); batches are still gathered one at a time,
 so the next batch forms while the running ones compute. With ``k`` instances give the model about
 ``cores / k`` intra-op threads. One instance with every core gives the lowest latency to a lone
-request; one single-threaded instance per core gives more throughput under load, because a
-batch no longer waits at ORT's per-operator barriers for a thread that another process has
-preempted (measured in docs/benchmarks.md).
+request; one single-threaded instance per core gives more throughput where the model shares its
+cores with other processes (a queue worker beside its front end and Redis: +3.5%), because ORT
+no longer spins at each operator's end for a thread that another process has preempted; a
+server alone on its cores gained nothing measurable (docs/benchmarks.md).
 
 Failure containment: a full queue rejects at once with :class:`Overloaded` (never unbounded
 memory); a request that times out or is cancelled leaves the queue and is dropped from any batch

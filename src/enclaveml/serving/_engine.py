@@ -157,9 +157,10 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) or 1
 
 
-def threads_per_instance(instances: int) -> int:
-    """Intra-op threads for each of ``instances`` batches running at once: the cores shared out."""
-    return max(1, available_cores() // max(1, instances))
+def threads_per_instance(instances: int, threads: int | None = None) -> int:
+    """Intra-op threads for each of ``instances`` batches running at once: ``threads`` if given,
+    else the cores shared out."""
+    return threads or max(1, available_cores() // max(1, instances))
 
 
 class OnnxModel:
