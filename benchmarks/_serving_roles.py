@@ -11,8 +11,9 @@
   not the product's behaviour) serves ``QueueWorker.handle`` with N requests in flight instead
   of ``QueueWorker.run``'s own (one batch more than the instances).
 
-Each keeps the heap memory it frees (:func:`enclaveml._memory.keep_freed_memory`, as ``enclaveml
-serve`` and ``serve-worker`` do), serves until SIGTERM, then prints ``stats {json}`` (batch sizes:
+Each keeps the heap memory it frees (:func:`enclaveml._memory.keep_freed_memory`) and settles
+its garbage collector once started (:func:`enclaveml._collector.settle_collector`), as ``enclaveml
+serve`` and ``serve-worker`` do, serves until SIGTERM, then prints ``stats {json}`` (batch sizes:
 rows -> batches) and exits.
 The cluster key comes from ``$ENCLAVEML_BENCH_CLUSTER_KEY`` (hex), never the command line; the
 simulation key from the file ``--sim-key`` (mode 0600, written by the orchestrator).
@@ -35,6 +36,7 @@ from typing import Any
 
 import uvicorn
 
+from enclaveml._collector import settle_collector
 from enclaveml._memory import keep_freed_memory
 from enclaveml.attestation.simulation import SimulationKey, SimulationProvider
 from enclaveml.crypto.keys import KeyHandle
@@ -110,6 +112,7 @@ def _plain(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit("the plain server did not start")
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
+    settle_collector()
     print(f"ready http://127.0.0.1:{port}", flush=True)
     _wait_for_sigterm()
     server.should_exit = True
@@ -131,6 +134,7 @@ def _secure(args: argparse.Namespace) -> dict[str, Any]:
         max_delay_ms=args.max_delay_ms,
         request_timeout_s=REQUEST_TIMEOUT_S,
     )
+    settle_collector()
     print(f"ready {running.url}", flush=True)
     _wait_for_sigterm()
     running.stop(30)
@@ -150,6 +154,7 @@ async def _serve_queue(args: argparse.Namespace) -> dict[str, Any]:
             timeout_s=REQUEST_TIMEOUT_S,
             instances=args.instances,
         )
+        settle_collector()
         print("ready", flush=True)
         if not args.worker_concurrency:
             await worker.run(stop)  # the product: as many requests in flight as one batch holds

@@ -135,6 +135,7 @@ def _run_server(
 ) -> None:
     import uvicorn
 
+    from enclaveml._collector import settle_collector
     from enclaveml._memory import keep_freed_memory
     from enclaveml._web import attestation_hook, uvicorn_config
     from enclaveml.attestation import create_ratls_certificate
@@ -155,6 +156,7 @@ def _run_server(
     mode = f"queue {queue_url}" if queue_url else "in-process batching"
     err_console.print(f"serving {', '.join(sorted(models))} on https://{host}:{port} (RA-TLS, {mode})")
     with uvicorn_config(app, ratls, host=host, port=port) as config:
+        settle_collector()  # the app is built: see enclaveml._collector
         uvicorn.Server(config).run()
 
 
@@ -182,6 +184,7 @@ def serve_worker(
             return
         if not kbs:
             raise ConfigurationError("--kbs URL (or ENCLAVEML_KBS_URL) is required")
+        from enclaveml._collector import settle_collector
         from enclaveml._memory import keep_freed_memory
         from enclaveml.kms import KeyBrokerClient
         from enclaveml.serving import QueueWorker, RedisStreamsQueue
@@ -193,6 +196,7 @@ def serve_worker(
             compute = threads_per_instance(instances, threads)
             repository = load_sealed_models(models, broker, intra_op_threads=compute)
             key = broker.release(cluster_key)
+        settle_collector()  # the models are loaded: see enclaveml._collector
 
         async def run() -> None:
             stop = asyncio.Event()
