@@ -43,12 +43,13 @@ processes, load included) does not, but it cannot see idle gaps in a pipeline. A
 (``overhead``, skip with ``--no-overhead``) serves a null model with the same request and
 response sizes: what serving costs per image beyond inference, by process, and the ratios that
 implies when the cores are the limit. ``--null-model`` runs that pass alone (``--rounds`` x
-``--seconds``, about a minute, no torch) and writes ``serving-null-model.json``: the figure to
-optimise the serving path against, since CPU time per image hardly moves when other users take
-cores. ``--worker-concurrency N`` is an experiment (see :mod:`benchmarks._serving_roles`); the
-default measures ``QueueWorker.run`` as shipped. Goals: secure/plain >= 0.95, secure/inprocess >= 0.85.
+``--seconds``, no torch; a minute with the command below) and writes ``serving-null-model.json``:
+the figure to optimise the serving path against, since CPU time per image hardly moves when
+other users take cores. ``--worker-concurrency N`` is an experiment (see
+:mod:`benchmarks._serving_roles`); the default measures ``QueueWorker.run`` as shipped.
+Goals: secure/plain >= 0.95, secure/inprocess >= 0.85.
 
-Run: ``.venv/bin/python -m benchmarks.serving`` (about 6 minutes on 2 cores), or
+Run: ``.venv/bin/python -m benchmarks.serving`` (about 10 minutes on 2 cores), or
 ``.venv/bin/python -m benchmarks.serving --null-model --rounds 3 --seconds 5``.
 """
 
@@ -102,7 +103,9 @@ class Settings:
     clients: int = 0  # 0: (instances + 1) * batch, so that a full batch waits for every instance
     processes: int = 2
     rounds: int = 6
-    seconds: float = 8.0
+    # A batch of 16 takes a single-threaded instance ~0.8 s: 8 s windows held about ten batch
+    # periods per instance and their rounds' secure/plain spread 0.87-1.02; 20 s windows, 0.91-0.96.
+    seconds: float = 20.0
     warmup_s: float = 3.0
     max_delay_ms: float = 5.0
     worker_concurrency: int = 0  # 0: QueueWorker.run's own (max_batch_size); see _serving_roles
