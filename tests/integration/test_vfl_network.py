@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -143,8 +145,25 @@ def test_party_refuses_a_server_running_another_plan(sim_key: SimulationKey, log
         stats = running.server.app.state.stats
         assert stats.requests() == 0  # the check failed on the certificate: not one HTTP request
     finally:
-        running.session.channels["bank"].close("test over")
         running.server.stop()
+
+
+def test_stopping_the_server_cancels_a_job_still_waiting_for_its_parties(
+    sim_key: SimulationKey, logreg_job, caplog: pytest.LogCaptureFixture
+) -> None:
+    plan = VerticalPlan(task="train", parties=PARTIES, algorithm="logreg", params={"max_iter": 300})
+    running = Running(sim_key, plan, logreg_job)  # waits up to 60 s for parties that never come
+    with running.connect("bank"):
+        pass  # one party came and went; the others never connect
+    started = time.monotonic()
+    running.server.stop()
+    assert running.session.wait(5), "the job outlived its server"
+    assert time.monotonic() - started < 5
+    assert running.session.state == "cancelled"
+    assert running.session.outcome()["state"] == "cancelled"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "a cancelled job is not a failure"
+    running.session.cancel()  # after the end: nothing changes
+    assert running.session.state == "cancelled"
 
 
 def test_unknown_credential_and_foreign_answers_are_refused(sim_key: SimulationKey) -> None:

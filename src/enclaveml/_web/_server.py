@@ -132,6 +132,10 @@ class RunningServer:
         self.thread.join(timeout)
         self._exit.close()
 
+    def on_stop(self, callback: Callable[[], object]) -> None:
+        """Have :meth:`stop` call ``callback`` once the server has stopped serving."""
+        self._exit.callback(callback)
+
 
 def serve_ratls_app(
     app: FastAPI,

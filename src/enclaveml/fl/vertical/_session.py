@@ -4,7 +4,9 @@
 RA-TLS. The job (a function of the parties' channels, label party first, in plan order) starts in
 a thread once every party has connected, and its outcome (result or error) is kept for the
 server's operator; parties learn only whether it succeeded. Credentials are random tokens the
-operator hands to each party; only their SHA-256 is kept.
+operator hands to each party; only their SHA-256 is kept. Stopping the server cancels the job
+(:meth:`VerticalSession.cancel`): a wait for parties ends at once and calls in flight fail, so
+no job thread outlives its server.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from enclaveml.fl.vertical.plan import VerticalPlan
 __all__ = ["Job", "NotEnrolledError", "VerticalSession", "token_sha256"]
 
 _log = logging.getLogger(__name__)
+_CANCEL_POLL_S = 0.1  # how soon a job still waiting for its parties notices cancel()
 
 Job = Callable[[Sequence[PartyChannel]], Any]
 """What the server runs: a function of the parties' channels (label party first)."""
@@ -67,7 +70,8 @@ class VerticalSession:
         }
         self._job = job
         self._connect_timeout_s = connect_timeout_s
-        self.state = "waiting"
+        self.state = "waiting"  # then "running", and "succeeded", "failed" or "cancelled"
+        self._cancelled: str | None = None
         self.result: Any = None
         self.error: BaseException | None = None
         self.finished = threading.Event()
@@ -89,6 +93,17 @@ class VerticalSession:
             raise ConfigurationError("the job has already been started")
         self._thread = threading.Thread(target=self._run, name="enclaveml-vfl-job", daemon=True)
         self._thread.start()
+
+    def cancel(self, reason: str = "the server stopped") -> None:
+        """End the job now with state "cancelled": waits for parties return, calls in flight fail.
+
+        Does nothing once the job has finished.
+        """
+        if self.finished.is_set():
+            return
+        self._cancelled = reason
+        for channel in self.channels.values():
+            channel.close(reason)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job has finished (True) or ``timeout`` passed (False)."""
@@ -115,6 +130,10 @@ class VerticalSession:
             self.state = "succeeded"
         except BaseException as exc:  # noqa: BLE001 - any failure ends the job and is reported
             self.error = exc
+            if self._cancelled is not None:
+                self.state = "cancelled"
+                _log.info("vertical job cancelled: %s", self._cancelled)
+                return
             self.state = "failed"
             # Only our own messages are written to carry no data; anything else is logged by type.
             detail = str(exc) if isinstance(exc, EnclaveMLError) else ""
@@ -127,5 +146,10 @@ class VerticalSession:
     def _await_parties(self) -> None:
         deadline = time.monotonic() + self._connect_timeout_s
         for name, channel in self.channels.items():
-            if not channel.connected.wait(max(0.0, deadline - time.monotonic())):
-                raise PartyGoneError(f"party {name!r} did not connect within {self._connect_timeout_s:g} s")
+            while not channel.connected.wait(min(_CANCEL_POLL_S, max(0.0, deadline - time.monotonic()))):
+                if self._cancelled is not None:
+                    raise PartyGoneError(f"party {name!r}: {self._cancelled}")
+                if time.monotonic() >= deadline:
+                    raise PartyGoneError(
+                        f"party {name!r} did not connect within {self._connect_timeout_s:g} s"
+                    )

@@ -161,11 +161,15 @@ def serve_vertical(
     startup_timeout: float = 30.0,
     **app_options: Any,
 ) -> RunningServer:
-    """Start the RA-TLS server in a background thread and the session's job (tests, embedding, the CLI)."""
+    """Start the RA-TLS server in a background thread and the session's job (tests, embedding, the CLI).
+
+    ``stop()`` on the returned server also cancels the job (:meth:`VerticalSession.cancel`).
+    """
     ratls = vertical_certificate(provider, session, host)
     app = create_vertical_app(session, attestation=attestation_hook(provider, ratls), **app_options)
     running = serve_ratls_app(
         app, ratls, name="enclaveml-vfl-server", host=host, port=port, startup_timeout=startup_timeout
     )
+    running.on_stop(session.cancel)  # a job still waiting or running must not outlive its server
     session.start()
     return running
