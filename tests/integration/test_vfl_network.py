@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -155,10 +154,8 @@ def test_stopping_the_server_cancels_a_job_still_waiting_for_its_parties(
     running = Running(sim_key, plan, logreg_job)  # waits up to 60 s for parties that never come
     with running.connect("bank"):
         pass  # one party came and went; the others never connect
-    started = time.monotonic()
     running.server.stop()
-    assert running.session.wait(5), "the job outlived its server"
-    assert time.monotonic() - started < 5
+    assert running.session.wait(5), "the job outlived its server"  # it would wait 60 s
     assert running.session.state == "cancelled"
     assert running.session.outcome()["state"] == "cancelled"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "a cancelled job is not a failure"
