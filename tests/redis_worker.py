@@ -48,8 +48,8 @@ class RecordingHandler:
         self._file = record.open("a", buffering=1) if record is not None else None
         self._delay_s = delay_s
 
-    def __call__(self, model: str, payload: memoryview) -> bytes:
-        index = bytes(payload).split(b"|", 2)[1]
+    def __call__(self, model: str, payload: bytes) -> bytes:
+        index = payload.split(b"|", 2)[1]
         if self._file is not None:
             with self._lock:
                 self._file.write(index.decode() + "\n")

@@ -262,8 +262,7 @@ def test_heartbeat_keeps_slow_requests_from_being_claimed_and_poison_is_dead_let
 ) -> None:
     executed: Counter[bytes] = Counter()
 
-    async def slow(model: str, payload: memoryview) -> bytes:
-        payload = bytes(payload)
+    async def slow(model: str, payload: bytes) -> bytes:
         executed[payload] += 1
         await asyncio.sleep(0.8)
         return payload
@@ -315,8 +314,7 @@ def test_two_workers_finishing_one_request_answer_it_once(
     monkeypatch.setattr(RedisWorker, "_heartbeat", no_heartbeat)
     executed: Counter[bytes] = Counter()
 
-    async def slow(model: str, payload: memoryview) -> bytes:
-        payload = bytes(payload)
+    async def slow(model: str, payload: bytes) -> bytes:
         executed[payload] += 1
         await asyncio.sleep(0.6)
         return payload
@@ -359,8 +357,7 @@ def test_replies_finishing_together_leave_in_one_pipeline_and_survive_a_script_f
     entered: list[bytes] = []
     all_in, release = asyncio.Event(), asyncio.Event()
 
-    async def gated(model: str, payload: memoryview) -> bytes:
-        payload = bytes(payload)
+    async def gated(model: str, payload: bytes) -> bytes:
         entered.append(payload)
         if len(entered) % 8 == 0:
             all_in.set()

@@ -30,11 +30,11 @@ def run(main: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(asyncio.wait_for(main(), 20))  # type: ignore[arg-type]
 
 
-def echo(model: str, payload: memoryview) -> bytes:
+def echo(model: str, payload: bytes) -> bytes:
     return model.encode() + b":" + payload
 
 
-async def aecho(model: str, payload: memoryview) -> bytes:
+async def aecho(model: str, payload: bytes) -> bytes:
     await asyncio.sleep(0)
     return b"async:" + payload
 
@@ -114,12 +114,12 @@ def test_timeout_is_typed_and_expired_requests_are_not_executed() -> None:
 
 
 def test_handler_errors_are_typed_and_do_not_stop_the_worker() -> None:
-    def flaky(model: str, payload: memoryview) -> bytes:
+    def flaky(model: str, payload: bytes) -> bytes:
         if payload == b"bad":
             raise ValueError("cannot parse the request")
         return payload
 
-    def wrong_type(model: str, payload: memoryview) -> bytes:
+    def wrong_type(model: str, payload: bytes) -> bytes:
         return "text"  # type: ignore[return-value]
 
     async def main() -> WorkerStats:
@@ -144,7 +144,7 @@ def test_handler_errors_are_typed_and_do_not_stop_the_worker() -> None:
 
 
 def test_concurrency_runs_requests_in_parallel_and_stop_drains_started_ones() -> None:
-    async def slow(model: str, payload: memoryview) -> bytes:
+    async def slow(model: str, payload: bytes) -> bytes:
         await asyncio.sleep(0.2)
         return payload
 

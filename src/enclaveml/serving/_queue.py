@@ -55,12 +55,8 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-Handler = Callable[[str, memoryview], bytes] | Callable[[str, memoryview], Awaitable[bytes]]
-"""``handler(model, payload) -> response``; sync handlers run in a thread so the loop stays free.
-
-``payload`` is a read-only view of the request's bytes (``bytes(payload)`` for a copy): the
-Redis Streams queue decrypts a request into a buffer of its own and hands over a view of it.
-"""
+Handler = Callable[[str, bytes], bytes] | Callable[[str, bytes], Awaitable[bytes]]
+"""``handler(model, payload) -> response``; sync handlers run in a thread so the loop stays free."""
 
 Payload = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
 """A submitted request: bytes-like, or parts that stand for their concatenation."""
@@ -156,7 +152,7 @@ def is_async(handler: Handler) -> bool:
 
 
 async def call_handler(
-    handler: Handler, model: str, payload: memoryview, *, handler_is_async: bool | None = None
+    handler: Handler, model: str, payload: bytes, *, handler_is_async: bool | None = None
 ) -> bytes:
     """Run a sync or async handler; sync ones go to a thread because inference blocks.
 
@@ -284,7 +280,7 @@ class InProcessQueue:
                 return
             stats.executed += 1
             try:
-                result = await call_handler(handler, job.model, memoryview(job.payload))
+                result = await call_handler(handler, job.model, job.payload)
             except Exception as exc:  # noqa: BLE001 - a failing request must not stop the worker
                 stats.handler_errors += 1
                 if not job.future.done():

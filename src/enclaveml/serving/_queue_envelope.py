@@ -51,13 +51,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from enclaveml.crypto._buffers import FreshBytes
 from enclaveml.crypto.keys import KeyHandle
 from enclaveml.errors import ConfigurationError
 from enclaveml.serving._queue import QueueDecryptionError
@@ -105,7 +105,7 @@ class RequestRecord:
     deadline_ms: int
     frontend_id: bytes
     model: str
-    payload: memoryview  # read-only
+    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,32 +149,35 @@ class QueueCipher:
         name = stream.encode()
         return b"".join((_AAD_LABEL, direction, struct.pack(">H", len(name)), name, rid, header))
 
-    def seal(
-        self, direction: bytes, stream: str, rid: bytes, record: Buffer | Sequence[Buffer]
-    ) -> memoryview:
+    def seal(self, direction: bytes, stream: str, rid: bytes, record: Buffer | Sequence[Buffer]) -> bytes:
         """Encrypt ``record`` for one (direction, stream, request id); random 96-bit nonce.
 
         ``record`` may be given as parts (its concatenation): each is encrypted straight into
         the envelope, so a large record is never joined or copied before encryption. The
-        envelope is a view of a buffer allocated without zeroing (every byte of it is written
-        here): zeroing a 600 KB image request first cost the front end as much as a copy.
+        envelope is filled in place without being zeroed first (:class:`FreshBytes`): under
+        load, zeroing a 600 KB image request cost the front end as much as a copy.
         """
         parts = [record] if isinstance(record, bytes | bytearray | memoryview) else record
         views = [memoryview(part).cast("B") for part in parts]
         nonce = _random_nonce()
         body = _HEADER.size + _NONCE_SIZE
-        out = _uninitialised(body + sum(len(view) for view in views) + _TAG_SIZE)
-        out[: _HEADER.size] = self._header
-        out[_HEADER.size : body] = nonce
-        encryptor = Cipher(self._aes, modes.GCM(nonce)).encryptor()
-        encryptor.authenticate_additional_data(self._aad(direction, stream, rid, self._header))
-        offset = body
-        for view in views:
-            # The tag's 16 bytes still follow, which update_into needs as room (block size - 1).
-            offset += encryptor.update_into(view, out[offset:])
-        encryptor.finalize()
-        out[offset:] = encryptor.tag  # exactly the last 16 bytes, or the assignment raises
-        return out
+        envelope = FreshBytes(body + sum(len(view) for view in views) + _TAG_SIZE)
+        try:
+            out = envelope.view
+            out[: _HEADER.size] = self._header
+            out[_HEADER.size : body] = nonce
+            encryptor = Cipher(self._aes, modes.GCM(nonce)).encryptor()
+            encryptor.authenticate_additional_data(self._aad(direction, stream, rid, self._header))
+            offset = body
+            for view in views:
+                # The tag's 16 bytes still follow, which update_into needs as room (block size - 1).
+                offset += encryptor.update_into(view, out[offset:])
+            encryptor.finalize()
+            out[offset:] = encryptor.tag  # exactly the last 16 bytes, or the assignment raises
+        except BaseException:
+            envelope.discard()
+            raise
+        return envelope.finish()
 
     def is_foreign_version(self, envelope: Buffer) -> bool:
         """True if the envelope names another cluster key version (public header data, not an oracle)."""
@@ -206,11 +209,11 @@ class QueueCipher:
     def open_request(self, stream: str, rid: bytes, envelope: Buffer) -> RequestRecord:
         """``decode_request(open(REQUEST, stream, rid, envelope))``, with the payload never copied.
 
-        The record's head and model name are decrypted first, then the payload into a buffer
-        of its own, allocated without zeroing (slicing it out of the record would copy it, and
-        a ``bytes`` result is zeroed before it is written); the payload is returned as a
-        read-only view. Nothing is returned before the tag is verified, and every failure is
-        the same QueueDecryptionError.
+        The record's head and model name are decrypted first, then the payload into a ``bytes``
+        of its own, filled in place (:class:`FreshBytes`: slicing it out of the record would
+        copy it, and the ``bytes`` that ``update`` returns is zeroed before it is written).
+        Nothing is returned before the tag is verified (a failure wipes what was decrypted), and
+        every failure is the same QueueDecryptionError.
         """
         view, nonce = self._checked(rid, envelope)
         decryptor = Cipher(self._aes, modes.GCM(nonce)).decryptor()
@@ -224,23 +227,25 @@ class QueueCipher:
             name_end = fixed
         name = decryptor.update(body[fixed:name_end])
         ciphertext = body[name_end:]
-        # update_into wants room for a cipher block beyond the data; GCM writes exactly len(data).
-        room = _uninitialised(len(ciphertext) + _BLOCK_SIZE - 1)
-        payload = room[: decryptor.update_into(ciphertext, room)]
+        payload = FreshBytes(len(ciphertext))
         try:
+            # GCM writes exactly len(data), but update_into wants room for a block beyond it:
+            # the last bytes go through a small buffer of their own.
+            split = max(0, len(ciphertext) - _BLOCK_SIZE)
+            written = decryptor.update_into(ciphertext[:split], payload.view) if split else 0
+            payload.view[written:] = decryptor.update(ciphertext[split:])
             decryptor.finalize_with_tag(bytes(view[len(view) - _TAG_SIZE :]))
         except InvalidTag:
+            payload.discard()
             raise QueueDecryptionError("invalid queue envelope") from None
-        return _request_record(head, name, payload.toreadonly())
+        except BaseException:
+            payload.discard()
+            raise
+        return _request_record(head, name, payload.finish())
 
 
 def _random_nonce() -> bytes:
     return os.urandom(_NONCE_SIZE)
-
-
-def _uninitialised(size: int) -> memoryview:
-    """A writable byte buffer whose contents are whatever the allocator returned; write all of it."""
-    return np.empty(size, dtype=np.uint8).data
 
 
 def request_head(deadline_ms: int, frontend_id: bytes, model: str) -> bytes:
@@ -264,12 +269,10 @@ def decode_request(data: bytes) -> RequestRecord:
         if len(data) >= _REQUEST_HEAD.size
         else 0
     )
-    return _request_record(
-        data[: _REQUEST_HEAD.size], data[_REQUEST_HEAD.size : end], memoryview(data)[end:].toreadonly()
-    )
+    return _request_record(data[: _REQUEST_HEAD.size], data[_REQUEST_HEAD.size : end], data[end:])
 
 
-def _request_record(head: bytes, name: bytes, payload: memoryview) -> RequestRecord:
+def _request_record(head: bytes, name: bytes, payload: bytes) -> RequestRecord:
     """The record from its three pieces: fixed head, model name, payload."""
     if len(head) != _REQUEST_HEAD.size:
         raise QueueDecryptionError("invalid queue envelope")

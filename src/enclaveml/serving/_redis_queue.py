@@ -211,7 +211,7 @@ class RedisStreamsQueue:
             raise HandlerError(reply.error_type, reply.error_message)
         return reply.body
 
-    async def _enqueue(self, rid: bytes, envelope: memoryview) -> None:
+    async def _enqueue(self, rid: bytes, envelope: bytes) -> None:
         """XADD the sealed request unless the shared backlog is full (see the class docstring)."""
         layout = self.layout
         loop = asyncio.get_running_loop()
@@ -225,7 +225,7 @@ class RedisStreamsQueue:
                     raise QueueFullError(self._latency.retry_after_s(), "the shared backlog is at max_len")
             pipe = self._redis.pipeline(transaction=False)
             # A memoryview goes to the socket as it is; redis-py's hiredis packer would copy bytes.
-            pipe.xadd(layout.stream, {"i": rid.hex(), "c": envelope})
+            pipe.xadd(layout.stream, {"i": rid.hex(), "c": memoryview(envelope)})
             pipe.xlen(layout.stream)
             _, backlog = await pipe.execute()
         except RedisError as exc:

@@ -37,7 +37,7 @@ class QueueWorker:
             self.max_batch_size, self.max_delay_ms, self.max_queue, self.timeout_s, self.instances
         )
 
-    async def handle(self, model_key: str, payload: memoryview) -> bytes:
+    async def handle(self, model_key: str, payload: bytes) -> bytes:
         name, _, version = model_key.partition(":")
         model = self.repository.get(name, version or None)
         batcher = batcher_for(
