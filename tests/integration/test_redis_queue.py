@@ -340,6 +340,87 @@ def test_two_workers_finishing_one_request_answer_it_once(
     assert ignored == 0  # so the front end never even saw a second one
 
 
+def blocked_reads(url: str, name: str) -> list[dict[str, Any]]:
+    """Connections named ``name`` that Redis holds blocked in an XREADGROUP."""
+    return [
+        c
+        for c in sync_client(url).client_list()
+        if c.get("name") == name and c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
+    ]
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def test_worker_reads_on_its_own_connection_and_leaves_no_read_waiting_when_stopped_or_cancelled(
+    redis_url: str, cluster_key: KeyHandle
+) -> None:
+    """New entries come through the worker's blocking read connection, which ends with the worker.
+
+    BLOCK is 3 s here, so a read left behind by a stop or a cancellation would still be waiting
+    in Redis when the test looks.
+    """
+
+    async def main() -> None:
+        options: dict[str, Any] = {"cluster_key": cluster_key, "block_ms": 3000}
+        front = RedisStreamsQueue(redis_url, **options)
+        for end in ("stop", "cancel"):
+            back = RedisStreamsQueue(redis_url, consumer=f"worker {end}", **options)  # a space: not a name
+            name = f"worker_{end}:reads"
+            stop = asyncio.Event()
+            worker = asyncio.create_task(back.run_worker(RecordingHandler(None, 0), stop_event=stop))
+            assert await wait_until(lambda: bool(blocked_reads(redis_url, name)), 10), "no blocked read"
+            answer = await front.submit(MODEL, make_payload(7), timeout_s=10)
+            assert answer == expected_reply(7, MODEL)
+            assert await wait_until(lambda: bool(blocked_reads(redis_url, name)), 10)  # waiting again
+            started = time.monotonic()
+            if end == "stop":
+                stop.set()  # the loop ends when the read returns, after its BLOCK time at most
+                assert (await worker).answered == 1
+            else:
+                worker.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await worker
+                assert time.monotonic() - started < 1.0  # does not wait for the read
+            assert await wait_until(lambda: not blocked_reads(redis_url, name), 1.0), f"read left after {end}"
+            await back.aclose()
+        await front.aclose()
+
+    run(main)
+
+
+def test_a_queue_given_its_own_client_reads_through_it(redis_url: str, cluster_key: KeyHandle) -> None:
+    """Without a URL there is no blocking read connection: the worker reads through the given client."""
+
+    async def main() -> WorkerStats:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(redis_url, decode_responses=False, client_name="given-client")
+        front = RedisStreamsQueue(redis_url, cluster_key=cluster_key, block_ms=100)
+        back = RedisStreamsQueue("", cluster_key=cluster_key, block_ms=2000, consumer="given", client=client)
+        stop = asyncio.Event()
+        handler = RecordingHandler(None, 0)
+        worker = asyncio.create_task(back.run_worker(handler, stop_event=stop, concurrency=4))
+        assert await wait_until(lambda: bool(blocked_reads(redis_url, "given-client")), 10)
+        answers = await submit_all(front, range(8), in_flight=8)
+        assert answers == {i: expected_reply(i, MODEL) for i in range(8)}
+        assert not blocked_reads(redis_url, "given:reads")
+        stop.set()
+        stats = await worker
+        await front.aclose()
+        await back.aclose()
+        await client.aclose()
+        return stats
+
+    assert run(main).answered == 8
+
+
 def test_replies_finishing_together_leave_in_one_pipeline_and_survive_a_script_flush(
     redis_url: str, cluster_key: KeyHandle, monkeypatch: pytest.MonkeyPatch
 ) -> None:

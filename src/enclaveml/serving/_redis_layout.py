@@ -67,6 +67,7 @@ __all__ = [
     "RedisLayout",
     "default_consumer",
     "raise_if_cancelling",
+    "reader_client_name",
     "reraise_if_cancelling",
     "stream_entries",
 ]
@@ -151,6 +152,11 @@ def default_consumer() -> str:
     """Unique per process and restart, so a restarted worker never inherits a dead one's entries."""
     host = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in socket.gethostname()) or "host"
     return f"{host[:40]}-{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def reader_client_name(consumer: str) -> str:
+    """CLIENT SETNAME for a worker's read connection: its consumer name in the characters Redis allows."""
+    return "".join(ch if "!" <= ch <= "~" else "_" for ch in consumer)[:80] + ":reads"
 
 
 def stream_entries(response: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:

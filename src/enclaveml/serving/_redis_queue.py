@@ -45,7 +45,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis import Redis as BlockingRedis
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from enclaveml.crypto.keys import KeyHandle
 from enclaveml.errors import ConfigurationError
@@ -75,6 +78,7 @@ from enclaveml.serving._redis_layout import (
     RedisLayout,
     default_consumer,
     raise_if_cancelling,
+    reader_client_name,
     reraise_if_cancelling,
     stream_entries,
 )
@@ -85,6 +89,8 @@ __all__ = ["FrontEndStats", "RedisStreamsQueue"]
 _log = logging.getLogger(__name__)
 _RETRY_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0)
 _BACKLOG_FRESH_S = 1.0  # an older backlog reading is read again before the next XADD
+# A worker's blocking read gives up this long after its BLOCK time (Redis unresponsive), then retries.
+_BLOCKING_READ_MARGIN_S = 10.0
 
 
 @dataclass
@@ -146,6 +152,7 @@ class RedisStreamsQueue:
         self._cipher = QueueCipher(cluster_key)
         # decode_responses=False: envelopes are binary and must come back byte for byte.
         self._owns_client = client is None
+        self._url = url
         self._redis = client if client is not None else aioredis.Redis.from_url(url, decode_responses=False)
         self._backlog = max_len  # unknown until read: the first submit reads XLEN first
         self._backlog_read_at = 0.0
@@ -308,10 +315,30 @@ class RedisStreamsQueue:
         expired requests and handler exceptions never stop the worker; Redis outages are retried.
         """
         check_limits(1, concurrency)
-        worker = RedisWorker(
-            self._redis, self.layout, self._cipher, consumer or self.consumer, handler, concurrency
+        consumer = consumer or self.consumer
+        # New entries are read by a blocking client in a thread (fewer copies; see _redis_worker).
+        # It needs the URL: with an injected client the worker reads through that client.
+        # No retries inside redis-py, whatever its defaults (they differ between its constructors):
+        # the worker's loop retries with its own back-off and sees a stop in between.
+        blocking = (
+            BlockingRedis.from_url(
+                self._url,
+                decode_responses=False,
+                client_name=reader_client_name(consumer),
+                socket_timeout=self.layout.block_ms / 1000 + _BLOCKING_READ_MARGIN_S,
+                retry=Retry(NoBackoff(), 0),
+            )
+            if self._owns_client
+            else None
         )
-        return await worker.run(stop_event)
+        worker = RedisWorker(
+            self._redis, self.layout, self._cipher, consumer, handler, concurrency, blocking=blocking
+        )
+        try:
+            return await worker.run(stop_event)
+        finally:
+            if blocking is not None:
+                blocking.close()  # also ends a read still waiting in the thread after a cancellation
 
     async def aclose(self) -> None:
         """Stop the listener, fail waiting submitters with QueueClosedError, close connections."""
