@@ -313,11 +313,12 @@ class RedisStreamsQueue:
 
         ``concurrency`` requests run at once (sync handlers in threads). Decryption failures,
         expired requests and handler exceptions never stop the worker; Redis outages are retried.
+        New entries arrive on a connection of the worker's own (``CLIENT LIST`` name
+        ``<consumer>:reads``), read by a blocking client in a thread (fewer copies; see
+        :mod:`._redis_worker`); a queue given a ``client`` instead of a URL reads through it.
         """
         check_limits(1, concurrency)
         consumer = consumer or self.consumer
-        # New entries are read by a blocking client in a thread (fewer copies; see _redis_worker).
-        # It needs the URL: with an injected client the worker reads through that client.
         # No retries inside redis-py, whatever its defaults (they differ between its constructors):
         # the worker's loop retries with its own back-off and sees a stop in between.
         blocking = (
