@@ -12,7 +12,7 @@ New entries are read with a blocking (synchronous) redis-py client in this worke
 thread when the queue has one (it does when built from a URL): that path receives into one
 reused buffer and hands it to hiredis, where the asyncio path copies each request again on its
 way through the transport's bytes, the stream reader's buffer and its read slices, and pauses
-the socket every 128 KB. For image-sized requests that is 0.15-0.25 CPU ms per request less in
+the socket every 128 KB. For image-sized requests that is about 0.2 CPU ms per request less in
 the worker (docs/benchmarks.md). Claims, heartbeats and completions stay on the asyncio client;
 they carry little. Cancelling the worker does not wait for a read in the thread: its entries
 stay pending and are claimed after ``claim_idle_ms``, as for any worker that stops mid-request.
