@@ -212,7 +212,7 @@ class RedisWorker:
                 layout.group, self._consumer, streams, count=count, block=layout.block_ms
             )
         else:
-            if self._read_thread is None:
+            if self._read_thread is None:  # not the default executor: sync handlers queue there
                 self._read_thread = ThreadPoolExecutor(1, thread_name_prefix=f"redis-read {self._consumer}")
             read = functools.partial(
                 self._blocking.xreadgroup,
