@@ -45,7 +45,8 @@ response sizes: what serving costs per image beyond inference, by process, and t
 implies when the cores are the limit. ``--null-model`` runs that pass alone (``--rounds`` x
 ``--seconds``, no torch; a minute with the command below) and writes ``serving-null-model.json``:
 the figure to optimise the serving path against, since CPU time per image hardly moves when
-other users take cores. ``--worker-concurrency N`` is an experiment (see
+other users take cores. With ``--image-side N`` it serves 3xNxN images instead: two sizes split
+the cost into a part per request and a part per byte. ``--worker-concurrency N`` is an experiment (see
 :mod:`benchmarks._serving_roles`); the default measures ``QueueWorker.run`` as shipped.
 Goals: secure/plain >= 0.95, secure/inprocess >= 0.85.
 
@@ -323,10 +324,11 @@ def run_benchmark(model_path: Path, name: str, sample: np.ndarray, settings: Set
     }
 
 
-def null_model(path: Path) -> Path:
+def null_model(path: Path, side: int = 224) -> Path:
     """ResNet-50's input and output (Nx3x224x224 -> Nx1000) with next to no compute: mean, matmul.
 
-    Served exactly like ResNet-50, it shows what serving costs per image beyond inference.
+    Served exactly like ResNet-50, it shows what serving costs per image beyond inference. Other
+    ``side`` values (Nx3xSIDExSIDE) split that cost into a part per request and a part per byte.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -336,7 +338,7 @@ def null_model(path: Path) -> Path:
             helper.make_node("MatMul", ["mean", "weights"], ["logits"]),
         ],
         "null",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 224, 224])],
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, side, side])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1000])],
         [numpy_helper.from_array(np.ones((3, 1000), np.float32), "weights")],
     )
@@ -363,10 +365,12 @@ def overhead(
     """
     short = dataclasses.replace(settings, rounds=rounds, seconds=seconds, warmup_s=1.0)
     with tempfile.TemporaryDirectory(prefix="enclaveml-bench-") as folder:
-        null = run_benchmark(null_model(Path(folder) / "null.onnx"), "null", sample, short)
+        model = null_model(Path(folder) / "null.onnx", side=sample.shape[-1])
+        null = run_benchmark(model, "null", sample, short)
     added = {c: sum(null["configs"][c]["cpu_ms_per_image"].values()) for c in ("plain", "secure")}
     result: dict[str, Any] = {
         "what": "null model, same request and response sizes; CPU ms per image by process",
+        "request_tensor_bytes": int(sample.nbytes),
         "plain": null["configs"]["plain"]["cpu_ms_per_image"],
         "secure": null["configs"]["secure"]["cpu_ms_per_image"],
         "total_ms": {c: round(v, 2) for c, v in added.items()},
@@ -384,11 +388,17 @@ def overhead(
     return result
 
 
-def null_only(settings: Settings) -> None:
-    """``--null-model``: the overhead pass alone, longer than inside a full run; no torch needed."""
-    sample = np.random.default_rng(300).standard_normal((1, 3, 224, 224), dtype=np.float32)
+def null_only(settings: Settings, side: int = 224) -> None:
+    """``--null-model``: the overhead pass alone, longer than inside a full run; no torch needed.
+
+    ``side`` other than ResNet-50's 224 serves 3 x side x side images (written to
+    ``serving-null-model-side-N.json``): with two sizes, the secure path's cost per request and
+    per byte, which predicts secure/plain for another model from its input size and inference time.
+    """
+    sample = np.random.default_rng(300).standard_normal((1, 3, side, side), dtype=np.float32)
     extra = overhead(settings, sample, None, rounds=settings.rounds, seconds=settings.seconds)
-    written = write_results("serving-null-model", {"settings": asdict(settings), "overhead": extra})
+    output = "serving-null-model" if side == 224 else f"serving-null-model-side-{side}"
+    written = write_results(output, {"settings": asdict(settings), "image_side": side, "overhead": extra})
     for config in ("plain", "secure"):
         parts = ", ".join(f"{k} {v:.2f}" for k, v in extra[config].items())
         print(f"{config:<7} {extra['total_ms'][config]:6.2f} ms CPU per image ({parts})")
@@ -414,10 +424,21 @@ def main() -> None:
         action="store_true",
         help="only the null-model pass (--rounds x --seconds): serving CPU ms per image by process",
     )
+    parser.add_argument(
+        "--image-side",
+        type=int,
+        default=224,
+        help="with --null-model: serve 3 x N x N float32 images instead of ResNet-50's 224 x 224",
+    )
     args = parser.parse_args()
-    settings = Settings(**{k: v for k, v in vars(args).items() if k not in ("no_overhead", "null_model")})
+    if args.image_side != 224 and not args.null_model:
+        parser.error("--image-side only applies to --null-model (the full run serves ResNet-50)")
+    if args.image_side < 1:
+        parser.error("--image-side must be at least 1")
+    own = ("no_overhead", "null_model", "image_side")
+    settings = Settings(**{k: v for k, v in vars(args).items() if k not in own})
     if args.null_model:
-        null_only(settings)
+        null_only(settings, args.image_side)
         return
     # Imported here: torch (model export) is needed by the full run, not by the smoke test.
     from benchmarks.int8_resnet50 import cache_dir, cpu_description, images, prepare_fp32

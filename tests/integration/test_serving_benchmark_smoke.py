@@ -50,17 +50,22 @@ def test_serving_benchmark_produces_sane_json(tmp_path: Path, monkeypatch: pytes
 
 @pytest.mark.usefixtures("redis_server")
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("side", "output"), [(224, "serving-null-model"), (16, "serving-null-model-side-16")]
+)
 def test_null_model_pass_reports_serving_cpu_per_image(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, side: int, output: str
 ) -> None:
-    """``--null-model``: the serving cost per image by process, plain vs secure, written as JSON."""
+    """``--null-model [--image-side N]``: serving cost per image by process, plain vs secure, as JSON."""
     monkeypatch.setattr(benchmarks._common, "RESULTS", tmp_path / "results")
     settings = Settings(rounds=1, seconds=1.0, warmup_s=0.3, clients=8, processes=2, max_delay_ms=2.0)
 
-    null_only(settings)
+    null_only(settings, side)
 
-    written = json.loads((tmp_path / "results" / "serving-null-model.json").read_text())
+    written = json.loads((tmp_path / "results" / f"{output}.json").read_text())
+    assert written["image_side"] == side
     extra = written["overhead"]
+    assert extra["request_tensor_bytes"] == 3 * side * side * 4
     assert set(extra["plain"]) == {"plain_server", "load"}
     assert set(extra["secure"]) == {"front_end", "worker", "redis", "load"}
     for config in ("plain", "secure"):
