@@ -8,6 +8,7 @@ with the wrong cluster key, back-pressure, deadlines, heartbeats, poison entries
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import statistics
 import time
@@ -20,6 +21,7 @@ import redis
 import redis.asyncio as aioredis
 
 from enclaveml.crypto.keys import KeyHandle
+from enclaveml.errors import ConfigurationError
 from enclaveml.serving._queue import (
     HandlerError,
     QueueFullError,
@@ -28,6 +30,7 @@ from enclaveml.serving._queue import (
     WorkerStats,
 )
 from enclaveml.serving._queue_envelope import REPLY, REQUEST, QueueCipher, RequestRecord, encode_request
+from enclaveml.serving._redis_layout import MAX_TIMEOUT_S
 from enclaveml.serving._redis_queue import RedisStreamsQueue
 from tests.redis_server import MonitorTap, RedisServer, redis_snapshot
 from tests.redis_worker import (
@@ -236,6 +239,9 @@ def test_back_pressure_and_deadlines(redis_url: str, cluster_key: KeyHandle) -> 
         with pytest.raises(QueueFullError, match="backlog"):  # XLEN is 4 = other's max_len
             await other.submit(MODEL, make_payload(9), timeout_s=10)
         third = RedisStreamsQueue(redis_url, cluster_key=cluster_key, block_ms=100)
+        for timeout_s in (0.0, -1.0, MAX_TIMEOUT_S * 1.01, math.inf, math.nan):  # a week at most
+            with pytest.raises(ConfigurationError, match="timeout_s"):
+                await third.submit(MODEL, make_payload(10), timeout_s=timeout_s)
         started = time.monotonic()
         with pytest.raises(QueueTimeoutError):  # queued (5th entry), but no worker before its deadline
             await third.submit(MODEL, make_payload(10), timeout_s=0.3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import pytest
 from enclaveml.attestation import AllOf, MeasurementAllowlist, UnsafeAllowSimulation
 from enclaveml.attestation.simulation import SimulationProvider, SimulationVerifier
 from enclaveml.crypto import KeyHandle, seal_file
-from enclaveml.errors import PolicyRejectedError
-from enclaveml.serving.client import Client
+from enclaveml.errors import AttestationError, PolicyRejectedError
+from enclaveml.serving.client import AsyncClient, Client
 from enclaveml.serving.secure import RunningServer, load_sealed_models, serve_in_thread
 from tests.serving_models import digits_model
 
@@ -71,3 +72,52 @@ def test_client_refuses_server_outside_policy_and_sends_no_body(
     # The refused client fetched the certificate (a TLS handshake) and sent no HTTP request at all.
     assert stats.requests() == before
     assert stats.request_bytes() == 0
+
+
+def test_after_a_failed_reattestation_the_client_sends_nothing_until_one_passes(
+    server: RunningServer, sim_verifier: SimulationVerifier, sim_policy
+) -> None:
+    """A server whose fresh evidence stops verifying (here: it ignores the nonce, as a replay would)."""
+    state = server.app.state.serving
+    honest = state.attestation
+    rows = digits_model()[1][:2]
+    with Client(server.url, policy=sim_policy, verifier=sim_verifier) as client:
+        assert client.infer("digits", {"X": rows})["label"].shape == (2,)
+        state.attestation = lambda nonce: honest(b"\x01" * 32)
+        try:
+            with pytest.raises(AttestationError):
+                client.reattest()
+            stats = server.app.state.stats
+            requests, body_bytes = stats.requests(), stats.request_bytes()
+            with pytest.raises(AttestationError, match="nothing is sent"):
+                client.infer("digits", {"X": rows})
+            with pytest.raises(AttestationError, match="nothing is sent"):
+                client.model_metadata("digits")
+            assert (stats.requests(), stats.request_bytes()) == (requests, body_bytes)
+        finally:
+            state.attestation = honest
+        client.reattest()
+        assert client.infer("digits", {"X": rows})["label"].shape == (2,)
+
+
+def test_the_async_client_refuses_too_after_a_failed_reattestation(
+    server: RunningServer, sim_verifier: SimulationVerifier, sim_policy
+) -> None:
+    state = server.app.state.serving
+    honest = state.attestation
+    rows = digits_model()[1][:2]
+
+    async def scenario() -> None:
+        client = await AsyncClient.connect(server.url, policy=sim_policy, verifier=sim_verifier)
+        try:
+            assert (await client.infer("digits", {"X": rows}))["label"].shape == (2,)
+            state.attestation = lambda nonce: honest(b"\x01" * 32)
+            with pytest.raises(AttestationError):
+                await client.reattest()
+            with pytest.raises(AttestationError, match="nothing is sent"):
+                await client.infer("digits", {"X": rows})
+        finally:
+            state.attestation = honest
+            await client.aclose()
+
+    asyncio.run(scenario())

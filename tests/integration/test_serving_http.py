@@ -198,6 +198,8 @@ BAD_REQUESTS: list[tuple[str, dict[str, object], int]] = [
     ("unknown input", tensor([1, 64], name="Z"), 400),
     ("huge declared shape", tensor([2**40, 64], size=1), 400),
     ("bad header length", {"content": b"{}", "headers": {"Inference-Header-Content-Length": "99"}}, 400),
+    ("superscript header length",  # '²' passes str.isdigit, not int()
+     {"content": b"{}", "headers": {"Inference-Header-Content-Length": b"\xb2"}}, 400),
     ("unknown encoding", {"content": b"{}", "headers": {"Content-Encoding": "br"}}, 400),
     ("gzip bomb", {"content": gzip.compress(bytes(10**6)), "headers": {"Content-Encoding": "gzip"}}, 413),
     ("oversized body", {"content": b" " * (65 * 1024)}, 413),

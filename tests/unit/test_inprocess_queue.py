@@ -164,6 +164,43 @@ def test_concurrency_runs_requests_in_parallel_and_stop_drains_started_ones() ->
     run(main)
 
 
+def test_a_cancelled_worker_leaves_the_next_request_to_the_others() -> None:
+    """Cancelling one worker while it waits for a job must not leave a get() that swallows one."""
+
+    async def main() -> None:
+        queue = InProcessQueue()
+        doomed = Workers(queue, echo, n=1)
+        await asyncio.sleep(0.05)  # it waits in the queue's get()
+        doomed.tasks[0].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed.tasks[0]
+        survivors = Workers(queue, echo, n=1)
+        answers = await asyncio.gather(*(queue.submit("m", bytes([i]), timeout_s=2) for i in range(3)))
+        assert answers == [b"m:" + bytes([i]) for i in range(3)]
+        (stats,) = await survivors.stop()
+        assert stats.answered == 3
+
+    run(main)
+
+
+def test_a_job_taken_by_a_worker_cancelled_before_starting_it_goes_back_to_the_queue() -> None:
+    async def main() -> None:
+        queue = InProcessQueue()
+        doomed = Workers(queue, echo, n=1)
+        await asyncio.sleep(0.05)
+        request = asyncio.create_task(queue.submit("m", b"x", timeout_s=2))
+        await asyncio.sleep(0)  # submit queued the job and woke the worker's get()...
+        doomed.tasks[0].cancel()  # ...which takes it in the same pass as the worker is cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await doomed.tasks[0]
+        survivors = Workers(queue, echo, n=1)
+        assert await request == b"m:x"
+        (stats,) = await survivors.stop()
+        assert stats.answered == 1
+
+    run(main)
+
+
 def test_close_fails_waiters_and_later_submits() -> None:
     async def main() -> None:
         queue = InProcessQueue()

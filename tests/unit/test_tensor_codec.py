@@ -51,9 +51,30 @@ def test_tensor_data_is_neither_copied_to_encode_nor_to_decode() -> None:
     assert np.array_equal(decode_tensors(memoryview(bytearray(payload)))["images"], images)
 
 
+def test_text_tensors_round_trip_as_str_object_arrays() -> None:
+    """BYTES tensors (ORT's strings): length-prefixed UTF-8, decoded as object arrays of str."""
+    tensors = {
+        "words": np.array([["a", "naïve"], ["", "x" * 70_000]], dtype=object),
+        "unicode_dtype": np.array(["é", "z"]),  # numpy's fixed-width text travels the same way
+        "empty": np.empty((0, 3), dtype=object),
+        "after": np.arange(3, dtype=np.int32),  # numeric data still follows at the right offset
+    }
+    payload = b"".join(encode_tensors(tensors))
+    decoded = decode_tensors(payload)
+    for name, value in tensors.items():
+        assert decoded[name].shape == value.shape, name
+        assert decoded[name].tolist() == value.tolist(), name
+    assert decoded["words"].dtype == object
+    assert type(decoded["words"][1, 1]) is str
+    # The documented layout: each element a 4-byte little-endian length, then its UTF-8 bytes.
+    by_hand = _payload([["t", "str", [2]]], b"\x02\x00\x00\x00\xc3\xa9" + b"\x00\x00\x00\x00")
+    assert decode_tensors(by_hand)["t"].tolist() == ["é", ""]
+    assert b"".join(encode_tensors({"t": np.array(["é", ""], dtype=object)})) == by_hand
+
+
 def test_unsupported_dtypes_are_refused_on_encode() -> None:
-    with pytest.raises(EnclaveMLError, match="cannot travel"):
-        encode_tensors({"text": np.array(["a", "b"], dtype=object)})
+    with pytest.raises(EnclaveMLError, match="hold str elements, not bytes"):
+        encode_tensors({"raw": np.array([b"a", b"b"], dtype=object)})
     with pytest.raises(EnclaveMLError, match="cannot travel"):
         encode_tensors({"c": np.zeros(2, np.complex64)})
 
@@ -78,6 +99,12 @@ def test_unsupported_dtypes_are_refused_on_encode() -> None:
         (_payload([["x", "float32", [2**40, 2**40]]], b"abcd"), "exceeds the payload"),
         (_payload([["x", "float32", [1]]], b"abcde"), "1 bytes follow"),
         (_payload([["x", "uint8", [1]], ["x", "uint8", [1]]], b"ab"), "appears twice"),
+        (_payload([["t", "str", [2]]], b"\x01\x00\x00\x00a"), "exceeds the payload"),
+        (_payload([["t", "str", [1]]], b"\x05\x00\x00\x00abc"), "exceeds the payload"),
+        (_payload([["t", "str", [1]]], b"\x02\x00\x00"), "exceeds the payload"),
+        (_payload([["t", "str", [2**40, 2**40]]], b"abcd"), "exceeds the payload"),
+        (_payload([["t", "str", [1]]], b"\x01\x00\x00\x00\xff"), "not UTF-8"),
+        (_payload([["t", "str", [1]]], b"\x01\x00\x00\x00ab"), "1 bytes follow"),
     ],
 )
 def test_malformed_payloads_are_refused(payload: bytes, message: str) -> None:

@@ -166,9 +166,15 @@ class AttestedSession:
         )
         self._spki = spki_der(x509.load_der_x509_certificate(self.server.peer.certificate_der).public_key())
         self.claims: Claims = self.server.peer.claims
+        self.fresh = False  # whether the most recent check_fresh passed
 
     def check_fresh(self, nonce: bytes, response: httpx.Response) -> Claims:
-        """Verify the answer to ``GET /attestation?nonce=...``; the claims, or an AttestationError."""
+        """Verify the answer to ``GET /attestation?nonce=...``; the claims, or an AttestationError.
+
+        Until a check passes, and after one fails, :meth:`require_fresh` refuses: a server that
+        fails a re-attestation is not trusted with data again until it passes one.
+        """
+        self.fresh = False
         if response.status_code != 200:
             raise AttestationError(f"server refused fresh attestation ({response.status_code})")
         try:
@@ -186,4 +192,13 @@ class AttestedSession:
             now=self._now,
         )
         self.claims = claims
+        self.fresh = True
         return claims
+
+    def require_fresh(self) -> None:
+        """Raise AttestationError unless the most recent fresh-evidence check passed."""
+        if not self.fresh:
+            raise AttestationError(
+                "the server's most recent attestation check failed or never ran; nothing is sent to it "
+                "until a re-attestation passes"
+            )

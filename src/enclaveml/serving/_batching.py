@@ -310,7 +310,9 @@ class DynamicBatcher:
         if isinstance(exc, ServingError):  # already typed and safe to show (e.g. ModelInputError)
             item.future.set_exception(exc)
             return
-        _log.error("model %s failed on a request", self.model.name, exc_info=exc)
+        # Type only: ORT's message names the graph's nodes and shapes, which stay inside the TEE
+        # (the engine silences ORT's own log for the same reason).
+        _log.error("model %s failed on a request: %s", self.model.name, type(exc).__name__)
         item.future.set_exception(InferenceFailedError(f"model {self.model.name!r} failed on this request"))
 
     def _run_concatenated(self, batch: list[_Pending]) -> list[dict[str, np.ndarray]]:

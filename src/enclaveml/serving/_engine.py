@@ -181,6 +181,10 @@ class OnnxModel:
     ) -> None:
         if not name or "/" in name:
             raise ConfigurationError(f"model name must be non-empty and contain no '/', got {name!r}")
+        if not version or "/" in version or ":" in version:  # ':' ends the queue's model key
+            raise ConfigurationError(
+                f"model version must be non-empty and contain no '/' or ':', got {version!r}"
+            )
         self.name = name
         self.version = version
         self._session = session

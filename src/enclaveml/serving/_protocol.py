@@ -58,6 +58,12 @@ __all__ = [
 ]
 
 _MAX_RANK = 16
+# Dims up to 2**31 - 1: no tensor a request can carry needs more, and numpy refuses to reshape
+# even an empty array to dims near 2**63.
+_MAX_DIM = 2**31 - 1
+# Longer timeouts are cut to this before converting (a 400-digit integer overflows a float); the
+# server's own request timeout caps them anyway.
+_MAX_TIMEOUT_US = 10**12
 _REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
 _INPUT_KEYS = frozenset({"name", "shape", "datatype", "parameters", "data"})
 _OUTPUT_KEYS = frozenset({"name", "parameters"})
@@ -116,7 +122,7 @@ def parse_header_length(value: str | None, body_length: int) -> int | None:
     """Validate the ``Inference-Header-Content-Length`` header against the body it describes."""
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 19:
+    if not (value.isascii() and value.isdigit()) or len(value) > 19:  # isdigit alone takes '²'
         raise InvalidRequestError("Inference-Header-Content-Length must be a decimal byte count")
     length = int(value)
     if not 0 < length <= body_length:
@@ -231,14 +237,14 @@ def _timeout(parameters: Mapping[str, Any]) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise InvalidRequestError("parameter 'timeout' must be a positive integer (microseconds)")
-    return value / 1e6
+    return min(value, _MAX_TIMEOUT_US) / 1e6
 
 
 def _parse_shape(value: Any, name: str) -> tuple[int, ...]:
     if not isinstance(value, list) or len(value) > _MAX_RANK:
         raise InvalidRequestError(f"input {name!r}: 'shape' must be a list of at most {_MAX_RANK} dims")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
-        raise InvalidRequestError(f"input {name!r}: shape dims must be non-negative integers")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM for d in value):
+        raise InvalidRequestError(f"input {name!r}: shape dims must be integers from 0 to {_MAX_DIM}")
     return tuple(value)
 
 

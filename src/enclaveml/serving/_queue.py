@@ -251,6 +251,7 @@ class InProcessQueue:
         slots = asyncio.Semaphore(concurrency)
         running: set[asyncio.Task[None]] = set()
         stop = asyncio.ensure_future(stop_event.wait())
+        get: asyncio.Future[_Job] | None = None
         try:
             while not stop_event.is_set() and not self._closed:
                 await slots.acquire()
@@ -264,6 +265,7 @@ class InProcessQueue:
                     slots.release()
                     break
                 task = asyncio.create_task(self._serve(handler, get.result(), stats, slots))
+                get = None
                 running.add(task)
                 task.add_done_callback(running.discard)
             # Requests already started are finished; queued ones stay for other workers.
@@ -271,7 +273,16 @@ class InProcessQueue:
                 await asyncio.gather(*running)
         finally:
             stop.cancel()
+            if get is not None:  # cancelled while waiting: no orphaned get() may take a later job
+                self._leave_unserved(get)
         return stats
+
+    def _leave_unserved(self, get: asyncio.Future[_Job]) -> None:
+        if not get.done():
+            get.cancel()  # asyncio.Queue.get leaves the item queued when cancelled
+        elif not get.cancelled() and get.exception() is None:
+            self._jobs.put_nowait(get.result())  # taken but never started: back for another worker
+            self._jobs.task_done()
 
     async def _serve(self, handler: Handler, job: _Job, stats: WorkerStats, slots: asyncio.Semaphore) -> None:
         try:

@@ -38,8 +38,9 @@ characters, random per :class:`RedisStreamsQueue` instance::
     XREAD (no group: it is the only reader) and XDELs what it has read.
 
 ``{S}:done:<request id>`` — completion marker (type string, value ``1``), SET NX by COMPLETE;
-PX = time left until the request's deadline + ``done_margin_ms`` (clock skew). Only the
-worker whose SET NX succeeds writes a reply, so each request id is answered at most once.
+PX = time left until the request's deadline (at most ``MAX_TIMEOUT_S``, which also bounds what
+``submit`` accepts) + ``done_margin_ms`` (clock skew). Only the worker whose SET NX succeeds
+writes a reply, so each request id is answered at most once.
 
 ``{S}:dead`` — dead-letter stream (type stream, MAXLEN ~ dead_letter_max_len, no TTL)::
 
@@ -64,6 +65,7 @@ from enclaveml.errors import ConfigurationError
 __all__ = [
     "COMPLETE_LUA",
     "DISCARD_LUA",
+    "MAX_TIMEOUT_S",
     "RedisLayout",
     "default_consumer",
     "raise_if_cancelling",
@@ -71,6 +73,10 @@ __all__ = [
     "reraise_if_cancelling",
     "stream_entries",
 ]
+
+# The longest a request may wait for its answer: a week. Far above any serving timeout, and it
+# keeps every completion marker's expiry finite and inside what Redis accepts.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 COMPLETE_LUA = """
 -- KEYS[1] request stream, KEYS[2] completion marker, KEYS[3] reply stream

@@ -75,6 +75,7 @@ from enclaveml.serving._queue_envelope import (
     request_head,
 )
 from enclaveml.serving._redis_layout import (
+    MAX_TIMEOUT_S,
     RedisLayout,
     default_consumer,
     raise_if_cancelling,
@@ -186,8 +187,8 @@ class RedisStreamsQueue:
         """
         if self._closed:
             raise QueueClosedError("the request queue is closed")
-        if not timeout_s > 0:
-            raise ConfigurationError("timeout_s must be positive")
+        if not 0 < timeout_s <= MAX_TIMEOUT_S:
+            raise ConfigurationError(f"timeout_s must be positive and at most {MAX_TIMEOUT_S:.0f} s")
         if len(self._waiters) >= self._max_in_flight:
             self.stats.rejected_full += 1
             raise QueueFullError(self._latency.retry_after_s(), "this front end's in-flight limit")

@@ -44,6 +44,7 @@ from enclaveml.serving._queue_envelope import REPLY, QueueCipher, ReplyRecord, e
 from enclaveml.serving._redis_layout import (
     COMPLETE_LUA,
     DISCARD_LUA,
+    MAX_TIMEOUT_S,
     RedisLayout,
     raise_if_cancelling,
     reraise_if_cancelling,
@@ -54,6 +55,7 @@ __all__ = ["RedisWorker"]
 
 _log = logging.getLogger(__name__)
 _BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+_MAX_TIMEOUT_MS = int(MAX_TIMEOUT_S * 1000)
 _START = b"0-0"
 
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -306,7 +308,7 @@ class RedisWorker:
                 keys=[layout.stream, layout.done_key(rid.hex()), reply_stream],
                 args=[
                     layout.group, entry_id, rid.hex(), sealed,
-                    request.deadline_ms - now + layout.done_margin_ms,
+                    min(request.deadline_ms - now, _MAX_TIMEOUT_MS) + layout.done_margin_ms,
                     layout.reply_ttl_ms, layout.reply_max_len,
                 ],
             )  # fmt: skip

@@ -28,7 +28,9 @@ from enclaveml.serving._protocol import (
     parse_header_length,
     parse_infer_request,
 )
+from enclaveml.serving._queue import HandlerError
 from enclaveml.serving._tensor_codec import decode_tensors, encode_tensors
+from enclaveml.serving._worker_contract import queue_model_key, remote_error
 
 if TYPE_CHECKING:
     import numpy as np
@@ -205,11 +207,15 @@ async def _through_queue(
     The inputs still view the request body; the queue encrypts their bytes from there.
     """
     assert state.queue is not None
-    reply = await state.queue.submit(
-        f"{model.name}:{model.version}",
-        encode_tensors(inputs),
-        timeout_s=timeout_s or state.request_timeout_s,
-    )
+    limit = state.request_timeout_s  # a client's timeout can only shorten the server's, as in-process
+    try:
+        reply = await state.queue.submit(
+            queue_model_key(model.name, model.version),
+            encode_tensors(inputs),
+            timeout_s=limit if timeout_s is None else min(timeout_s, limit),
+        )
+    except HandlerError as exc:
+        raise remote_error(exc) from None
     return decode_tensors(reply)
 
 

@@ -5,10 +5,11 @@ Layout (the queue encrypts the whole payload)::
     offset  size  field
     0       1     version, 0x01
     1       4     n = length of the description, unsigned big-endian
-    5       n     description, CBOR: [[name: tstr, dtype: tstr (numpy name, e.g. "float32"),
-                  shape: [uint]], ...], one entry per tensor
+    5       n     description, CBOR: [[name: tstr, dtype: tstr (numpy name, e.g. "float32",
+                  or "str" for text), shape: [uint]], ...], one entry per tensor
     5+n     ...   each tensor's data in description order: little-endian, row-major, unpadded;
-                  nothing may follow the last one
+                  a "str" tensor's elements are each a 4-byte little-endian length and that
+                  many bytes of UTF-8 (the OIP's BYTES layout); nothing may follow the last one
 
 A front end and a worker that disagree on the version fail the request with a message that
 says so (upgrade them together), never by misreading tensors.
@@ -16,8 +17,8 @@ says so (upgrade them together), never by misreading tensors.
 The data is not wrapped in CBOR byte strings on purpose: the tensors are hundreds of kilobytes
 (an image) and travel as they are. :func:`encode_tensors` returns the payload as parts whose
 data parts are views of the arrays, for the queue to encrypt without first joining them;
-:func:`decode_tensors` returns arrays that are read-only views of the payload. Only numeric and
-boolean dtypes travel.
+:func:`decode_tensors` returns arrays that are read-only views of the payload (text tensors, the
+OIP's BYTES, as object arrays of ``str``, which is what ONNX Runtime takes and returns).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ _DTYPES = {name: np.dtype(name).newbyteorder("<") for name in _ALLOWED}
 _MAX_DIMS = 32
 _VERSION = 0x01
 _LENGTH = struct.Struct(">BI")
+_ELEMENT = struct.Struct("<I")
+_TEXT = "str"
 
 
 def encode_tensors(tensors: Mapping[str, np.ndarray]) -> list[bytes | memoryview]:
@@ -52,6 +55,10 @@ def encode_tensors(tensors: Mapping[str, np.ndarray]) -> list[bytes | memoryview
         array = np.asarray(value)
         if not array.flags.c_contiguous:  # (ascontiguousarray would also make a 0-d array 1-d)
             array = np.ascontiguousarray(array)
+        if array.dtype.kind in "OU":
+            description.append([name, _TEXT, list(array.shape)])
+            data.append(_encode_text(array, name))
+            continue
         if array.dtype.name not in _ALLOWED:
             raise EnclaveMLError(f"tensor {name!r}: dtype {array.dtype} cannot travel through the queue")
         little = array.astype(array.dtype.newbyteorder("<"), copy=False)
@@ -88,10 +95,14 @@ def decode_tensors(payload: bytes | bytearray | memoryview) -> dict[str, np.ndar
         name, dtype_name, shape = item
         if name in tensors:
             raise EnclaveMLError(f"tensor {name!r} appears twice in the queue payload")
-        if not isinstance(dtype_name, str) or dtype_name not in _ALLOWED or not isinstance(shape, list):
+        known = dtype_name in _ALLOWED or dtype_name == _TEXT
+        if not isinstance(dtype_name, str) or not known or not isinstance(shape, list):
             raise EnclaveMLError(f"tensor {name!r} has an invalid dtype or shape")
         if len(shape) > _MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape):
             raise EnclaveMLError(f"tensor {name!r} has an invalid shape")
+        if dtype_name == _TEXT:
+            tensors[name], offset = _decode_text(view, offset, shape, name)
+            continue
         dtype = _DTYPES[dtype_name]
         count = math.prod(shape)
         size = count * dtype.itemsize
@@ -106,3 +117,36 @@ def decode_tensors(payload: bytes | bytearray | memoryview) -> dict[str, np.ndar
     if offset != len(view):
         raise EnclaveMLError(f"{len(view) - offset} bytes follow the last tensor of the queue payload")
     return tensors
+
+
+def _encode_text(array: np.ndarray, name: str) -> bytes:
+    parts: list[bytes] = []
+    for item in array.flat:
+        if not isinstance(item, str):
+            kind = type(item).__name__
+            raise EnclaveMLError(f"tensor {name!r}: text tensors hold str elements, not {kind}")
+        encoded = item.encode()
+        parts += (_ELEMENT.pack(len(encoded)), encoded)
+    return b"".join(parts)
+
+
+def _decode_text(view: memoryview, offset: int, shape: list[int], name: str) -> tuple[np.ndarray, int]:
+    count = math.prod(shape)
+    if count * _ELEMENT.size > len(view) - offset:  # before allocating anything for ``count``
+        raise EnclaveMLError(f"tensor {name!r}: its data exceeds the payload")
+    items: list[str] = []
+    for _ in range(count):
+        if offset + _ELEMENT.size > len(view):
+            raise EnclaveMLError(f"tensor {name!r}: its data exceeds the payload")
+        (length,) = _ELEMENT.unpack_from(view, offset)
+        offset += _ELEMENT.size
+        if length > len(view) - offset:
+            raise EnclaveMLError(f"tensor {name!r}: its data exceeds the payload")
+        try:
+            items.append(str(view[offset : offset + length], "utf-8"))
+        except UnicodeDecodeError:
+            raise EnclaveMLError(f"tensor {name!r}: a text element is not UTF-8") from None
+        offset += length
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array.reshape(shape), offset

@@ -226,7 +226,7 @@ async def _error_response(_: Request, exc: Exception) -> JSONResponse:
         # An unexpected bug: Starlette re-raises it after this answer, so uvicorn logs the traceback.
         return JSONResponse({"error": "internal server error"}, status_code=500)
     headers: dict[str, str] = {}
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, Overloaded | QueueFullError):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     elif status == 503:
         headers["Retry-After"] = "1"

@@ -84,6 +84,7 @@ class Client:
         )
 
     def model_metadata(self, model: str) -> dict[str, Any]:
+        self._attested.require_fresh()
         response = self._http.get(f"/v2/models/{model}")
         if response.status_code != 200:
             raise InferenceError(response.status_code, response.text[:200])
@@ -93,7 +94,11 @@ class Client:
     def infer(
         self, model: str, inputs: Inputs, *, outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
-        """Run ``model`` on ``inputs`` (a name→array mapping, or one array for single-input models)."""
+        """Run ``model`` on ``inputs`` (a name→array mapping, or one array for single-input models).
+
+        Refuses (AttestationError, nothing sent) while the server's last re-attestation has failed.
+        """
+        self._attested.require_fresh()
         if isinstance(inputs, np.ndarray) and model not in self._input_names:
             names = [i["name"] for i in self.model_metadata(model)["inputs"]]
             self._input_names[model] = names[0] if len(names) == 1 else None
@@ -143,6 +148,7 @@ class AsyncClient:
     async def infer(
         self, model: str, inputs: Mapping[str, np.ndarray], *, outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
+        self._attested.require_fresh()
         body, headers = encode_request(inputs, outputs)
         return _result(await self._http.post(f"/v2/models/{model}/infer", content=body, headers=headers))
 

@@ -15,6 +15,7 @@ from enclaveml.serving._batching import DynamicBatcher, batcher_for
 from enclaveml.serving._engine import ModelRepository
 from enclaveml.serving._queue import RequestQueue, WorkerStats
 from enclaveml.serving._tensor_codec import decode_tensors, encode_tensors
+from enclaveml.serving._worker_contract import split_queue_model_key
 
 __all__ = ["QueueWorker"]
 
@@ -38,8 +39,8 @@ class QueueWorker:
         )
 
     async def handle(self, model_key: str, payload: bytes) -> bytes:
-        name, _, version = model_key.partition(":")
-        model = self.repository.get(name, version or None)
+        name, version = split_queue_model_key(model_key)
+        model = self.repository.get(name, version)
         batcher = batcher_for(
             self._batchers,
             model,
