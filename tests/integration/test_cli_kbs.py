@@ -215,3 +215,33 @@ def test_audit_verify_detects_an_edited_row(tmp_path: Path, served: Served) -> N
     code, out, text = _cli(env, "kbs", "audit", "verify")
     assert code == 1
     assert f"BROKEN at seq {seq}" in text
+
+
+def test_a_token_revoked_with_the_cli_is_refused_by_the_running_broker(served: Served) -> None:
+    db = str(served.db)
+    code, created, text = _cli(
+        {}, "kbs", "token", "create", "--db", db, "--name", "ops", "--scope", "keys:read", "--json"
+    )
+    assert code == 0, text
+    ops = {**served.env, "ENCLAVEML_KBS_TOKEN": created["token"]}
+    assert _cli(ops, "kbs", "key", "list", "--json")[0] == 0
+    code, listed, text = _cli({}, "kbs", "token", "list", "--db", db, "--json")
+    assert code == 0, text
+    assert {"name": "ops", "scopes": ["keys:read"], "revoked": False} in listed["tokens"]
+    assert created["token"] not in text  # names and scopes, never secrets
+
+    code, _, text = _cli({}, "kbs", "token", "revoke", "ops", "--db", db)
+    assert code == 0, text
+    code, _, text = _cli(ops, "kbs", "key", "list", "--json")
+    assert code != 0
+    assert "invalid admin token" in text
+    assert _cli(served.env, "kbs", "key", "list", "--json")[0] == 0  # the other token still works
+    code, listed, _ = _cli({}, "kbs", "token", "list", "--db", db, "--json")
+    assert {"name": "ops", "scopes": ["keys:read"], "revoked": True} in listed["tokens"]
+    with sqlite3.connect(served.db) as conn:
+        events = [row[0] for row in conn.execute("SELECT detail FROM audit WHERE event = 'token.revoke'")]
+    assert events == ["ops (by cli)"]
+
+    assert _cli({}, "kbs", "token", "revoke", "nobody", "--db", db)[0] != 0
+    assert _cli({}, "kbs", "token", "list", "--db", db + ".typo")[0] == 3  # no empty database made
+    assert not Path(db + ".typo").exists()

@@ -234,6 +234,13 @@ def policy_for(*providers: SimulationProvider) -> dict[str, Any]:
     return UnsafeAllowSimulation(AllOf(MeasurementAllowlist([p.measurement for p in providers]))).to_dict()
 
 
+def deep_policy(depth: int) -> dict[str, Any]:
+    policy: dict[str, Any] = {"type": "debug", "allow": False}
+    for _ in range(depth):
+        policy = {"type": "all_of", "rules": [policy]}
+    return policy
+
+
 def create_key(client: httpx.Client, db: Db, key_id: str, provider: SimulationProvider) -> None:
     answer = call(
         client, "POST", "/v1/admin/keys", db.admin, json={"key_id": key_id, "policy": policy_for(provider)}
@@ -512,6 +519,19 @@ def test_malformed_requests_are_4xx_and_the_server_keeps_serving(http, env: Env,
             json={"key_id": "bad id", "policy": policy_for(env.provider)},
         ),
         call(http, "GET", "/v1/admin/audit?limit=0", admin),
+        call(http, "GET", f"/v1/admin/audit?after={2**64}", admin),  # not a SQLite integer
+        call(http, "POST", "/v1/keys/a%20b/release", json=good),  # malformed ids, before the nonce
+        call(http, "POST", "/v1/keys/k%0A/release", json=good),
+        call(http, "POST", f"/v1/keys/{'a' * 200}/release", json=good),
+        call(http, "POST", "/v1/admin/keys/a%20b/rotate", admin),
+        call(http, "PUT", "/v1/admin/keys/a%20b/policy", admin, json={"policy": policy_for(env.provider)}),
+        call(
+            http,
+            "POST",
+            "/v1/admin/keys",
+            admin,
+            json={"key_id": "deep", "policy": deep_policy(400)},  # nesting a recursive parser cannot take
+        ),
         call(
             http,
             "POST",

@@ -393,3 +393,53 @@ def test_root_key_file_permissions_and_location(tmp_path: Path) -> None:
     loaded = load_root_key(path)
     with pytest.raises(TypeError):
         pickle.dumps(loaded)
+
+
+MALFORMED_IDS = ["a b", "\x00", "k\n", "", "-k", "a" * 129, "k/../j"]
+
+
+@pytest.mark.parametrize("key_id", MALFORMED_IDS)
+def test_a_malformed_key_id_is_refused_before_anything_is_read_consumed_or_audited(
+    broker: KeyBroker, policy, sim_provider, key_id: str
+) -> None:
+    broker.create_key("k", policy)
+    workload = Workload(sim_provider)
+    challenge = broker.challenge()
+    audited = len(broker.audit_records(limit=1000))
+    with pytest.raises(InvalidRequestError, match="key ids"):
+        broker.release(
+            key_id, challenge.nonce, workload.evidence(challenge.nonce), workload.public, workload.kem
+        )
+    admin = [
+        lambda: broker.rotate_key(key_id),
+        lambda: broker.disable_key(key_id),
+        lambda: broker.enable_key(key_id),
+        lambda: broker.delete_key(key_id),
+        lambda: broker.set_policy(key_id, policy),
+        lambda: broker.get_key(key_id),
+        lambda: broker.wrap(key_id, b"D" * 32, b""),
+    ]
+    for call in admin:
+        with pytest.raises(InvalidRequestError, match="key ids"):
+            call()
+    assert len(broker.audit_records(limit=1000)) == audited  # no row, whatever the id held
+    # The nonce was not consumed by the refused request: it still releases the real key.
+    released = broker.release(
+        "k", challenge.nonce, workload.evidence(challenge.nonce), workload.public, workload.kem
+    )
+    assert released.key_id == "k"
+
+
+def test_a_key_deleted_while_keys_are_listed_does_not_fail_the_list(broker: KeyBroker, policy) -> None:
+    for key_id in ("a", "b", "c"):
+        broker.create_key(key_id, policy)
+    real_get = broker.store.get_key
+
+    def deleted_meanwhile(key_id: str) -> object:  # another admin deletes every key right after the list
+        raise KeyNotFoundError(f"no key {key_id!r}")
+
+    broker.store.get_key = deleted_meanwhile  # type: ignore[assignment]
+    try:
+        assert [k.key_id for k in broker.list_keys()] == ["a", "b", "c"]
+    finally:
+        broker.store.get_key = real_get  # type: ignore[method-assign]

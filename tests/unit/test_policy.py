@@ -219,6 +219,22 @@ def test_tcb_status_accepted_and_advisories() -> None:
     assert "snp_min_tcb" in str(err)
 
 
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"type": "tcb_status", "accepted": ["UpToDate"], "rejected_advisories": "INTEL-SA-00615"},
+        {"type": "tcb_status", "accepted": "UpToDate"},
+        {"type": "tcb_status", "accepted": ["UpToDate", 1]},
+    ],
+)
+def test_tcb_status_lists_must_be_lists_of_strings(rule: dict[str, object]) -> None:
+    """A bare string would be split into characters: its advisory never matched (failed open)."""
+    with pytest.raises(ConfigurationError, match="must be a list of strings"):
+        policy_from_dict(rule)
+    policy = policy_from_dict({**rule, "accepted": ["UpToDate"], "rejected_advisories": ["INTEL-SA-00615"]})
+    rejects(policy, sgx(advisory_ids=("INTEL-SA-00615",)), "tcb_status")
+
+
 def test_snp_minimum_tcb_boundary() -> None:
     SnpMinimumTcb(3, 0, 8, 115).check(snp())
     rejects(SnpMinimumTcb(3, 0, 8, 116), snp(), "snp_min_tcb")
@@ -312,3 +328,16 @@ def test_unreadable_or_malformed_policy_file(tmp_path: Path) -> None:
     bad.write_text("type = [")
     with pytest.raises(ConfigurationError, match="not valid TOML"):
         load_policy(bad)
+
+
+def test_policy_nesting_is_bounded_before_anything_recurses() -> None:
+    def nested(depth: int) -> dict[str, object]:
+        policy: dict[str, object] = {"type": "debug", "allow": False}
+        for _ in range(depth):
+            policy = {"type": "all_of", "rules": [policy]}
+        return policy
+
+    policy_from_dict(nested(15)).check(sgx())  # 15 rules deep: 31 tables and lists, accepted
+    for depth in (16, 400, 5000):  # 5000 would exhaust the interpreter's recursion limit
+        with pytest.raises(ConfigurationError, match="nest at most"):
+            policy_from_dict(nested(depth))

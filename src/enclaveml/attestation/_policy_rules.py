@@ -92,8 +92,8 @@ class TcbStatus(Policy):
     def __init__(
         self, accepted: Iterable[str] = ("UpToDate",), rejected_advisories: Iterable[str] = ()
     ) -> None:
-        self.accepted = tuple(accepted)
-        self.rejected_advisories = tuple(rejected_advisories)
+        self.accepted = _strings(accepted, "tcb_status.accepted")
+        self.rejected_advisories = _strings(rejected_advisories, "tcb_status.rejected_advisories")
         if not self.accepted:
             raise ConfigurationError("tcb_status rule needs at least one accepted status")
 
@@ -257,3 +257,11 @@ def _claim_value(claims: Claims, name: str) -> bytes | int | None:
 
 def _show(value: bytes | int) -> str:
     return value.hex() if isinstance(value, bytes) else str(value)
+
+
+def _strings(values: Iterable[str], what: str) -> tuple[str, ...]:
+    """A list of strings; a bare string is refused, not split into characters (that fails open)."""
+    items = tuple(values) if not isinstance(values, str | bytes) else None
+    if items is None or not all(isinstance(v, str) for v in items):
+        raise ConfigurationError(f"{what} must be a list of strings")
+    return items

@@ -75,13 +75,15 @@ def default_policy() -> Policy:
 
 _Factory = Callable[[Mapping[str, Any]], Policy]
 
+MAX_POLICY_DEPTH = 32
+
 
 def _composite(cls: type[AllOf] | type[AnyOf]) -> _Factory:
     def build(d: Mapping[str, Any]) -> Policy:
         rules = d.get("rules", [])
         if not isinstance(rules, list):
             raise ConfigurationError(f"{cls.type_name}.rules must be a list of rules")
-        return cls(*(policy_from_dict(r) for r in rules))
+        return cls(*(_build(r) for r in rules))
 
     return build
 
@@ -90,7 +92,7 @@ _FACTORIES: dict[str, tuple[_Factory, frozenset[str]]] = {
     "all_of": (_composite(AllOf), frozenset({"rules"})),
     "any_of": (_composite(AnyOf), frozenset({"rules"})),
     "unsafe_allow_simulation": (
-        lambda d: UnsafeAllowSimulation(policy_from_dict(d.get("policy"))),
+        lambda d: UnsafeAllowSimulation(_build(d.get("policy"))),
         frozenset({"policy"}),
     ),
     "measurement": (lambda d: MeasurementAllowlist(_list(d, "values")), frozenset({"values"})),
@@ -105,7 +107,32 @@ _FACTORIES: dict[str, tuple[_Factory, frozenset[str]]] = {
 
 
 def policy_from_dict(data: Any) -> Policy:
-    """Build a policy from plain data (as parsed from TOML/JSON); unknown types or keys are errors."""
+    """Build a policy from plain data (as parsed from TOML/JSON); unknown types or keys are errors.
+
+    Nesting deeper than ``MAX_POLICY_DEPTH`` tables and lists is refused before anything is built:
+    building and appraising recurse, and a policy is data anyone with a policy-writing token sends.
+    """
+    if _depth(data) > MAX_POLICY_DEPTH:
+        raise ConfigurationError(f"a policy may nest at most {MAX_POLICY_DEPTH} tables and lists deep")
+    return _build(data)
+
+
+def _depth(data: Any) -> int:
+    """How deeply ``data`` nests dicts and lists (iteratively: no recursion on hostile input)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, Mapping) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level > MAX_POLICY_DEPTH:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _build(data: Any) -> Policy:
     if not isinstance(data, Mapping):
         raise ConfigurationError("a policy must be a table/object with a 'type' key")
     kind = data.get("type")

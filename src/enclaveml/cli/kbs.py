@@ -257,8 +257,7 @@ def audit_verify(
 def _offline_audit(db: Path) -> dict[str, Any]:
     from enclaveml.kms._storage import SqliteKeyStore
 
-    if not db.is_file():
-        raise ConfigurationError(f"no broker database at {db}")
+    _existing_db(db)
     store = SqliteKeyStore(db)
     try:
         verdict = store.verify_audit()
@@ -294,6 +293,60 @@ def token_create(
         return
     err_console.print(f"token {name!r} ({', '.join(sorted(scope))}); it is shown only now:", markup=False)
     console.print(secret, markup=False, highlight=False, soft_wrap=True)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    name: Annotated[str, typer.Argument(help="The token's name (see `token list`).")],
+    db: Annotated[Path, typer.Option(help="The broker database.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke an admin token in the database (run on the broker host); a running broker refuses it
+    from its next request on. The name stays taken, so audit records keep meaning one token."""
+    from enclaveml.kms._storage import SqliteKeyStore
+    from enclaveml.kms._tokens import TokenAuthority
+
+    with reporting(as_json):
+        _existing_db(db)
+        store = SqliteKeyStore(db)
+        try:
+            TokenAuthority(store).revoke_token(name, actor="cli")
+        finally:
+            store.close()
+    if as_json:
+        console.print_json(json.dumps({"name": name, "revoked": True}))
+        return
+    err_console.print(f"token {name!r} revoked", markup=False)
+
+
+@token_app.command("list")
+def token_list(
+    db: Annotated[Path, typer.Option(help="The broker database.")], as_json: JsonOpt = False
+) -> None:
+    """The admin tokens in the database: names, scopes, whether revoked (never the secrets)."""
+    from enclaveml.kms._storage import SqliteKeyStore
+    from enclaveml.kms._tokens import TokenAuthority
+
+    with reporting(as_json):
+        _existing_db(db)
+        store = SqliteKeyStore(db)
+        try:
+            tokens = TokenAuthority(store).list_tokens()
+        finally:
+            store.close()
+    if as_json:
+        rows = [{"name": t.name, "scopes": sorted(t.scopes), "revoked": t.revoked} for t in tokens]
+        console.print_json(json.dumps({"tokens": rows}))
+        return
+    for t in tokens:
+        state = "revoked" if t.revoked else "active"
+        console.print(f"{t.name}\t{state}\t{', '.join(sorted(t.scopes))}", markup=False, highlight=False)
+
+
+def _existing_db(db: Path) -> None:
+    # SqliteKeyStore would create an empty database: a mistyped path must not look like "no tokens".
+    if not db.is_file():
+        raise ConfigurationError(f"no broker database at {db}")
 
 
 root_key_app = typer.Typer(help="The broker's root key file.", no_args_is_help=True)

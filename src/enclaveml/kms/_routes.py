@@ -247,7 +247,7 @@ def build_router(broker: KeyBroker, metrics: BrokerMetrics, executor: Executor |
     @router.get("/v1/admin/audit", tags=["admin"])
     def audit(
         actor: AuditRead,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,  # a SQLite integer
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> AuditOut:
         return AuditOut(records=[r.to_dict() for r in broker.audit_records(after=after, limit=limit)])

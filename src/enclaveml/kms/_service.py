@@ -49,7 +49,7 @@ from enclaveml.kms._release import (
     seal_kek,
 )
 from enclaveml.kms._rootkey import RootKey
-from enclaveml.kms._storage import KeyStore, NonceStatus, StoredToken
+from enclaveml.kms._storage import KeyStore, NonceStatus, StoredKey, StoredToken
 from enclaveml.kms._tokens import TokenAuthority
 
 __all__ = ["Challenge", "InvalidRequestError", "KemNotAllowedError", "KeyBroker", "KeyInfo", "Release"]
@@ -156,6 +156,7 @@ class KeyBroker:
 
     def rotate_key(self, key_id: str, *, actor: str | None = None) -> int:
         """Add a new latest version; older versions stay available for unwrapping and release."""
+        _check_key_id(key_id)
         now = self._clock()
 
         def wrap_new(version: int) -> bytes:
@@ -174,6 +175,7 @@ class KeyBroker:
         self._set_state(key_id, "enabled", actor)
 
     def _set_state(self, key_id: str, state: str, actor: str | None) -> None:
+        _check_key_id(key_id)
         now = self._clock()
         event = "key.enable" if state == "enabled" else "key.disable"
         self.store.set_state(key_id, state, now=now, audit=self._admin_event(now, event, key_id, actor))
@@ -181,6 +183,7 @@ class KeyBroker:
 
     def delete_key(self, key_id: str, *, actor: str | None = None) -> None:
         """Destroy every version of ``key_id``: whatever it wrapped becomes unrecoverable."""
+        _check_key_id(key_id)
         now = self._clock()
         self.store.delete_key(key_id, audit=self._admin_event(now, "key.delete", key_id, actor))
         _log.warning("deleted key %r and all its versions", key_id)
@@ -188,6 +191,7 @@ class KeyBroker:
     def set_policy(
         self, key_id: str, policy: Policy | Mapping[str, Any], *, actor: str | None = None
     ) -> None:
+        _check_key_id(key_id)
         policy_json = _policy_json(policy)
         now = self._clock()
         self.store.set_policy(
@@ -199,16 +203,18 @@ class KeyBroker:
         _log.info("set the release policy of key %r", key_id)
 
     def list_keys(self) -> list[KeyInfo]:
-        return [self.get_key(k.key_id) for k in self.store.list_keys()]
+        # One read: a key deleted meanwhile is simply absent, never a 404 for the whole list.
+        return [_info(k) for k in self.store.list_keys()]
 
     def get_key(self, key_id: str) -> KeyInfo:
-        key = self.store.get_key(key_id)
-        return KeyInfo(key.key_id, key.versions, key.latest, key.state, json.loads(key.policy))
+        _check_key_id(key_id)
+        return _info(self.store.get_key(key_id))
 
     def wrap(
         self, key_id: str, plaintext: bytes, aad: bytes, *, actor: str | None = None
     ) -> tuple[int, bytes]:
         """``wrap_key(KEK_latest, plaintext, aad)``: data owners seal without ever holding the KEK."""
+        _check_key_id(key_id)
         if not 0 < len(plaintext) <= 64:
             raise InvalidRequestError("only 1..64 bytes are wrapped (a data key, not data)")
         key, version = self.store.get_version(key_id, None)
@@ -248,8 +254,10 @@ class KeyBroker:
         """Release one KEK version to an attested workload, HPKE-sealed to ``public_key``.
 
         Raises KeyReleaseDeniedError (rule ``nonce``, ``evidence``, ``binding`` or the policy
-        rule), KeyNotFoundError, KeyDisabledError or InvalidRequestError; every outcome is audited.
+        rule), KeyNotFoundError, KeyDisabledError or InvalidRequestError; every outcome is audited
+        except a malformed key id, which is refused before anything is read, consumed or written.
         """
+        _check_key_id(key_id)
         now = self._clock()
         status = self.store.consume_nonce(nonce, now=now)  # first: one attempt per nonce, whatever happens
         recorder = RecordingVerifier(self._verifier)
@@ -342,6 +350,10 @@ class KeyBroker:
         self, now: float, event: str, key_id: str, actor: str | None, detail: str = ""
     ) -> AuditEvent:
         return AuditEvent(now, event, "ok", key_id=key_id, detail=_by(actor, detail))
+
+
+def _info(key: StoredKey) -> KeyInfo:
+    return KeyInfo(key.key_id, key.versions, key.latest, key.state, json.loads(key.policy))
 
 
 def _check_key_id(key_id: str) -> None:
