@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,3 +122,26 @@ def test_the_async_client_refuses_too_after_a_failed_reattestation(
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_a_server_on_an_ipv6_address_is_attested_and_used(
+    sealed_model: Path, sim_provider: SimulationProvider, sim_verifier: SimulationVerifier, sim_policy
+) -> None:
+    repository = load_sealed_models({"digits": sealed_model}, CANARY_KEY, intra_op_threads=1)
+    running = serve_in_thread(repository, sim_provider, host="::1")
+    try:
+        assert running.url.startswith("https://[::1]:")
+        with Client(running.url, policy=sim_policy, verifier=sim_verifier) as client:
+            assert client.infer("digits", {"X": digits_model()[1][:2]})["label"].shape == (2,)
+    finally:
+        running.stop()

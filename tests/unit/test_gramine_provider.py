@@ -7,7 +7,9 @@ Write calls are counted by wrapping the module's single-write helper.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,26 @@ def test_short_write_is_evidence_error(root: Path, monkeypatch: pytest.MonkeyPat
 
     assert "32 of 64" in str(info.value)
     assert str(root / "user_report_data") in str(info.value)
+
+
+def test_concurrent_collects_each_get_a_quote_over_their_own_report_data(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like Gramine, the fake quote is made from whatever user_report_data holds when it is read."""
+    real_read = GramineProvider._read
+
+    def quote_of_current_report_data(self: GramineProvider, path: Path) -> bytes:
+        if path.name == "quote":
+            time.sleep(0.001)  # a quote takes a while: the window another writer would use
+            return b"QUOTE:" + (root / "user_report_data").read_bytes()
+        return real_read(self, path)
+
+    monkeypatch.setattr(GramineProvider, "_read", quote_of_current_report_data)
+    providers = [GramineProvider(root) for _ in range(2)]  # two providers, one enclave
+
+    def collect(i: int) -> bool:
+        data = i.to_bytes(64, "big")
+        return providers[i % 2].collect(data).data == b"QUOTE:" + data
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(collect, range(200)))

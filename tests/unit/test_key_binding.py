@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+
+import cbor2
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID, NameOID
 
 from enclaveml.attestation import default_policy
-from enclaveml.attestation.ratls import bind_public_key, spki_der, verify_key_binding
+from enclaveml.attestation.ratls import (
+    _TAG_BY_TEE,
+    RATLS_EVIDENCE_OID,
+    bind_public_key,
+    ratls_report_data,
+    spki_der,
+    verify_key_binding,
+    verify_ratls_certificate,
+)
 from enclaveml.errors import BindingError, PolicyRejectedError, VerificationError
 
 
@@ -53,4 +68,61 @@ def test_other_nonce_other_key_tampering_and_policy(key, sim_provider, sim_verif
     with pytest.raises(PolicyRejectedError):
         verify_key_binding(
             binding.evidence, public_key_spki=spki, verifier=sim_verifier, policy=default_policy()
+        )
+
+
+def _binding_with_claims(provider, claims: dict[str, object]) -> bytes:  # type: ignore[no-untyped-def]
+    """Evidence over hand-made RA-TLS claims (what a hostile server could send)."""
+    claims_bytes = cbor2.dumps(claims, canonical=True)
+    evidence = provider.collect(ratls_report_data(claims_bytes))
+    return cbor2.dumps(cbor2.CBORTag(_TAG_BY_TEE[evidence.tee], [evidence.data, claims_bytes]))
+
+
+@pytest.mark.parametrize("alg", [[1], True, "1", 1.0])
+def test_a_hostile_pubkey_hash_algorithm_is_a_verification_error(
+    alg: object, key, sim_provider, sim_verifier, sim_policy
+) -> None:
+    spki = spki_der(key.public_key())
+    evidence = _binding_with_claims(sim_provider, {"pubkey-hash": [alg, hashlib.sha256(spki).digest()]})
+    with pytest.raises(VerificationError, match="hash algorithm"):
+        verify_key_binding(evidence, public_key_spki=spki, verifier=sim_verifier, policy=sim_policy)
+
+
+@pytest.mark.parametrize(("evidence", "endorsements"), [(5, None), ("text", None), (b"x", 7), (b"x", [b"y"])])
+def test_evidence_and_endorsements_of_the_wrong_type_are_verification_errors(
+    evidence: object, endorsements: object, key, sim_verifier, sim_policy
+) -> None:
+    with pytest.raises(VerificationError, match="byte strings"):
+        verify_key_binding(
+            evidence,  # type: ignore[arg-type]
+            public_key_spki=spki_der(key.public_key()),
+            verifier=sim_verifier,
+            policy=sim_policy,
+            endorsements=endorsements,  # type: ignore[arg-type]
+        )
+
+
+def test_a_certificate_with_a_malformed_extension_is_a_verification_error(
+    key, sim_provider, sim_verifier, sim_policy
+) -> None:
+    binding = bind_public_key(sim_provider, key.public_key())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hostile")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.UnrecognizedExtension(RATLS_EVIDENCE_OID, binding.evidence), critical=False)
+        .add_extension(
+            x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x04\x03bad"), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    with pytest.raises(VerificationError, match="malformed key or extension"):
+        verify_ratls_certificate(
+            certificate.public_bytes(serialization.Encoding.DER), verifier=sim_verifier, policy=sim_policy
         )

@@ -25,6 +25,7 @@ import cbor2
 import uvicorn
 from fastapi import FastAPI
 
+from enclaveml._urls import url_host
 from enclaveml.attestation import EvidenceProvider, RatlsCertificate
 from enclaveml.attestation.ratls import bind_public_key
 from enclaveml.attestation.tls import in_memory_key_files
@@ -79,7 +80,7 @@ def start_in_thread(
         time.sleep(0.01)
     host, port = server.servers[0].sockets[0].getsockname()[:2]
     scheme = "https" if config.ssl_certfile or config.ssl_keyfile else "http"
-    return ServerThread(f"{scheme}://{host}:{port}", server, thread)
+    return ServerThread(f"{scheme}://{url_host(host)}:{port}", server, thread)
 
 
 @contextlib.contextmanager
@@ -155,4 +156,6 @@ def serve_ratls_app(
         stack.close()
         raise
     port = int(running.url.rsplit(":", 1)[1])
-    return RunningServer(f"https://{host}:{port}", running.server, running.thread, ratls, app, stack)
+    return RunningServer(
+        f"https://{url_host(host)}:{port}", running.server, running.thread, ratls, app, stack
+    )

@@ -17,6 +17,7 @@ The provider never parses the quote: binding and signatures are the verifier's j
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from enclaveml.attestation.evidence import REPORT_DATA_SIZE, Evidence, TeeType, check_report_data
@@ -63,8 +64,11 @@ class GramineProvider:
         data = check_report_data(report_data)
         self._require_root()
         self._check_attestation_type()
-        self._write_report_data(data)
-        quote = self._read(self._root / "quote")
+        # user_report_data is one per enclave: without the lock, concurrent callers (the servers
+        # answer /attestation from a thread pool) get quotes over each other's report data.
+        with _collect_lock(self._root):
+            self._write_report_data(data)
+            quote = self._read(self._root / "quote")
         if not quote:
             raise EvidenceError(
                 f"{self._root / 'quote'} returned an empty quote; check that the enclave can reach "
@@ -147,3 +151,14 @@ def _read_all(path: Path) -> bytes:
 
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
+
+
+_LOCKS: dict[Path, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _collect_lock(root: Path) -> threading.Lock:
+    """One lock per attestation directory, shared by every provider on it in this process."""
+    key = root.resolve()
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(key, threading.Lock())

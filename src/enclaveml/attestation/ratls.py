@@ -29,7 +29,7 @@ from typing import Any
 
 import cbor2
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -166,6 +166,9 @@ def verify_key_binding(
     Returns the appraised claims and the nonce the evidence carries. Raises BindingError when
     the evidence binds another key or nonce, VerificationError / PolicyRejectedError otherwise.
     """
+    # A server chooses these (e.g. in its /attestation answer): check types before using them.
+    if not isinstance(evidence, bytes) or not isinstance(endorsements, bytes | None):
+        raise VerificationError("RA-TLS evidence and endorsements must be byte strings")
     aux = _decode_endorsements(endorsements) if endorsements else b""
     decoded, claims_bytes = _decode_evidence_extension(evidence, aux)
     got_nonce = _check_claims(claims_bytes, public_key_spki, nonce)
@@ -231,8 +234,11 @@ def verify_ratls_certificate(
     cert = _load_certificate(certificate)
     now_unix = to_unix(now)
     _check_certificate(cert, now_unix)
-    spki = spki_der(cert.public_key())
-    extensions = {ext.oid: ext.value for ext in cert.extensions}
+    try:  # parsed lazily by cryptography: a malformed one raises only here
+        spki = spki_der(cert.public_key())
+        extensions = {ext.oid: ext.value for ext in cert.extensions}
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise VerificationError(f"RA-TLS certificate has a malformed key or extension: {exc}") from exc
     standard = extensions.get(RATLS_EVIDENCE_OID)
     if isinstance(standard, x509.UnrecognizedExtension):
         endorsements = extensions.get(RATLS_ENDORSEMENTS_OID)
@@ -289,7 +295,7 @@ def _check_certificate(cert: x509.Certificate, now_unix: int) -> None:
         )
     try:
         cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature) as exc:
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
         raise VerificationError("RA-TLS certificate is not correctly self-signed by its own key") from exc
 
 
@@ -345,7 +351,7 @@ def _check_claims(claims_bytes: bytes, spki: bytes, nonce: bytes | None) -> byte
     if not (isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[1], bytes)):
         raise VerificationError("RA-TLS pubkey-hash must be [hash-alg-id, hash-value]")
     alg, value = entry
-    if alg not in _HASHES:
+    if type(alg) is not int or alg not in _HASHES:  # (a list would not even hash; True == 1)
         raise VerificationError(f"RA-TLS pubkey-hash uses unsupported hash algorithm id {alg!r}")
     if not hmac.compare_digest(_HASHES[alg](spki).digest(), value):
         raise BindingError("RA-TLS evidence binds a different public key than the certificate's")

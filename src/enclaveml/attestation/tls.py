@@ -28,6 +28,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from enclaveml._urls import url_host
 from enclaveml.attestation._policy_base import Policy
 from enclaveml.attestation._time import Instant
 from enclaveml.attestation.claims import Claims
@@ -146,7 +147,7 @@ def attest_server(
     port = parts.port or 443
     der = fetch_peer_certificate(parts.hostname, port, timeout=timeout)
     peer = verify_ratls_certificate(der, verifier=verifier, policy=policy, now=now)
-    return AttestedServer(f"https://{parts.hostname}:{port}", peer)
+    return AttestedServer(f"https://{url_host(parts.hostname)}:{port}", peer)
 
 
 class AttestedSession:

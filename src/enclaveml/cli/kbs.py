@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from enclaveml._urls import url_host
 from enclaveml.attestation.policy import load_policy
 from enclaveml.cli._console import console, err_console
 from enclaveml.cli._options import Host
@@ -435,7 +436,7 @@ def serve(
                     soft_wrap=True,
                 )
             err_console.print(
-                f"key broker listening on https://{_url_host(host)}:{port}", markup=False, soft_wrap=True
+                f"key broker listening on https://{url_host(host)}:{port}", markup=False, soft_wrap=True
             )
             run_broker(
                 config, host, port, certfile=certfile, keyfile=keyfile, log_level=log_level, workers=workers
@@ -468,7 +469,3 @@ def _certificate_names(host: str) -> tuple[list[str], list[str]]:
     if not address.is_unspecified and str(address) not in ips:
         ips.append(str(address))
     return names, ips
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host

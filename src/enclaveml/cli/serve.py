@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+from enclaveml._urls import url_host
 from enclaveml.cli._console import console, err_console
 from enclaveml.cli._options import (
     BatchDelay,
@@ -154,7 +155,9 @@ def _run_server(
     ratls = create_ratls_certificate(provider, dns_names=("localhost", host))
     app = create_app(repository, attestation=attestation_hook(provider, ratls), queue=queue, **options)
     mode = f"queue {queue_url}" if queue_url else "in-process batching"
-    err_console.print(f"serving {', '.join(sorted(models))} on https://{host}:{port} (RA-TLS, {mode})")
+    err_console.print(
+        f"serving {', '.join(sorted(models))} on https://{url_host(host)}:{port} (RA-TLS, {mode})"
+    )
     with uvicorn_config(app, ratls, host=host, port=port) as config:
         settle_collector()  # the app is built: see enclaveml._collector
         uvicorn.Server(config).run()
