@@ -21,6 +21,7 @@ import numpy as np
 import uvicorn
 from rich.table import Table
 
+from enclaveml._files import write_atomically
 from enclaveml._web import start_in_thread
 from enclaveml.attestation import (
     AllOf,
@@ -110,9 +111,8 @@ def run_demo() -> None:
                 "3/6 model owner: seal the model (the broker wraps its data key; plaintext stays in memory)"
             )
             sealed = workdir / "digits.sealed"
-            sealed.write_bytes(
-                seal_bytes(model_bytes, wrapper=admin, key_id=_KEY_ID, content_type="application/onnx")
-            )
+            artifact = seal_bytes(model_bytes, wrapper=admin, key_id=_KEY_ID, content_type="application/onnx")
+            write_atomically(sealed, artifact)
             admin.close()
             console.print(f"sealed artifact: {sealed.name}, {sealed.stat().st_size} bytes (Cobblestone-256)")
 

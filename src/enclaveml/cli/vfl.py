@@ -207,14 +207,14 @@ def _report(result: Any, broker: Any, model_key: str, model_out: Path | None) ->
 
 
 def _seal(data: bytes, broker: Any, key_id: str, output: Path, content_type: str, **metadata: str) -> None:
+    from enclaveml._files import write_atomically
     from enclaveml.crypto import seal_bytes
 
     handle = broker.release(key_id)
     digest = hashlib.sha256(data).hexdigest()
-    output.write_bytes(
-        seal_bytes(data, wrapper=handle, key_id=key_id, content_type=content_type,
-                   metadata={"model_sha256": digest, **metadata})
-    )  # fmt: skip
+    sealed = seal_bytes(data, wrapper=handle, key_id=key_id, content_type=content_type,
+                        metadata={"model_sha256": digest, **metadata})  # fmt: skip
+    write_atomically(output, sealed)  # a crash never leaves half an artifact under its name
 
 
 def _connect(
