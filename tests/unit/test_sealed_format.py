@@ -177,6 +177,27 @@ def test_wrong_key_and_version_fail_alike_and_a_missing_key_says_which() -> None
     assert unseal_bytes(seal(b"new", wrapper=KeyRing(KEY, v2)), unwrapper=KeyRing(KEY, v2)) == b"new"
 
 
+def test_an_unwrappers_own_failure_is_not_reported_as_a_damaged_file(tmp_path: Path) -> None:
+    """A broker whose released key did not decrypt is a broker or channel fault, not the file's."""
+
+    class BrokenChannel:
+        def unwrap_data_key(self, key_id: str, version: int, wrapped: bytes, aad: bytes) -> bytes:
+            raise DecryptionError("the released key could not be decrypted")
+
+    blob = seal(b"weights")
+    (tmp_path / "m.sealed").write_bytes(blob)
+    for attempt in (
+        lambda: unseal_bytes(blob, unwrapper=BrokenChannel()),
+        lambda: unseal_file_to_bytes(tmp_path / "m.sealed", unwrapper=BrokenChannel()),
+    ):
+        with pytest.raises(DecryptionError, match="released key could not be decrypted"):
+            attempt()
+    damaged = bytearray(blob)
+    damaged[blob.index(b"model-key") + 40] ^= 1  # inside the wrapped data key
+    with pytest.raises(DecryptionError, match=AUTH_FAILED):
+        unseal_bytes(bytes(damaged), unwrapper=KEY)
+
+
 def _set_version(blob: bytes, version: int) -> bytes:
     at = read_header(blob).size - 65
     return blob[:at] + struct.pack(">I", version) + blob[at + 4 :]

@@ -35,6 +35,7 @@ __all__ = [
     "DataKeyWrapper",
     "KeyHandle",
     "KeyRing",
+    "WrappedKeyError",
     "unwrap_key",
     "wrap_key",
 ]
@@ -54,14 +55,22 @@ def wrap_key(kek: bytes, data_key: bytes, aad: bytes) -> bytes:
     return nonce + AESGCM(kek).encrypt(nonce, data_key, aad)
 
 
+class WrappedKeyError(DecryptionError):
+    """A wrapped key did not open under its key-encryption key (damaged, or another key's).
+
+    Its own type so that readers of sealed files can tell a damaged artifact from an unwrapper
+    that failed for its own reasons (e.g. a key broker's answer that did not decrypt).
+    """
+
+
 def unwrap_key(kek: bytes, wrapped: bytes, aad: bytes) -> bytes:
-    """Inverse of :func:`wrap_key`; any mismatch raises DecryptionError and reveals nothing."""
+    """Inverse of :func:`wrap_key`; any mismatch raises WrappedKeyError and reveals nothing."""
     if len(kek) != KEY_SIZE or not _NONCE_SIZE + 16 < len(wrapped) <= _MAX_WRAPPED:
-        raise DecryptionError("invalid wrapped key")
+        raise WrappedKeyError("invalid wrapped key")
     try:
         return AESGCM(kek).decrypt(wrapped[:_NONCE_SIZE], wrapped[_NONCE_SIZE:], aad)
     except InvalidTag:
-        raise DecryptionError("invalid wrapped key") from None
+        raise WrappedKeyError("invalid wrapped key") from None
 
 
 @runtime_checkable

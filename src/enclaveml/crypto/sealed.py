@@ -79,7 +79,7 @@ from enclaveml.crypto._sealed_io import (
     output_path,
     regular_file_size,
 )
-from enclaveml.crypto.keys import KEY_SIZE, DataKeyUnwrapper, DataKeyWrapper
+from enclaveml.crypto.keys import KEY_SIZE, DataKeyUnwrapper, DataKeyWrapper, WrappedKeyError
 from enclaveml.errors import ConfigurationError, CryptoError, DecryptionError
 
 __all__ = [
@@ -364,7 +364,9 @@ def _unseal_stream(
 
 
 def _unwrap(header: SealedHeader, unwrapper: DataKeyUnwrapper) -> bytes:
-    """Unwrap the data key; a failed unwrap is indistinguishable from any other auth failure."""
+    """Unwrap the data key; a wrapped key that does not open is indistinguishable from any other
+    authentication failure of the file. An unwrapper's own failures (a broker's answer that did not
+    decrypt, an unknown key) keep their type and message: they are not about the file."""
     if not isinstance(unwrapper, DataKeyUnwrapper):
         raise ConfigurationError(
             "unwrapper must provide unwrap_data_key() (a KeyHandle, KeyRing or broker client)"
@@ -373,7 +375,7 @@ def _unwrap(header: SealedHeader, unwrapper: DataKeyUnwrapper) -> bytes:
         data_key = unwrapper.unwrap_data_key(
             header.key_id, header.key_version, header.wrapped_data_key, header.wrapping_aad
         )
-    except DecryptionError:
+    except WrappedKeyError:
         raise DecryptionError(AUTH_FAILED) from None
     if not isinstance(data_key, bytes) or len(data_key) != KEY_SIZE:
         raise DecryptionError(AUTH_FAILED)
