@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from enclaveml.attestation.simulation import SimulationKey, default_key_path, workload_measurement
 from enclaveml.cli import app
+from enclaveml.crypto import read_header
 from enclaveml.kms._http import ssl_context
 from tests.integration.test_kms_release import CANARY
 
@@ -141,9 +142,11 @@ def test_token_serve_key_policy_seal_unseal_round_trip(tmp_path: Path, served: S
     # Rotate, seal again: both versions unseal; the key list shows both.
     assert _cli(env, "kbs", "key", "rotate", "model", "--json")[1] == {"key_id": "model", "version": 2}
     code, out, text = _cli(
-        env, "seal", str(model), str(tmp_path / "model.v2.sealed"), "--key", "model", "--json"
-    )
+        env, "seal", str(model), str(tmp_path / "model.v2.sealed"), "--key", "model",
+        "--model-name", "fraud", "--json",
+    )  # fmt: skip
     assert out["version"] == 2, text
+    assert read_header(tmp_path / "model.v2.sealed").metadata == {"model_name": "fraud"}  # for `serve`
     code, _, text = _cli(
         env,
         "unseal",

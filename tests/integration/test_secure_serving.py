@@ -14,9 +14,9 @@ import pytest
 from enclaveml.attestation import AllOf, MeasurementAllowlist, UnsafeAllowSimulation
 from enclaveml.attestation.simulation import SimulationProvider, SimulationVerifier
 from enclaveml.crypto import KeyHandle, seal_file
-from enclaveml.errors import AttestationError, PolicyRejectedError
+from enclaveml.errors import AttestationError, ConfigurationError, PolicyRejectedError
 from enclaveml.serving.client import AsyncClient, Client
-from enclaveml.serving.secure import RunningServer, load_sealed_models, serve_in_thread
+from enclaveml.serving.secure import MODEL_NAME_METADATA, RunningServer, load_sealed_models, serve_in_thread
 from tests.serving_models import digits_model
 
 CANARY_KEY = KeyHandle.generate("digits-key")
@@ -145,3 +145,22 @@ def test_a_server_on_an_ipv6_address_is_attested_and_used(
             assert client.infer("digits", {"X": digits_model()[1][:2]})["label"].shape == (2,)
     finally:
         running.stop()
+
+
+def test_a_sealed_model_loads_only_under_the_name_it_was_sealed_as(tmp_path: Path) -> None:
+    """The host controls the files: swapping two sealed models between their names is refused."""
+    plain = tmp_path / "model.onnx"
+    plain.write_bytes(digits_model()[0])
+    fraud, anonymous, text = tmp_path / "fraud.sealed", tmp_path / "any.sealed", tmp_path / "text.sealed"
+    seal_file(plain, fraud, wrapper=CANARY_KEY, key_id="digits-key", content_type="application/onnx",
+              metadata={MODEL_NAME_METADATA: "fraud"})  # fmt: skip
+    seal_file(plain, anonymous, wrapper=CANARY_KEY, key_id="digits-key", content_type="application/onnx")
+    seal_file(plain, text, wrapper=CANARY_KEY, key_id="digits-key", content_type="text/csv")
+
+    assert load_sealed_models({"fraud": fraud}, CANARY_KEY, intra_op_threads=1).get("fraud").name == "fraud"
+    with pytest.raises(ConfigurationError, match="sealed as model 'fraud', not 'spam'"):
+        load_sealed_models({"spam": fraud}, CANARY_KEY, intra_op_threads=1)
+    # Without a recorded name an artifact loads under any (what older artifacts do).
+    assert load_sealed_models({"spam": anonymous}, CANARY_KEY, intra_op_threads=1).get("spam").name == "spam"
+    with pytest.raises(ConfigurationError, match="not an ONNX model"):
+        load_sealed_models({"fraud": text}, CANARY_KEY, intra_op_threads=1)

@@ -38,7 +38,7 @@ from enclaveml.kms import KeyBrokerAdmin, KeyBrokerClient
 from enclaveml.kms._rootkey import RootKey
 from enclaveml.kms.server import BrokerConfig, create_app, create_self_signed_certificate
 from enclaveml.serving.client import Client
-from enclaveml.serving.secure import load_sealed_models, serve_in_thread
+from enclaveml.serving.secure import MODEL_NAME_METADATA, load_sealed_models, serve_in_thread
 
 _MODEL = "digits"
 _KEY_ID = "digits-model"
@@ -111,7 +111,13 @@ def run_demo() -> None:
                 "3/6 model owner: seal the model (the broker wraps its data key; plaintext stays in memory)"
             )
             sealed = workdir / "digits.sealed"
-            artifact = seal_bytes(model_bytes, wrapper=admin, key_id=_KEY_ID, content_type="application/onnx")
+            artifact = seal_bytes(
+                model_bytes,
+                wrapper=admin,
+                key_id=_KEY_ID,
+                content_type="application/onnx",
+                metadata={MODEL_NAME_METADATA: _MODEL},  # served only under this name
+            )
             write_atomically(sealed, artifact)
             admin.close()
             console.print(f"sealed artifact: {sealed.name}, {sealed.stat().st_size} bytes (Cobblestone-256)")

@@ -59,6 +59,10 @@ def seal(
     content_type: Annotated[str, typer.Option(help="Content type recorded in the header.")] = (
         "application/octet-stream"
     ),
+    model_name: Annotated[
+        str | None,
+        typer.Option(help="Model name the artifact may be served as (`serve --model NAME=...` checks it)."),
+    ] = None,
     url: UrlOpt = "",
     token: TokenOpt = "",
     ca: CaOpt = None,
@@ -67,14 +71,22 @@ def seal(
     """Seal SOURCE into DESTINATION under broker key --key (the broker wraps the data key)."""
     from enclaveml.crypto.sealed import read_header, seal_file
     from enclaveml.kms.admin import KeyBrokerAdmin
+    from enclaveml.serving.secure import MODEL_NAME_METADATA
 
+    metadata = {} if model_name is None else {MODEL_NAME_METADATA: model_name}
     with reporting(as_json):
         with (
             KeyBrokerAdmin(require_url(url), token, verify=ca_of(ca)) as admin,
             _progress(source, "sealing", as_json) as progress,
         ):
             seal_file(
-                source, destination, wrapper=admin, key_id=key, content_type=content_type, progress=progress
+                source,
+                destination,
+                wrapper=admin,
+                key_id=key,
+                content_type=content_type,
+                metadata=metadata,
+                progress=progress,
             )
         header = read_header(destination)
     result = {"sealed": str(destination), "key_id": header.key_id, "version": header.key_version}

@@ -92,6 +92,7 @@ __all__ = [
     "unseal_bytes",
     "unseal_file",
     "unseal_file_to_bytes",
+    "unseal_file_with_header",
     "unseal_stream",
 ]
 
@@ -265,6 +266,14 @@ def unseal_file_to_bytes(
     output buffer sized from the file size, so peak memory is the plaintext plus at most one
     block. Nothing is returned unless the whole artifact verified.
     """
+    return unseal_file_with_header(src, unwrapper=unwrapper, progress=progress)[1]
+
+
+def unseal_file_with_header(
+    src: PathArg, *, unwrapper: DataKeyUnwrapper, progress: Progress | None = None
+) -> tuple[SealedHeader, bytes]:
+    """:func:`unseal_file_to_bytes`, with the header it verified: check key id, content type and
+    metadata on this one, never on a header read before (the file may change in between)."""
     check_progress(progress)
     with open_input(src) as reader:
         status = os.fstat(reader.fileno())
@@ -291,7 +300,7 @@ def unseal_file_to_bytes(
         except BaseException:
             out.discard()
             raise
-    return out.finish()
+    return header, out.finish()
 
 
 def unseal_file(

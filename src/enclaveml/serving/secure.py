@@ -21,12 +21,23 @@ from typing import Any
 
 from enclaveml._web import RunningServer, attestation_hook, serve_ratls_app, uvicorn_config
 from enclaveml.attestation import EvidenceProvider, create_ratls_certificate
-from enclaveml.crypto import DataKeyUnwrapper, read_header, unseal_file_to_bytes
+from enclaveml.crypto import DataKeyUnwrapper, SealedHeader
+from enclaveml.crypto.sealed import unseal_file_with_header
 from enclaveml.errors import ConfigurationError
 from enclaveml.serving._engine import ModelRepository, OnnxModel
 from enclaveml.serving.app import create_app
 
-__all__ = ["RunningServer", "attestation_hook", "load_sealed_models", "serve_in_thread", "uvicorn_config"]
+__all__ = [
+    "MODEL_NAME_METADATA",
+    "RunningServer",
+    "attestation_hook",
+    "load_sealed_models",
+    "serve_in_thread",
+    "uvicorn_config",
+]
+
+MODEL_NAME_METADATA = "model_name"
+"""Sealed-header metadata naming the model an artifact may be served as (checked once verified)."""
 
 
 def load_sealed_models(
@@ -35,20 +46,35 @@ def load_sealed_models(
     *,
     intra_op_threads: int | None = None,
 ) -> ModelRepository:
-    """Unseal each ``name -> path`` into memory and load it into ONNX Runtime; nothing touches disk."""
+    """Unseal each ``name -> path`` into memory and load it into ONNX Runtime; nothing touches disk.
+
+    The checks run on the header that was verified with the content, not on one read before: an
+    artifact sealed with a ``model_name`` (``enclaveml seal --model-name``) loads only under that
+    name, so the host cannot swap two sealed models between the names they are served under.
+    """
     if not models:
         raise ConfigurationError("at least one --model NAME=PATH is required")
     repository = ModelRepository(expected=models.keys())
     for name, path in models.items():
-        header = read_header(Path(path))
-        if header.content_type not in ("application/onnx", "application/octet-stream"):
-            raise ConfigurationError(
-                f"sealed artifact {path} holds {header.content_type!r}, not an ONNX model"
-            )
-        model_bytes = unseal_file_to_bytes(Path(path), unwrapper=unwrapper)
-        repository.add(OnnxModel.from_bytes(name, model_bytes, intra_op_threads=intra_op_threads))
-        del model_bytes  # ORT holds its own copy; drop ours now rather than at the end of the loop.
+        header, model_bytes = unseal_file_with_header(Path(path), unwrapper=unwrapper)
+        try:
+            _check_model_header(header, name, path)
+            model = OnnxModel.from_bytes(name, model_bytes, intra_op_threads=intra_op_threads)
+        finally:
+            del model_bytes  # ORT holds its own copy; drop ours now rather than at the end of the loop.
+        repository.add(model)
     return repository
+
+
+def _check_model_header(header: SealedHeader, name: str, path: str | Path) -> None:
+    if header.content_type not in ("application/onnx", "application/octet-stream"):
+        raise ConfigurationError(f"sealed artifact {path} holds {header.content_type!r}, not an ONNX model")
+    sealed_as = header.metadata.get(MODEL_NAME_METADATA)
+    if sealed_as is not None and sealed_as != name:
+        raise ConfigurationError(
+            f"sealed artifact {path} was sealed as model {sealed_as!r}, not {name!r}: "
+            "refusing to serve one model under another's name"
+        )
 
 
 def serve_in_thread(
