@@ -173,6 +173,19 @@ def test_psi_train_predict_with_logistic_regression(tmp_path: Path, served: Serv
     accuracy = float(((predictions > 0.5) == y).mean())
     assert accuracy >= central.score(StandardScaler().fit_transform(x), y) - 0.01
 
+    # Another party's sealed part (swapped by a host, say) is refused once unsealed, before any job.
+    other = next(p for p in PARTIES if p != "bank")
+    code, _, text = _cli(
+        env, "vfl", "predict", "https://127.0.0.1:9", "--plan", str(plan), "--name", "bank",
+        "--credential-file", str(tmp_path / "bank.token"), "--policy", str(tmp_path / "server-predict.toml"),
+        "--simulation-key", str(default_key_path()), "--tee", "simulation", *common["bank"],
+        "--model", str(tmp_path / f"{other}.sealed"), "--output", str(tmp_path / "swapped.npy"),
+        "--ignore-column", "y",
+    )  # fmt: skip
+    assert code != 0
+    assert f"of party '{other}', not the model part of party 'bank'" in " ".join(text.split()), text
+    assert not (tmp_path / "swapped.npy").exists()
+
 
 def test_boosting_with_early_stopping_sealed_server_model_and_pinned_prediction(
     tmp_path: Path,

@@ -349,10 +349,10 @@ def train(
         if valid_data is not None:
             held_out = read_table(valid_data, **columns).take(read_rows(valid_rows))
             valid = (held_out.features, held_out.labels)
-        broker = _party_broker(name, tee, kbs, kbs_ca)
-        endpoint, part = party_for_training(expected, name, table.features, table.labels, valid=valid)
-        _serve_party(endpoint, url, plan, credential_file, policy, simulation_key, wait)
-        _seal(part(), broker, model_key or f"vfl-{name}", model_out, PARTY_MODEL_TYPE, party=name)
+        with _party_broker(name, tee, kbs, kbs_ca) as broker:
+            endpoint, part = party_for_training(expected, name, table.features, table.labels, valid=valid)
+            _serve_party(endpoint, url, plan, credential_file, policy, simulation_key, wait)
+            _seal(part(), broker, model_key or f"vfl-{name}", model_out, PARTY_MODEL_TYPE, party=name)
     except EnclaveMLError as exc:
         raise _fail("vfl train", exc) from None
     console.print(f"model part of {name} sealed to {model_out}")
@@ -381,7 +381,7 @@ def predict(
 ) -> None:
     """Predict the plan's dataset jointly; the label party receives the predictions."""
     from enclaveml.cli._tables import read_rows, read_table
-    from enclaveml.crypto import unseal_file_to_bytes
+    from enclaveml.crypto.sealed import unseal_file_with_header
     from enclaveml.fl.vertical.jobs import PredictionSink, party_for_prediction
 
     try:
@@ -391,8 +391,14 @@ def predict(
         if is_label != (output is not None):
             raise ConfigurationError("--output is given by the label party (the plan's first) and only by it")
         table = read_table(data, id_column=id_column, ignore=ignore_column or []).take(read_rows(rows))
-        broker = _party_broker(name, tee, kbs, kbs_ca)
-        part = unseal_file_to_bytes(model, unwrapper=broker)
+        with _party_broker(name, tee, kbs, kbs_ca) as broker:  # its connection closes either way
+            header, part = unseal_file_with_header(model, unwrapper=broker)
+        # On the verified header: another party's part (or another kind of artifact) is refused.
+        if header.content_type != PARTY_MODEL_TYPE or header.metadata.get("party") != name:
+            raise ConfigurationError(
+                f"{model} holds {header.content_type!r} of party {header.metadata.get('party')!r}, "
+                f"not the model part of party {name!r}"
+            )
         endpoint = party_for_prediction(expected, name, part, table.features)
         sink = PredictionSink(endpoint) if is_label else None
         _serve_party(endpoint, url, plan, credential_file, policy, simulation_key, wait)
