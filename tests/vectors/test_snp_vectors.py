@@ -12,6 +12,7 @@ import binascii
 import json
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,17 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from enclaveml.attestation import SnpGuest, policy_from_dict
 from enclaveml.attestation._snp import SnpVerifier, build_snp_cert_table, parse_snp_report
 from enclaveml.attestation.claims import SnpClaims, SnpTcb
 from enclaveml.attestation.evidence import Evidence, TeeType
-from enclaveml.errors import CollateralError, CollateralExpiredError, ConfigurationError, VerificationError
+from enclaveml.errors import (
+    CollateralError,
+    CollateralExpiredError,
+    ConfigurationError,
+    PolicyRejectedError,
+    VerificationError,
+)
 
 DATA = Path(__file__).parent / "data"
 SNP = DATA / "sev-snp"
@@ -414,3 +422,23 @@ def test_tampered_aux_is_rejected_unless_the_signed_certificate_content_is_uncha
             original.signature,
         )
     assert len(accepted) <= 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_snp_guest_rule_on_real_reports(name: str) -> None:
+    """All three real reports: VMPL 0, SMT allowed, no migration agent, not single-socket."""
+    claims = SnpVerifier(vcek=vcek_der(name)).verify(Evidence(TeeType.SEV_SNP, report_bytes(name)), now=NOW)
+    assert isinstance(claims, SnpClaims)
+    SnpGuest().check(claims)
+    policy_from_dict({"type": "snp_guest", "max_vmpl": 0, "allow_smt": True}).check(claims)
+    with pytest.raises(PolicyRejectedError, match="SMT"):
+        SnpGuest(allow_smt=False).check(claims)
+    with pytest.raises(PolicyRejectedError, match="SINGLE_SOCKET"):
+        SnpGuest(require_single_socket=True).check(claims)
+    with pytest.raises(PolicyRejectedError, match="vmpl=1"):
+        SnpGuest().check(replace(claims, vmpl=1))
+    with pytest.raises(PolicyRejectedError, match="MIGRATE_MA"):
+        SnpGuest().check(replace(claims, policy=claims.policy | 1 << 18))
+    SnpGuest(max_vmpl=1, allow_migrate_ma=True).check(replace(claims, vmpl=1, policy=claims.policy | 1 << 18))
+    with pytest.raises(ConfigurationError):
+        policy_from_dict({"type": "snp_guest", "allow_migrate_ma": "false"})  # a string would be truthy

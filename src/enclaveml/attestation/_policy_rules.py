@@ -145,6 +145,59 @@ class SnpMinimumTcb(Policy):
         return {"bootloader": m.bootloader, "tee": m.tee, "snp": m.snp, "microcode": m.microcode}
 
 
+class SnpGuest(Policy):
+    """SEV-SNP only: who asked for the report (VMPL) and the guest policy the VM was launched with.
+
+    A report requested from a VMPL above ``max_vmpl`` comes from less privileged code in the guest
+    (e.g. a user process behind an SVSM at VMPL 0). ``MIGRATE_MA`` (policy bit 18) lets a migration
+    agent move the VM, with its memory, to another host; ``SMT`` (bit 16) allows the VM onto
+    sibling hyperthreads; ``SINGLE_SOCKET`` (bit 20) keeps it on one socket. Debug (bit 19) is the
+    ``debug`` rule's. Reference: AMD SEV-SNP ABI specification, guest policy.
+    """
+
+    type_name = "snp_guest"
+    _SMT, _MIGRATE_MA, _SINGLE_SOCKET = 1 << 16, 1 << 18, 1 << 20
+
+    def __init__(
+        self,
+        max_vmpl: int = 0,
+        allow_migrate_ma: bool = False,
+        allow_smt: bool = True,
+        require_single_socket: bool = False,
+    ) -> None:
+        self.max_vmpl = _to_int(max_vmpl, "snp_guest.max_vmpl", 3)
+        flags = {"allow_migrate_ma": allow_migrate_ma, "allow_smt": allow_smt,
+                 "require_single_socket": require_single_socket}  # fmt: skip
+        for what, value in flags.items():
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"snp_guest.{what} must be true or false")
+        self.allow_migrate_ma, self.allow_smt = allow_migrate_ma, allow_smt
+        self.require_single_socket = require_single_socket
+
+    def _check(self, claims: Claims) -> None:
+        if not isinstance(claims, SnpClaims):
+            raise PolicyRejectedError(self.type_name, f"tee={claims.tee.value}", "SEV-SNP evidence")
+        if claims.vmpl > self.max_vmpl:
+            raise PolicyRejectedError(self.type_name, f"vmpl={claims.vmpl}", f"vmpl <= {self.max_vmpl}")
+        policy = claims.policy
+        if policy & self._MIGRATE_MA and not self.allow_migrate_ma:
+            raise PolicyRejectedError(
+                self.type_name, f"policy={policy:#x} (MIGRATE_MA)", "no migration agent"
+            )
+        if policy & self._SMT and not self.allow_smt:
+            raise PolicyRejectedError(self.type_name, f"policy={policy:#x} (SMT)", "SMT not allowed")
+        if self.require_single_socket and not policy & self._SINGLE_SOCKET:
+            raise PolicyRejectedError(self.type_name, f"policy={policy:#x}", "SINGLE_SOCKET set")
+
+    def _params(self) -> dict[str, Any]:
+        return {
+            "max_vmpl": self.max_vmpl,
+            "allow_migrate_ma": self.allow_migrate_ma,
+            "allow_smt": self.allow_smt,
+            "require_single_socket": self.require_single_socket,
+        }
+
+
 class ReportDataEquals(Policy):
     """Report data must equal the expected value (shorter values are zero-padded to 64 bytes)."""
 
