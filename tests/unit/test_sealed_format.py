@@ -877,3 +877,28 @@ def test_an_input_truncated_mid_read_fails_cleanly(files: tuple[Path, bytes], ca
     with pytest.raises(OSError, match="truncated while it was read"):
         run()
     _assert_clean_failure(tmp)  # no output, the old one untouched, no thread left
+
+
+def test_a_host_inflated_file_is_refused_without_committing_its_declared_size(tmp_path: Path) -> None:
+    """Zeros appended to a real artifact (a sparse 4 GiB file): the output buffer is sized from the
+    file before the end is authenticated, so a failure must wipe only what was written; wiping the
+    whole buffer would commit gigabytes of memory. Run in a child to read its peak RSS cleanly."""
+    path = tmp_path / "inflated.sealed"
+    path.write_bytes(seal(b"weights" * 1000))
+    with open(path, "r+b") as f:
+        f.truncate(4 * 2**30)
+    code = (
+        "import resource, sys\n"
+        "from enclaveml.crypto.keys import KeyHandle\n"
+        "from enclaveml.crypto.sealed import unseal_file_to_bytes\n"
+        "from enclaveml.errors import CryptoError\n"
+        f"key = KeyHandle('model-key', 1, bytes.fromhex('{KEY.secret_bytes().hex()}'))\n"
+        "try:\n"
+        f"    unseal_file_to_bytes({str(path)!r}, unwrapper=key)\n"
+        "except CryptoError as exc:\n"
+        "    print(type(exc).__name__, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    kind, peak_kib = result.stdout.split()
+    assert kind in ("DecryptionError", "CryptoError"), result.stderr
+    assert int(peak_kib) < 512 * 1024, f"peak RSS {int(peak_kib) // 1024} MiB"

@@ -282,9 +282,19 @@ def unseal_file_with_header(
         header = read_header_from(reader)
         remaining = status.st_size - header.size
         decryptor = Cobblestone256Decryptor(_unwrap(header, unwrapper), header.encoded)
-        out = FreshBytes(plaintext_size(remaining))
+        # Sized from the file before anything but the header is authenticated, so the size is the
+        # host's to choose (zeros appended to a real artifact pass its first chunks): a size that
+        # cannot be had is a typed error, and a failure wipes only what was written, never
+        # touching (and so never committing) the rest of a huge, mostly virtual buffer.
         try:
-            written, done = 0, header.size
+            out = FreshBytes(plaintext_size(remaining))
+        except MemoryError:
+            raise CryptoError(
+                f"the plaintext of {os.fspath(src)!r} ({remaining} bytes sealed) does not fit in memory"
+            ) from None
+        written = 0
+        try:
+            done = header.size
             with input_blocks(reader, _UNSEAL_FILE_READ) as blocks:
                 for block in blocks:
                     if len(block) > remaining:  # the file grew: appended bytes are not part of it
@@ -298,7 +308,8 @@ def unseal_file_with_header(
                 raise DecryptionError(AUTH_FAILED)
             _finish(decryptor, out.view, written)
         except BaseException:
-            out.discard()
+            wipe(out.view[:written])
+            out.discard(wipe_first=False)
             raise
     return header, out.finish()
 
