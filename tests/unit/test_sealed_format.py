@@ -329,6 +329,10 @@ def test_progress_reports_input_bytes_up_to_the_input_size(tmp_path: Path) -> No
         call()
         assert seen == sorted(seen)
         assert seen[-1] == (tmp_path / "s").stat().st_size
+    (tmp_path / "empty").write_bytes(b"")
+    seen.clear()
+    seal_file(tmp_path / "empty", tmp_path / "e", wrapper=KEY, key_id="model-key", progress=seen.append)
+    assert seen == [0]  # the input's size is the last value, also when it is 0
 
 
 class _Trickle(io.RawIOBase):

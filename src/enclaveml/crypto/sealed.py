@@ -197,6 +197,8 @@ def seal_file(
                     done += len(block)
                     if progress is not None:
                         progress(done)
+                if progress is not None and done == 0:  # an empty input: its size is still the last value
+                    progress(0)
                 pipe.send_bytes(encryptor.finalize())
     return header
 
