@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import numpy as np
 import pytest
 
@@ -20,7 +21,14 @@ from enclaveml.fl._errors import (
     RoundMismatchError,
     TrainingFinishedError,
 )
-from enclaveml.fl._wire import decode_model, decode_update, encode_model, encode_update, weights_sha256
+from enclaveml.fl._wire import (
+    decode_model,
+    decode_update,
+    encode_model,
+    encode_update,
+    weights_item,
+    weights_sha256,
+)
 from enclaveml.fl.aggregator import Aggregator, token_sha256
 from enclaveml.fl.client import InProcessConnection, TrainResult, participate
 from enclaveml.fl.plan import TrainingPlan
@@ -326,3 +334,67 @@ def test_torch_state_dict_round_trip() -> None:
         assert torch.equal(a, b)
     with pytest.raises(ConfigurationError):
         weights_to_state_dict(weights[:-1], other)
+
+
+def test_example_counts_and_metrics_no_float_can_hold_are_refused_on_arrival() -> None:
+    """10**400 fits CBOR (a bignum) and Python ints, not the float64 the round closes with."""
+    aggregator, _ = make(clients=2)
+    for examples, metrics in (
+        (10**400, {}),
+        (2**53 + 1, {}),
+        (1, {"loss": 10**400}),
+        (1, {"loss": float("nan")}),
+    ):
+        with pytest.raises(InvalidUpdateError):
+            aggregator.submit("c0", 1, filled(1), num_examples=examples, metrics=metrics)
+        with pytest.raises(InvalidUpdateError):  # and over the wire, before the aggregator
+            decode_update(_update_bytes(examples, metrics))
+    aggregator.submit("c0", 1, filled(1), num_examples=2**53, metrics={"loss": 0.5})
+    aggregator.submit("c1", 1, filled(3), num_examples=1, metrics={"loss": 1e300})
+    assert aggregator.completed_rounds == 1  # the round closed; nothing overflowed
+
+
+def _update_bytes(examples: int, metrics: dict[str, Any]) -> bytes:
+    body = {
+        "v": 1,
+        "round": 1,
+        "num_examples": examples,
+        "metrics": metrics,
+        "weights": weights_item(filled(1)),
+    }
+    return bytes(cbor2.dumps(body, canonical=True))
+
+
+class NeedsFive(CountingMean):
+    """A strategy that refuses rounds with fewer than five updates (as Krum does below 2f + 3)."""
+
+    name = "needs-five"
+
+    def aggregate_train(
+        self, server_round: int, global_weights: Weights, updates: Sequence[ClientUpdate]
+    ) -> Weights:
+        if len(updates) < 5:
+            raise ConfigurationError(f"{self.name} needs 5 updates, got {len(updates)}")
+        return super().aggregate_train(server_round, global_weights, updates)
+
+
+def test_a_strategy_that_fails_on_a_round_fails_that_attempt_not_the_aggregator() -> None:
+    aggregator, _ = make(clients=2, strategy=NeedsFive())
+    aggregator.submit("c0", 1, filled(1), num_examples=1)
+    aggregator.submit("c1", 1, filled(3), num_examples=1)  # closes the round: the strategy raises
+    assert aggregator.history[-1].status == "failed"
+    assert aggregator.status()["attempt"] == 2  # a fresh attempt is open
+    assert aggregator.global_model().round == 1
+    aggregator.submit("c0", 1, filled(1), num_examples=1)  # and takes uploads again
+
+
+def test_a_checkpoint_that_cannot_be_saved_does_not_fail_the_round(tmp_path: Path) -> None:
+    class Unwritable(CheckpointStore):
+        def save(self, checkpoint: Any) -> None:
+            raise DecryptionError("the key broker is unreachable")
+
+    aggregator, _ = make(clients=2, checkpoints=Unwritable(tmp_path, KEY))
+    aggregator.submit("c0", 1, filled(1), num_examples=1)
+    aggregator.submit("c1", 1, filled(3), num_examples=1)  # closes round 1; the save fails
+    assert aggregator.completed_rounds == 1
+    assert aggregator.global_model().round == 2

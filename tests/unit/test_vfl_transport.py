@@ -7,12 +7,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import cbor2
 import pytest
 
 from enclaveml.errors import ConfigurationError
 from enclaveml.fl.plan import certificate_nonce
 from enclaveml.fl.vertical._channel import PartyChannel, PartyEndpoint, answer
-from enclaveml.fl.vertical._codec import decode
+from enclaveml.fl.vertical._codec import MessageError, decode
 from enclaveml.fl.vertical._errors import PartyFailedError, ProtocolError
 from enclaveml.fl.vertical._remote import PartyGoneError, RemoteChannel
 from enclaveml.fl.vertical._session import NotEnrolledError, VerticalSession, token_sha256
@@ -184,3 +185,19 @@ def test_session_fails_when_a_party_never_connects() -> None:
     assert session.wait(5)
     assert session.state == "failed"
     assert "'b' did not connect" in session.outcome()["error"]
+
+
+@pytest.mark.timeout(10)
+def test_shared_cbor_references_are_refused_before_they_expand() -> None:
+    """A few hundred bytes of CBOR shared references (tags 28/29) name the same list many times;
+    copied once per use, eight-wide levels would grow to 8**10 lists. Refused at once."""
+    inner: list[Any] = [1]
+    for _ in range(10):
+        inner = [inner] * 8
+    message = cbor2.dumps({"x": inner}, value_sharing=True)
+    assert len(message) < 1000
+    started = time.monotonic()
+    with pytest.raises(MessageError, match="shared"):
+        decode(message)
+    assert time.monotonic() - started < 1.0
+    assert decode(cbor2.dumps({"x": [[1], [1]]}))["x"] == [[1], [1]]  # equal, not shared: fine

@@ -44,6 +44,7 @@ from enclaveml.fl._errors import InvalidUpdateError
 from enclaveml.fl.strategy import Weights
 
 __all__ = [
+    "MAX_EXAMPLES",
     "MODEL_CONTENT_TYPE",
     "UPDATE_CONTENT_TYPE",
     "ModelMessage",
@@ -54,6 +55,7 @@ __all__ = [
     "encode_model",
     "encode_update",
     "encode_weights",
+    "finite_number",
     "weights_from_item",
     "weights_item",
     "weights_sha256",
@@ -62,6 +64,9 @@ __all__ = [
 UPDATE_CONTENT_TYPE = "application/vnd.enclaveml.fl-update+cbor"
 MODEL_CONTENT_TYPE = "application/vnd.enclaveml.fl-model+cbor"
 _VERSION = 1
+# Example counts weight the average as float64: beyond 2**53 they are neither exact nor plausible,
+# and a CBOR bignum (10**400) would overflow when the round closes, for every client.
+MAX_EXAMPLES = 2**53
 _DTYPES = frozenset({"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "|b1"})
 _MAX_TENSORS = 4096
 _MAX_DIMS = 8
@@ -169,12 +174,14 @@ def decode_update(data: bytes, *, copy: bool = True) -> UpdateMessage:
     round_: Any = body.get("round")
     examples: Any = body.get("num_examples")
     metrics: Any = body.get("metrics", {})
-    if not _is_uint(round_) or not _is_uint(examples):
-        raise InvalidUpdateError("update 'round' and 'num_examples' must be non-negative integers")
+    if not _is_uint(round_) or not _is_uint(examples) or examples > MAX_EXAMPLES:
+        raise InvalidUpdateError(
+            f"update 'round' and 'num_examples' must be non-negative integers, num_examples <= {MAX_EXAMPLES}"
+        )
     if not isinstance(metrics, dict) or not all(
-        isinstance(k, str) and _is_number(v) for k, v in metrics.items()
+        isinstance(k, str) and finite_number(v) for k, v in metrics.items()
     ):
-        raise InvalidUpdateError("update 'metrics' must map names to numbers")
+        raise InvalidUpdateError("update 'metrics' must map names to finite numbers")
     weights = weights_from_item(body.get("weights"), copy=copy)
     return UpdateMessage(round_, weights, examples, {k: float(v) for k, v in metrics.items()})
 
@@ -210,6 +217,16 @@ def decode_model(data: bytes) -> ModelMessage:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def finite_number(value: Any) -> bool:
+    """A number that is a finite float (a CBOR bignum of 10**400 is not: it would raise later)."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _is_uint(value: Any) -> bool:

@@ -26,6 +26,7 @@ client by the operator at enrolment; only their SHA-256 is kept.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -46,7 +47,7 @@ from enclaveml.fl._errors import (
     TrainingFinishedError,
 )
 from enclaveml.fl._round import RoundUploads, take_over, weighted_metrics
-from enclaveml.fl._wire import ModelMessage
+from enclaveml.fl._wire import MAX_EXAMPLES, ModelMessage, finite_number
 from enclaveml.fl.plan import TrainingPlan
 from enclaveml.fl.strategies._round_updates import RoundUpdates
 from enclaveml.fl.strategy import Strategy, Weights
@@ -210,11 +211,18 @@ class Aggregator:
 
         The arrays are copied (the caller may reuse them). Returns how many updates the round
         holds now. Raises TrainingFinishedError, RoundMismatchError (also if the round closed
-        while this update was being copied), DuplicateUpdateError or NotEnrolledError; never
-        because of the update's *values* or layout, which only get it rejected at round close.
+        while this update was being copied), DuplicateUpdateError or NotEnrolledError, and
+        InvalidUpdateError for an example count or metric no float can hold; never because of
+        the weights' values or layout, which only get the update rejected at round close.
         """
-        if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
-            raise InvalidUpdateError("num_examples must be a positive integer")
+        if (
+            not isinstance(num_examples, int)
+            or isinstance(num_examples, bool)
+            or not 0 < num_examples <= MAX_EXAMPLES
+        ):
+            raise InvalidUpdateError(f"num_examples must be an integer from 1 to {MAX_EXAMPLES}")
+        if metrics is not None and not all(finite_number(v) for v in metrics.values()):
+            raise InvalidUpdateError("metrics must be finite numbers")
         reason = structure_problem(self._weights, weights)  # the layout never changes: no lock
         with self._cond:
             current = self._check_open_locked(client_id, round_)
@@ -361,9 +369,16 @@ class Aggregator:
             try:
                 new_weights = self._strategy.aggregate_train(round_, self._weights, accepted)
                 self._weights = self._conform(new_weights, accepted)
+            except Exception as exc:  # noqa: BLE001 - e.g. Krum given fewer updates than it needs
+                # Deterministic for these updates: closing again would fail again, for every
+                # client's call, forever. The attempt fails and a fresh one opens instead.
+                name = self._strategy.name
+                _log.error("round %d: strategy %s failed: %s", round_, name, type(exc).__name__)
+                record = dataclasses.replace(record, status="failed")
             except BaseException:
-                uploads.refresh_norms()  # the round stays open and is closed again later
+                uploads.refresh_norms()  # interrupted: the round stays open and is closed again later
                 raise
+        if record.status == "completed":
             self._completed, self._attempt = round_, 1
         else:
             _log.warning("round %d attempt %d: %d valid updates", round_, self._attempt, len(ids))
@@ -373,7 +388,12 @@ class Aggregator:
         self._round = RoundUploads(self._weights)
         self._opened_at = self._clock()
         if record.status == "completed" and self._checkpoints is not None:
-            self._checkpoints.save(self._checkpoint())
+            try:
+                self._checkpoints.save(self._checkpoint())
+            except Exception as exc:  # noqa: BLE001 - e.g. the key broker is down
+                # The round is done either way; failing the call of the client that happened to
+                # close it would only stop that client. The next completed round saves again.
+                _log.error("round %d: checkpoint not saved: %s", round_, type(exc).__name__)
         self._cond.notify_all()
 
     def _conform(self, weights: Sequence[np.ndarray], rows: RoundUpdates | None = None) -> Weights:

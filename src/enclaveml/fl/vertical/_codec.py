@@ -83,9 +83,15 @@ def _array(shape: Any, typed: Any) -> np.ndarray:
     return np.frombuffer(typed.value, dtype=dtype).reshape(shape)
 
 
-def _convert(value: Any, depth: int) -> Any:
+def _convert(value: Any, depth: int, seen: set[int]) -> Any:
     if depth > _MAX_DEPTH:
         raise MessageError("message nested too deeply")
+    if isinstance(value, list | tuple | dict):
+        # cbor2 resolves shared references (tags 28/29) to one object used many times: copying
+        # each use would let a few hundred bytes expand exponentially. Each container once.
+        if id(value) in seen:
+            raise MessageError("shared or cyclic CBOR references are not accepted")
+        seen.add(id(value))
     if isinstance(value, cbor2.CBORTag):
         # cbor2 decodes arrays inside tags as tuples.
         if value.tag == _MULTI_DIM and isinstance(value.value, list | tuple) and len(value.value) == 2:
@@ -94,11 +100,11 @@ def _convert(value: Any, depth: int) -> Any:
             return _array([len(value.value) // _DTYPE_OF_TAG[value.tag].itemsize], value)
         raise MessageError(f"unexpected CBOR tag {value.tag}")
     if isinstance(value, list | tuple):
-        return [_convert(v, depth + 1) for v in value]
+        return [_convert(v, depth + 1, seen) for v in value]
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise MessageError("map keys must be text")
-        return {k: _convert(v, depth + 1) for k, v in value.items()}
+        return {k: _convert(v, depth + 1, seen) for k, v in value.items()}
     if isinstance(value, cbor2.CBORSimpleValue | cbor2.frozendict) or value is cbor2.undefined:
         raise MessageError("unexpected CBOR value")
     return value
@@ -115,6 +121,6 @@ def decode(data: bytes) -> Payload:
         raise MessageError("message is not valid CBOR") from None
     if not isinstance(value, dict):
         raise MessageError("message must be a CBOR map")
-    converted = _convert(value, 0)
+    converted = _convert(value, 0, set())
     assert isinstance(converted, dict)
     return converted
