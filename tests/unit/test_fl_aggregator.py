@@ -398,3 +398,14 @@ def test_a_checkpoint_that_cannot_be_saved_does_not_fail_the_round(tmp_path: Pat
     aggregator.submit("c1", 1, filled(3), num_examples=1)  # closes round 1; the save fails
     assert aggregator.completed_rounds == 1
     assert aggregator.global_model().round == 2
+
+
+def test_participants_do_not_see_other_clients_data_sizes_or_metrics() -> None:
+    """With two clients, a round's example total and weighted metrics would reveal the other's."""
+    aggregator, _ = make(clients=2)
+    aggregator.submit("c0", 1, filled(1), num_examples=123, metrics={"loss": 0.25})
+    aggregator.submit("c1", 1, filled(3), num_examples=456, metrics={"loss": 0.75})
+    (record,) = aggregator.status("c0")["history"]
+    assert set(record) == {"round", "attempt", "status", "accepted", "rejected"}
+    assert "579" not in repr(aggregator.status("c0"))
+    assert aggregator.history[0].num_examples == 579  # the operator's view keeps them

@@ -315,8 +315,8 @@ class Aggregator:
                         "status": r.status,
                         "accepted": len(r.accepted),
                         "rejected": len(r.rejected),
-                        "num_examples": r.num_examples,
-                        "metrics": dict(r.metrics),
+                        # No example totals or example-weighted metrics: with two clients each
+                        # would learn the other's data size and local metrics (operator view only).
                     }
                     for r in self._history
                 ],
