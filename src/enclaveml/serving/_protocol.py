@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from enclaveml.serving._bytes_elements import ElementsError, pack_elements, unpack_elements
 from enclaveml.serving._engine import ServingError, TensorSpec, numpy_dtype, oip_datatype
 
 __all__ = [
@@ -67,7 +67,6 @@ _MAX_TIMEOUT_US = 10**12
 _REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
 _INPUT_KEYS = frozenset({"name", "shape", "datatype", "parameters", "data"})
 _OUTPUT_KEYS = frozenset({"name", "parameters"})
-_U32 = struct.Struct("<I")
 
 
 class InvalidRequestError(ServingError):
@@ -355,25 +354,15 @@ def _from_binary(
 
 
 def _split_bytes_elements(chunk: memoryview, count: int, name: str) -> list[str]:
-    if count * _U32.size > len(chunk):
-        raise InvalidRequestError(f"input {name!r}: {len(chunk)} bytes cannot hold {count} BYTES elements")
-    items: list[str] = []
-    offset = 0
-    for _ in range(count):
-        if offset + _U32.size > len(chunk):
-            raise InvalidRequestError(f"input {name!r}: BYTES data ends inside an element's length")
-        (length,) = _U32.unpack_from(chunk, offset)
-        offset += _U32.size
-        if offset + length > len(chunk):
-            raise InvalidRequestError(f"input {name!r}: a BYTES element runs past binary_data_size")
-        try:
-            items.append(bytes(chunk[offset : offset + length]).decode())
-        except UnicodeDecodeError:
-            raise InvalidRequestError(f"input {name!r}: BYTES elements must be UTF-8 text") from None
-        offset += length
-    if offset != len(chunk):
+    try:
+        items, end = unpack_elements(chunk, 0, count)
+    except ElementsError as exc:
+        raise InvalidRequestError(f"input {name!r}: {exc} (binary_data_size {len(chunk)})") from None
+    except UnicodeDecodeError:
+        raise InvalidRequestError(f"input {name!r}: BYTES elements must be UTF-8 text") from None
+    if end != len(chunk):
         raise InvalidRequestError(
-            f"input {name!r}: {len(chunk) - offset} bytes left after {count} BYTES elements"
+            f"input {name!r}: {len(chunk) - end} bytes left after {count} BYTES elements"
         )
     return items
 
@@ -404,11 +393,7 @@ def _requested_outputs(raw: Any, model: ModelSignature, default_binary: bool) ->
 
 def _to_binary(array: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
-        parts: list[bytes] = []
-        for item in array.ravel():
-            raw = item.encode() if isinstance(item, str) else bytes(item)
-            parts += (_U32.pack(len(raw)), raw)
-        return b"".join(parts)
+        return pack_elements(array.ravel())
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 

@@ -32,6 +32,7 @@ import cbor2
 import numpy as np
 
 from enclaveml.errors import EnclaveMLError
+from enclaveml.serving._bytes_elements import ElementsError, pack_elements, unpack_elements
 
 __all__ = ["decode_tensors", "encode_tensors"]
 
@@ -43,7 +44,6 @@ _DTYPES = {name: np.dtype(name).newbyteorder("<") for name in _ALLOWED}
 _MAX_DIMS = 32
 _VERSION = 0x01
 _LENGTH = struct.Struct(">BI")
-_ELEMENT = struct.Struct("<I")
 _TEXT = "str"
 
 
@@ -120,33 +120,21 @@ def decode_tensors(payload: bytes | bytearray | memoryview) -> dict[str, np.ndar
 
 
 def _encode_text(array: np.ndarray, name: str) -> bytes:
-    parts: list[bytes] = []
     for item in array.flat:
         if not isinstance(item, str):
             kind = type(item).__name__
             raise EnclaveMLError(f"tensor {name!r}: text tensors hold str elements, not {kind}")
-        encoded = item.encode()
-        parts += (_ELEMENT.pack(len(encoded)), encoded)
-    return b"".join(parts)
+    return pack_elements(array.flat)
 
 
 def _decode_text(view: memoryview, offset: int, shape: list[int], name: str) -> tuple[np.ndarray, int]:
     count = math.prod(shape)
-    if count * _ELEMENT.size > len(view) - offset:  # before allocating anything for ``count``
-        raise EnclaveMLError(f"tensor {name!r}: its data exceeds the payload")
-    items: list[str] = []
-    for _ in range(count):
-        if offset + _ELEMENT.size > len(view):
-            raise EnclaveMLError(f"tensor {name!r}: its data exceeds the payload")
-        (length,) = _ELEMENT.unpack_from(view, offset)
-        offset += _ELEMENT.size
-        if length > len(view) - offset:
-            raise EnclaveMLError(f"tensor {name!r}: its data exceeds the payload")
-        try:
-            items.append(str(view[offset : offset + length], "utf-8"))
-        except UnicodeDecodeError:
-            raise EnclaveMLError(f"tensor {name!r}: a text element is not UTF-8") from None
-        offset += length
+    try:
+        items, offset = unpack_elements(view, offset, count)
+    except ElementsError:
+        raise EnclaveMLError(f"tensor {name!r}: its data exceeds the payload") from None
+    except UnicodeDecodeError:
+        raise EnclaveMLError(f"tensor {name!r}: a text element is not UTF-8") from None
     array = np.empty(count, dtype=object)
     array[:] = items
     return array.reshape(shape), offset
