@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.markup import escape
@@ -34,6 +34,9 @@ from enclaveml.errors import (
     KeyNotFoundError,
     KeyReleaseDeniedError,
 )
+
+if TYPE_CHECKING:
+    from enclaveml.kms._storage import SqliteKeyStore
 
 app = typer.Typer(help="The key broker: serve, tokens, keys, policies, audit log.", no_args_is_help=True)
 key_app = typer.Typer(help="Create, rotate, disable, enable, delete and list keys.", no_args_is_help=True)
@@ -256,14 +259,8 @@ def audit_verify(
 
 
 def _offline_audit(db: Path) -> dict[str, Any]:
-    from enclaveml.kms._storage import SqliteKeyStore
-
-    _existing_db(db)
-    store = SqliteKeyStore(db)
-    try:
+    with _local_store(db) as store:
         verdict = store.verify_audit()
-    finally:
-        store.close()
     return {"ok": verdict.ok, "records": verdict.records, "first_bad": verdict.first_bad}
 
 
@@ -280,15 +277,10 @@ def token_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Create an admin token directly in the database (run on the broker host); it is shown once."""
-    from enclaveml.kms._storage import SqliteKeyStore
     from enclaveml.kms._tokens import TokenAuthority
 
-    with reporting(as_json):
-        store = SqliteKeyStore(db)
-        try:
-            secret = TokenAuthority(store).create_token(name, scope, actor="cli")
-        finally:
-            store.close()
+    with reporting(as_json), _local_store(db, create=True) as store:
+        secret = TokenAuthority(store).create_token(name, scope, actor="cli")
     if as_json:
         console.print_json(json.dumps({"name": name, "scopes": sorted(scope), "token": secret}))
         return
@@ -304,16 +296,10 @@ def token_revoke(
 ) -> None:
     """Revoke an admin token in the database (run on the broker host); a running broker refuses it
     from its next request on. The name stays taken, so audit records keep meaning one token."""
-    from enclaveml.kms._storage import SqliteKeyStore
     from enclaveml.kms._tokens import TokenAuthority
 
-    with reporting(as_json):
-        _existing_db(db)
-        store = SqliteKeyStore(db)
-        try:
-            TokenAuthority(store).revoke_token(name, actor="cli")
-        finally:
-            store.close()
+    with reporting(as_json), _local_store(db) as store:
+        TokenAuthority(store).revoke_token(name, actor="cli")
     if as_json:
         console.print_json(json.dumps({"name": name, "revoked": True}))
         return
@@ -325,16 +311,10 @@ def token_list(
     db: Annotated[Path, typer.Option(help="The broker database.")], as_json: JsonOpt = False
 ) -> None:
     """The admin tokens in the database: names, scopes, whether revoked (never the secrets)."""
-    from enclaveml.kms._storage import SqliteKeyStore
     from enclaveml.kms._tokens import TokenAuthority
 
-    with reporting(as_json):
-        _existing_db(db)
-        store = SqliteKeyStore(db)
-        try:
-            tokens = TokenAuthority(store).list_tokens()
-        finally:
-            store.close()
+    with reporting(as_json), _local_store(db) as store:
+        tokens = TokenAuthority(store).list_tokens()
     if as_json:
         rows = [{"name": t.name, "scopes": sorted(t.scopes), "revoked": t.revoked} for t in tokens]
         console.print_json(json.dumps({"tokens": rows}))
@@ -344,10 +324,19 @@ def token_list(
         console.print(f"{t.name}\t{state}\t{', '.join(sorted(t.scopes))}", markup=False, highlight=False)
 
 
-def _existing_db(db: Path) -> None:
-    # SqliteKeyStore would create an empty database: a mistyped path must not look like "no tokens".
-    if not db.is_file():
+@contextmanager
+def _local_store(db: Path, *, create: bool = False) -> Iterator[SqliteKeyStore]:
+    """The broker database opened directly (on the broker host), closed afterwards."""
+    from enclaveml.kms._storage import SqliteKeyStore
+
+    # SqliteKeyStore creates a missing database: a mistyped path must not look like "no tokens".
+    if not create and not db.is_file():
         raise ConfigurationError(f"no broker database at {db}")
+    store = SqliteKeyStore(db)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 root_key_app = typer.Typer(help="The broker's root key file.", no_args_is_help=True)
