@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,17 +76,25 @@ def test_client_refuses_server_outside_policy_and_sends_no_body(
     assert stats.request_bytes() == 0
 
 
+@contextlib.contextmanager
+def replaying_attestation(server: RunningServer) -> Iterator[None]:
+    """The server's fresh evidence stops verifying: it ignores the nonce, as a replay would."""
+    state = server.app.state.serving
+    honest = state.attestation
+    state.attestation = lambda nonce: honest(b"\x01" * 32)
+    try:
+        yield
+    finally:
+        state.attestation = honest
+
+
 def test_after_a_failed_reattestation_the_client_sends_nothing_until_one_passes(
     server: RunningServer, sim_verifier: SimulationVerifier, sim_policy
 ) -> None:
-    """A server whose fresh evidence stops verifying (here: it ignores the nonce, as a replay would)."""
-    state = server.app.state.serving
-    honest = state.attestation
     rows = digits_model()[1][:2]
     with Client(server.url, policy=sim_policy, verifier=sim_verifier) as client:
         assert client.infer("digits", {"X": rows})["label"].shape == (2,)
-        state.attestation = lambda nonce: honest(b"\x01" * 32)
-        try:
+        with replaying_attestation(server):
             with pytest.raises(AttestationError):
                 client.reattest()
             stats = server.app.state.stats
@@ -95,8 +104,6 @@ def test_after_a_failed_reattestation_the_client_sends_nothing_until_one_passes(
             with pytest.raises(AttestationError, match="nothing is sent"):
                 client.model_metadata("digits")
             assert (stats.requests(), stats.request_bytes()) == (requests, body_bytes)
-        finally:
-            state.attestation = honest
         client.reattest()
         assert client.infer("digits", {"X": rows})["label"].shape == (2,)
 
@@ -104,21 +111,18 @@ def test_after_a_failed_reattestation_the_client_sends_nothing_until_one_passes(
 def test_the_async_client_refuses_too_after_a_failed_reattestation(
     server: RunningServer, sim_verifier: SimulationVerifier, sim_policy
 ) -> None:
-    state = server.app.state.serving
-    honest = state.attestation
     rows = digits_model()[1][:2]
 
     async def scenario() -> None:
         client = await AsyncClient.connect(server.url, policy=sim_policy, verifier=sim_verifier)
         try:
             assert (await client.infer("digits", {"X": rows}))["label"].shape == (2,)
-            state.attestation = lambda nonce: honest(b"\x01" * 32)
-            with pytest.raises(AttestationError):
-                await client.reattest()
-            with pytest.raises(AttestationError, match="nothing is sent"):
-                await client.infer("digits", {"X": rows})
+            with replaying_attestation(server):
+                with pytest.raises(AttestationError):
+                    await client.reattest()
+                with pytest.raises(AttestationError, match="nothing is sent"):
+                    await client.infer("digits", {"X": rows})
         finally:
-            state.attestation = honest
             await client.aclose()
 
     asyncio.run(scenario())
