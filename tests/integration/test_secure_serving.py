@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from enclaveml.attestation import AllOf, MeasurementAllowlist, UnsafeAllowSimulation
+from enclaveml.attestation.ratls import NO_EXPIRY
 from enclaveml.attestation.simulation import SimulationProvider, SimulationVerifier
 from enclaveml.crypto import KeyHandle, seal_file
 from enclaveml.errors import AttestationError, ConfigurationError, PolicyRejectedError
@@ -61,6 +63,19 @@ def test_verified_client_predicts_like_onnxruntime(
         assert (label == y_test[:50]).mean() > 0.9
         # A single array works for single-input models.
         assert client.infer("digits", x_test[:3])["label"].shape == (3,)
+
+
+def test_a_server_that_has_run_for_years_is_still_attested_and_used(
+    server: RunningServer, sim_verifier: SimulationVerifier, sim_policy
+) -> None:
+    # The certificate's trust is its evidence and the per-connection nonce, not a validity
+    # period: a server that has run for a long time must still be reachable (it once expired
+    # after a day, and clients pin the exact certificate, so re-issuing it cannot help them).
+    assert server.ratls.certificate.not_valid_after_utc == NO_EXPIRY
+    years_later = time.time() + 3 * 365 * 86400
+    _, x_test, _ = digits_model()
+    with Client(server.url, policy=sim_policy, verifier=sim_verifier, now=years_later) as client:
+        assert client.infer("digits", x_test[:2])["label"].shape == (2,)
 
 
 def test_client_refuses_server_outside_policy_and_sends_no_body(

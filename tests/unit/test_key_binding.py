@@ -16,7 +16,9 @@ from enclaveml.attestation import default_policy
 from enclaveml.attestation.ratls import (
     _TAG_BY_TEE,
     RATLS_EVIDENCE_OID,
+    NO_EXPIRY,
     bind_public_key,
+    create_ratls_certificate,
     ratls_report_data,
     spki_der,
     verify_key_binding,
@@ -126,3 +128,21 @@ def test_a_certificate_with_a_malformed_extension_is_a_verification_error(
         verify_ratls_certificate(
             certificate.public_bytes(serialization.Encoding.DER), verifier=sim_verifier, policy=sim_policy
         )
+
+
+def test_certificates_have_no_expiry_unless_a_validity_is_asked_for(
+    sim_provider, sim_verifier, sim_policy
+) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    lasting = create_ratls_certificate(sim_provider).certificate
+    assert lasting.not_valid_after_utc == NO_EXPIRY
+    verify_ratls_certificate(
+        lasting, verifier=sim_verifier, policy=sim_policy, now=now + datetime.timedelta(days=3650)
+    )
+    hour = create_ratls_certificate(sim_provider, validity=datetime.timedelta(hours=1)).certificate
+    verify_ratls_certificate(
+        hour, verifier=sim_verifier, policy=sim_policy, now=now + datetime.timedelta(minutes=59)
+    )
+    for outside in (now + datetime.timedelta(hours=2), now - datetime.timedelta(hours=1)):
+        with pytest.raises(VerificationError, match="not valid at"):
+            verify_ratls_certificate(hour, verifier=sim_verifier, policy=sim_policy, now=outside)

@@ -44,6 +44,7 @@ from enclaveml.errors import BindingError, ConfigurationError, VerificationError
 
 __all__ = [
     "LEGACY_GRAMINE_OID",
+    "NO_EXPIRY",
     "RATLS_ENDORSEMENTS_OID",
     "RATLS_EVIDENCE_OID",
     "KeyBinding",
@@ -61,6 +62,8 @@ __all__ = [
 RATLS_EVIDENCE_OID = x509.ObjectIdentifier("2.23.133.5.4.9")
 RATLS_ENDORSEMENTS_OID = x509.ObjectIdentifier("2.23.133.5.4.2")
 LEGACY_GRAMINE_OID = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
+NO_EXPIRY = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
+"""``notAfter`` of a certificate with no well-defined expiration date (RFC 5280, 4.1.2.5)."""
 
 _TAG_BY_TEE = {TeeType.SGX: 60000, TeeType.TDX: 60000, TeeType.SEV_SNP: 60002, TeeType.SIMULATION: 1701667693}
 _HASHES: dict[int, Any] = {1: hashlib.sha256, 7: hashlib.sha384, 8: hashlib.sha512}
@@ -190,9 +193,20 @@ def create_ratls_certificate(
     hash_alg: str = "sha-256",
     common_name: str = "enclaveml RA-TLS",
     dns_names: tuple[str, ...] = ("localhost",),
-    validity: dt.timedelta = dt.timedelta(days=1),
+    validity: dt.timedelta | None = None,
 ) -> RatlsCertificate:
-    """Generate (or use) a key, bind its SPKI into fresh evidence, and self-sign a certificate."""
+    """Generate (or use) a key, bind its SPKI into fresh evidence, and self-sign a certificate.
+
+    By default the certificate has no expiry: its ``notAfter`` is RFC 5280's value for "no
+    well-defined expiration date" (9999-12-31 23:59:59 UTC, :data:`NO_EXPIRY`). Its trust comes
+    from the evidence, not from a validity period: the key is generated in the TEE, lives in its
+    memory and ends with the process, verifiers appraise the evidence against their current
+    collateral and policy whenever they check the certificate, and the clients of every enclaveml
+    server ask for fresh evidence bound to a nonce and this key on each connection. A bounded
+    period would only make long-running servers unreachable once it ran out: the clients pin
+    this exact certificate, so a re-issued one (same key, new dates) fails their handshake.
+    Pass ``validity`` for a certificate that expires that long after now.
+    """
     private_key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
     binding = bind_public_key(provider, private_key.public_key(), nonce=nonce, hash_alg=hash_alg)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -204,7 +218,7 @@ def create_ratls_certificate(
         .public_key(private_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + validity)
+        .not_valid_after(NO_EXPIRY if validity is None else now + validity)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
         # Non-critical on purpose: OpenSSL and mbedTLS refuse certificates with unknown critical extensions.
         .add_extension(x509.UnrecognizedExtension(RATLS_EVIDENCE_OID, binding.evidence), critical=False)
