@@ -28,14 +28,14 @@ def invoke(*args: str) -> str:
     return result.output
 
 
-def make_plan(tmp_path: Path) -> tuple[Path, Path]:
+def make_plan(tmp_path: Path, *extra: str) -> tuple[Path, Path]:
     weights = tmp_path / "init.npz"
     np.savez(weights, *initial_weights(0))
     plan = tmp_path / "plan.json"
     invoke(
         "plan", "--strategy", "fedprox", "--option", "proximal_mu=0.001", "--initial-weights", str(weights),
         "--rounds", "2", "--min-clients", "2", "--round-timeout", "30", "--model-id", "digits-mlp",
-        "--validation", "norm_outlier_factor=20", "--output", str(plan),
+        "--validation", "norm_outlier_factor=20", "--output", str(plan), *extra,
     )  # fmt: skip
     return plan, weights
 
@@ -58,11 +58,35 @@ def test_plan_enrol_and_measurement(tmp_path: Path) -> None:
     assert result.exit_code == 3  # nothing to aggregate without initial weights and clients
 
 
+def test_a_plan_that_names_its_participants_takes_no_other_registry(tmp_path: Path) -> None:
+    registry = tmp_path / "clients.json"
+    tokens = json.loads(invoke("enrol", str(registry), "alice", "bob"))
+    plan_path, weights = make_plan(tmp_path, "--participants", str(registry))
+    plan = TrainingPlan.from_dict(json.loads(plan_path.read_text()))
+    assert plan.participants == {name: token_sha256(token).hex() for name, token in tokens.items()}
+    # The host adds a client of its own to the registry: the aggregator refuses to start.
+    invoke("enrol", str(registry), "host-client")
+    result = CliRunner().invoke(
+        app, ["aggregator", "--plan", str(plan_path), "--initial-weights", str(weights), "--clients",
+              str(registry), "--tee", "simulation", "--port", "0"],
+    )  # fmt: skip
+    assert result.exit_code == 3
+    assert "differs from the participants the plan names" in result.output
+    # A plan without participants says who decides instead.
+    unpinned = CliRunner().invoke(
+        app, ["plan", "--strategy", "fedavg", "--initial-weights", str(weights), "--rounds", "1",
+              "--min-clients", "1", "-o", str(tmp_path / "p.json")],
+    )  # fmt: skip
+    assert unpinned.exit_code == 0
+    assert "names no participants" in unpinned.output
+
+
 def test_aggregator_and_two_clients_as_processes(tmp_path: Path) -> None:
-    plan_path, weights = make_plan(tmp_path)
-    plan = json.loads(plan_path.read_text())
     registry = tmp_path / "clients.json"
     tokens = json.loads(invoke("enrol", str(registry), "c0", "c1"))
+    # The plan names the participants, so the aggregator needs no --clients file.
+    plan_path, weights = make_plan(tmp_path, "--participants", str(registry))
+    plan = json.loads(plan_path.read_text())
     key_path = Path(os.environ["ENCLAVEML_SIMULATION_KEY"])
     sim_key = SimulationKey.load_or_create(key_path)
     measurement = SimulationProvider(key=sim_key, entry_point=ENTRY_POINT, config=plan).measurement
@@ -73,7 +97,7 @@ def test_aggregator_and_two_clients_as_processes(tmp_path: Path) -> None:
         port = str(probe.getsockname()[1])
     aggregator = subprocess.Popen(
         [sys.executable, "-c", CLI, "aggregator", "--plan", str(plan_path), "--initial-weights", str(weights),
-         "--clients", str(registry), "--tee", "simulation", "--port", port],
+         "--tee", "simulation", "--port", port],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

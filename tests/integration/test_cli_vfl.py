@@ -84,13 +84,18 @@ def party_keys(env: dict[str, str], tmp_path: Path, *keys: str) -> None:
         assert _cli(env, "kbs", "key", "create", key, "--policy", str(allowed), "--json")[0] == 0
 
 
-def run_job(env: dict[str, str], tmp_path: Path, plan: Path, registry: Path, party_args: dict[str, list[str]],
-            command_name: str, server_args: Sequence[str] = ()) -> dict[str, str]:  # fmt: skip
-    """Start the server of ``plan``, then every party's ``command``; return each party's output."""
+def run_job(env: dict[str, str], tmp_path: Path, plan: Path, registry: Path | None,
+            party_args: dict[str, list[str]], command_name: str,
+            server_args: Sequence[str] = ()) -> dict[str, str]:  # fmt: skip
+    """Start the server of ``plan``, then every party's ``command``; return each party's output.
+
+    ``registry`` None: the plan pins the party credentials, the server is given no registry.
+    """
     policy = _policy_toml(tmp_path / f"server-{plan.stem}.toml", server_measurement(env, plan))
     port = _free_port()
+    parties_option = ["--parties", str(registry)] if registry is not None else []
     server = subprocess.Popen(
-        [sys.executable, "-c", CLI, "vfl", "server", "--plan", str(plan), "--parties", str(registry),
+        [sys.executable, "-c", CLI, "vfl", "server", "--plan", str(plan), *parties_option,
          "--tee", "simulation", "--port", str(port), "--connect-timeout", "60", *server_args],
         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -123,12 +128,22 @@ def test_psi_train_predict_with_logistic_regression(tmp_path: Path, served: Serv
     registry = enrol(env, tmp_path)
     party_keys(env, tmp_path, "vfl-psi", *(f"vfl-{p}" for p in PARTIES))
 
-    # 1. PSI: every party gets the positions of the common rows, in one common order.
+    # 1. PSI: every party gets the positions of the common rows, in one common order. The plan
+    #    pins each party's credential, so the server takes no registry from the host...
     plan = tmp_path / "psi.json"
     code, _, text = _cli(env, "vfl", "plan", "--task", "psi", *[a for p in PARTIES for a in ("--party", p)],
-                         "--psi-mode", psi_mode, "-o", str(plan))  # fmt: skip
+                         "--psi-mode", psi_mode, "--credentials", str(registry), "-o", str(plan))  # fmt: skip
     assert code == 0, text
-    outputs = run_job(env, tmp_path, plan, registry, {
+    assert set(json.loads(plan.read_text())["credentials"]) == set(PARTIES)
+    #    ...and refuses one where the host has put its own credential in a party's place.
+    forged = tmp_path / "forged.json"
+    stored = json.loads(registry.read_text())
+    forged.write_text(json.dumps({"parties": {**stored["parties"], PARTIES[1]: "ab" * 32}}))
+    code, _, text = _cli(env, "vfl", "server", "--plan", str(plan), "--parties", str(forged),
+                         "--tee", "simulation", "--port", "0")  # fmt: skip
+    assert code == 3, text
+    assert "differs from the party credentials the plan names" in " ".join(text.split())
+    outputs = run_job(env, tmp_path, plan, None, {
         p: ["--data", str(tmp_path / f"{p}.csv"), "--id-column", "id", "-o", str(tmp_path / f"{p}.rows.npy")]
         for p in PARTIES}, "psi")  # fmt: skip
     assert "intersection: 600 rows" in outputs["server"]

@@ -409,3 +409,72 @@ def test_participants_do_not_see_other_clients_data_sizes_or_metrics() -> None:
     assert set(record) == {"round", "attempt", "status", "accepted", "rejected"}
     assert "579" not in repr(aggregator.status("c0"))
     assert aggregator.history[0].num_examples == 579  # the operator's view keeps them
+
+
+def test_a_plan_that_names_its_participants_enrols_exactly_them() -> None:
+    tokens = {"a": "token-a", "b": "token-b", "c": "token-c"}
+    pins = {name: token_sha256(token).hex() for name, token in tokens.items()}
+    aggregator, _ = make(clients=0, participants=pins)
+    assert aggregator.enrolled == {"a", "b", "c"}
+    assert aggregator.plan.participants == pins
+    assert all(aggregator.authenticate(token) == name for name, token in tokens.items())
+    # The host cannot add a client of its own, nor swap a participant's credential.
+    with pytest.raises(ConfigurationError, match="names its participants"):
+        aggregator.enrol("host-client")
+    with pytest.raises(ConfigurationError, match="not one of them"):
+        aggregator.enrol_hashed("host-client", token_sha256("host-token"))
+    with pytest.raises(ConfigurationError, match="not one of them"):
+        aggregator.enrol_hashed("a", token_sha256("host-token"))
+    with pytest.raises(NotEnrolledError):
+        aggregator.authenticate("host-token")
+    # Revoking a participant works, and only its own credential brings it back.
+    aggregator.revoke("b")
+    with pytest.raises(NotEnrolledError):
+        aggregator.authenticate("token-b")
+    aggregator.enrol_hashed("b", token_sha256("token-b"))
+    assert aggregator.authenticate("token-b") == "b"
+    # The list is part of the plan's identity, which clients check against their own copy.
+    plan = aggregator.plan
+    assert TrainingPlan.from_dict(plan.to_dict()) == plan
+    assert plan.digest != make(clients=0)[0].plan.digest
+    assert (
+        plan.digest
+        != make(clients=0, participants={**pins, "d": token_sha256("token-d").hex()})[0].plan.digest
+    )
+    # A plan without participants keeps the digest it had before the field existed.
+    assert "participants" not in make(clients=0)[0].plan.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("participants", "message"),
+    [
+        ({"a": "A" * 64, "b": "b" * 64}, "64 lowercase hex"),
+        ({"a": "a" * 63, "b": "b" * 64}, "64 lowercase hex"),
+        ({"": "a" * 64, "b": "b" * 64}, "non-empty strings"),
+        ({"a": "a" * 64, "b": "a" * 64}, "share one credential"),
+        ({"a": "a" * 64}, "exceeds its 1 participants"),
+        (["a"], "must map names"),
+    ],
+)
+def test_malformed_participant_lists_are_refused(participants: Any, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        make(clients=0, participants=participants)
+
+
+def test_a_client_whose_credential_the_plan_does_not_name_stops_before_connecting(
+    sim_verifier, sim_policy
+) -> None:
+    from enclaveml.fl.client import AggregatorClient
+
+    plan = make(clients=0, participants={"a": token_sha256("token-a").hex(), "b": token_sha256("b").hex()})[
+        0
+    ].plan
+    with pytest.raises(ConfigurationError, match="not one of the participants"):
+        # Port 9 (discard) is never dialled: the check comes first.
+        AggregatorClient(
+            "https://127.0.0.1:9",
+            credential="token-x",
+            policy=sim_policy,
+            verifier=sim_verifier,
+            expected_plan=plan,
+        )

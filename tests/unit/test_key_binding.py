@@ -15,8 +15,8 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 from enclaveml.attestation import default_policy
 from enclaveml.attestation.ratls import (
     _TAG_BY_TEE,
-    RATLS_EVIDENCE_OID,
     NO_EXPIRY,
+    RATLS_EVIDENCE_OID,
     bind_public_key,
     create_ratls_certificate,
     ratls_report_data,

@@ -201,3 +201,38 @@ def test_shared_cbor_references_are_refused_before_they_expand() -> None:
         decode(message)
     assert time.monotonic() - started < 1.0
     assert decode(cbor2.dumps({"x": [[1], [1]]}))["x"] == [[1], [1]]  # equal, not shared: fine
+
+
+def test_a_plan_that_pins_the_party_credentials_takes_no_others(sim_verifier, sim_policy) -> None:
+    from enclaveml.fl.vertical.party import ServerConnection
+
+    tokens = {"bank": "token-bank", "insurer": "token-insurer"}
+    pins = {p: token_sha256(t).hex() for p, t in tokens.items()}
+    plan = VerticalPlan(task="psi", parties=("bank", "insurer"), credentials=pins)
+    assert VerticalPlan.from_dict(plan.to_dict()) == plan
+    assert plan.digest != VerticalPlan(task="psi", parties=("bank", "insurer")).digest
+    assert "credentials" not in VerticalPlan(task="psi", parties=("bank", "insurer")).to_dict()
+    session = VerticalSession(plan, {p: token_sha256(t) for p, t in tokens.items()}, lambda channels: None)
+    assert session.authenticate("token-insurer") == "insurer"
+    # The host puts a credential of its own in the passive party's place: refused at start.
+    with pytest.raises(ConfigurationError, match="differ from those the plan names"):
+        VerticalSession(
+            plan, {"bank": token_sha256("token-bank"), "insurer": token_sha256("host")}, lambda c: None
+        )
+    # A party whose credential the plan does not name stops before it connects (port 9 is not dialled).
+    with pytest.raises(ConfigurationError, match="not one the plan names"):
+        ServerConnection(
+            "https://127.0.0.1:9",
+            credential="host",
+            policy=sim_policy,
+            verifier=sim_verifier,
+            expected_plan=plan,
+        )
+    for credentials, message in [
+        ({"bank": pins["bank"]}, "one credential for each party"),
+        ({**pins, "telco": token_sha256("t").hex()}, "one credential for each party"),
+        ({"bank": pins["bank"], "insurer": pins["bank"]}, "share one credential"),
+        ({"bank": pins["bank"], "insurer": "x" * 64}, "64 lowercase hex"),
+    ]:
+        with pytest.raises(ConfigurationError, match=message):
+            VerticalPlan(task="psi", parties=("bank", "insurer"), credentials=credentials)

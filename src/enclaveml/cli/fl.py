@@ -66,11 +66,19 @@ def plan_command(
     ] = None,
     round_timeout: Annotated[float, typer.Option(help="Seconds a round waits for stragglers.")] = 600.0,
     model_id: Annotated[str, typer.Option(help="Name of the model architecture.")] = "model",
+    participants: Annotated[
+        Path | None,
+        typer.Option(help="Client registry from `enclaveml fl enrol`: only these clients may take part."),
+    ] = None,
 ) -> None:
     """Write a training plan: every party uses the same file, so every party checks the same rules."""
+    from enclaveml.cli._credentials import read_registry
     from enclaveml.fl.plan import TrainingPlan
 
     try:
+        pinned = read_registry(participants, "clients") if participants is not None else {}
+        if participants is not None and not pinned:
+            raise ConfigurationError(f"{participants} enrols no clients")
         built = _build_strategy(strategy, _pairs(option or []))
         plan = TrainingPlan.create(
             built,
@@ -80,11 +88,17 @@ def plan_command(
             round_timeout_s=round_timeout,
             model_id=model_id,
             validation=_pairs(validation or []),
+            participants=pinned,
         )
         output.write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
     except EnclaveMLError as exc:
         raise _fail("plan", exc) from None
     console.print(f"plan {plan.digest.hex()} written to {output}")
+    if not pinned:
+        err_console.print(
+            "[yellow]the plan names no participants: whoever controls the aggregator's --clients file "
+            "decides who takes part (see --participants)[/yellow]"
+        )
 
 
 def _build_strategy(name: str, options: dict[str, Any]) -> Any:
@@ -144,7 +158,6 @@ def aggregator(
     print_measurement: PrintMeasurement = False,
 ) -> None:
     """Run the aggregator of PLAN over RA-TLS, resuming from the sealed checkpoint if there is one."""
-    from enclaveml.cli._credentials import read_registry
     from enclaveml.fl.aggregator import Aggregator
     from enclaveml.fl.plan import TrainingPlan
     from enclaveml.fl.strategies import strategy_from_plan
@@ -154,8 +167,9 @@ def aggregator(
         provider = _provider(tee, ENTRY_POINT, expected.to_dict(), print_measurement)
         if print_measurement:
             return
-        if initial_weights is None or clients is None:
-            raise ConfigurationError("--initial-weights and --clients are required to run the aggregator")
+        if initial_weights is None:
+            raise ConfigurationError("--initial-weights is required to run the aggregator")
+        registry = _registry(expected, clients)
         store = _checkpoint_store(checkpoint_dir, checkpoint_key, kbs, kbs_ca, provider)
         core = Aggregator(
             strategy_from_plan(dict(expected.strategy)),
@@ -165,15 +179,33 @@ def aggregator(
             round_timeout_s=expected.round_timeout_s,
             model_id=expected.model_id,
             validation=dict(expected.validation),
+            participants=dict(expected.participants),
             checkpoints=store,
         )
         if core.plan.digest != expected.digest:
             raise ConfigurationError("the initial weights or strategy do not reproduce the plan file")
-        for client_id, digest in read_registry(clients, "clients").items():
+        for client_id, digest in registry.items():
             core.enrol_hashed(client_id, bytes.fromhex(digest))
         _serve(core, provider, host, port)
     except EnclaveMLError as exc:
         raise _fail("aggregator", exc) from None
+
+
+def _registry(plan: Any, clients: Path | None) -> dict[str, str]:
+    """The clients to enrol: the plan's participants, or (a plan without them) the --clients file."""
+    from enclaveml.cli._credentials import read_registry
+
+    if plan.participants:
+        if clients is not None and read_registry(clients, "clients") != dict(plan.participants):
+            raise ConfigurationError(f"{clients} differs from the participants the plan names")
+        return {}  # the aggregator enrols the plan's participants itself
+    if clients is None:
+        raise ConfigurationError("--clients is required: the plan names no participants")
+    err_console.print(
+        f"[yellow]the plan names no participants: enrolling the clients of {clients}, a file this "
+        "host controls[/yellow]"
+    )
+    return read_registry(clients, "clients")
 
 
 def _checkpoint_store(

@@ -71,12 +71,24 @@ def plan_command(
         str | None, typer.Option(help="train (boosting): early stopping on the parties' validation rows.")
     ] = None,
     call_timeout: Annotated[float, typer.Option(help="Seconds the server waits for one answer.")] = 600.0,
+    credentials: Annotated[
+        Path | None,
+        typer.Option(help="Party registry from `enclaveml vfl enrol`: pins each party's credential."),
+    ] = None,
 ) -> None:
     """Write a job plan: every party uses the same file, so every party checks the same job."""
+    from enclaveml.cli._credentials import read_registry
     from enclaveml.crypto import read_header
     from enclaveml.fl.vertical.plan import VerticalPlan
 
     try:
+        pinned = read_registry(credentials, "parties") if credentials is not None else {}
+        if credentials is not None:
+            pinned = {p: h for p, h in pinned.items() if p in party}  # the registry may serve several jobs
+            if set(pinned) != set(party):
+                raise ConfigurationError(
+                    f"{credentials} has no credential for {sorted(set(party) - set(pinned))}"
+                )
         model_sha256 = None
         if model is not None:
             model_sha256 = dict(read_header(model).metadata).get("model_sha256")
@@ -92,11 +104,17 @@ def plan_command(
             dataset=dataset,
             valid_dataset=valid_dataset,
             call_timeout_s=call_timeout,
+            credentials=pinned,
         )
         output.write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
     except EnclaveMLError as exc:
         raise _fail("plan", exc) from None
     console.print(f"plan {plan.digest.hex()} written to {output}")
+    if not pinned:
+        err_console.print(
+            "[yellow]the plan pins no party credentials: whoever controls the server's --parties file "
+            "decides who speaks for each party (see --credentials)[/yellow]"
+        )
 
 
 @app.command("enrol")
@@ -145,11 +163,7 @@ def server(
         provider = _provider(tee, ENTRY_POINT, expected.to_dict(), print_measurement)
         if print_measurement:
             return
-        if parties is None:
-            raise ConfigurationError("--parties (the registry from `enclaveml vfl enrol`) is required")
-        hashes = {
-            n: bytes.fromhex(h) for n, h in _read_json(parties, "party registry").get("parties", {}).items()
-        }
+        hashes = _party_hashes(expected, parties)
         broker = _broker(kbs, kbs_ca, provider) if (model is not None or model_out is not None) else None
         server_model = _unseal_server_model(model, broker, expected.model_sha256) if model else None
         session = VerticalSession(
@@ -170,6 +184,26 @@ def server(
         _report(session.result, broker, model_key, model_out)
     except EnclaveMLError as exc:
         raise _fail("vfl server", exc) from None
+
+
+def _party_hashes(plan: Any, registry: Path | None) -> dict[str, bytes]:
+    """Each party's credential hash: the plan's pins, or (a plan without them) the --parties file."""
+    from enclaveml.cli._credentials import read_registry
+
+    pinned = {p: bytes.fromhex(h) for p, h in plan.credentials.items()}
+    if registry is None and not pinned:
+        raise ConfigurationError("--parties (the registry from `enclaveml vfl enrol`) is required")
+    if registry is None:
+        return pinned
+    hashes = {p: bytes.fromhex(h) for p, h in read_registry(registry, "parties").items()}
+    if pinned and any(hashes.get(p) != h for p, h in pinned.items()):
+        raise ConfigurationError(f"{registry} differs from the party credentials the plan names")
+    if not pinned:
+        err_console.print(
+            f"[yellow]the plan pins no party credentials: taking them from {registry}, a file this host "
+            "controls[/yellow]"
+        )
+    return hashes
 
 
 def _broker(kbs: str, kbs_ca: Path | None, provider: Any) -> Any:

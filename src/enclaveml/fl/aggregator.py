@@ -68,7 +68,9 @@ class Aggregator:
 
     ``checkpoints`` (optional) seals the state after every completed round; when it already
     holds a checkpoint of the same plan, the run resumes from it (``resumed_from`` says which
-    round). ``clock`` is injectable so tests can drive round timeouts.
+    round). ``participants`` (client id -> credential SHA-256 hex) goes into the plan: those
+    clients are enrolled now and no others can be (:mod:`enclaveml.fl.plan`). ``clock`` is
+    injectable so tests can drive round timeouts.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class Aggregator:
         round_timeout_s: float = 600.0,
         model_id: str = "model",
         validation: Mapping[str, Any] | None = None,
+        participants: Mapping[str, str] | None = None,
         checkpoints: CheckpointStore | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -97,6 +100,7 @@ class Aggregator:
             round_timeout_s=round_timeout_s,
             model_id=model_id,
             validation=validation,
+            participants=participants,
         )
         self._strategy = strategy
         self._max_norm, self._outlier_factor = validation_options(validation or {})
@@ -114,23 +118,38 @@ class Aggregator:
         if checkpoints is not None:
             self._resume(checkpoints)
         self._round = RoundUploads(self._weights)
+        for client_id, digest in self.plan.participants.items():
+            self.enrol_hashed(client_id, bytes.fromhex(digest))
 
     # --- enrolment (operator) ------------------------------------------------------------------
 
     def enrol(self, client_id: str) -> str:
         """Enrol ``client_id`` and return its new credential; hand it to the client, it is not kept."""
+        if self.plan.participants:
+            raise ConfigurationError(
+                "the plan names its participants and their credentials: none can be issued here"
+            )
         token = secrets.token_urlsafe(32)
         self.enrol_hashed(client_id, token_sha256(token))
         return token
 
     def enrol_hashed(self, client_id: str, credential_sha256: bytes) -> None:
-        """Enrol ``client_id`` with a credential the operator issued elsewhere (its SHA-256)."""
+        """Enrol ``client_id`` with a credential the operator issued elsewhere (its SHA-256).
+
+        When the plan names its participants, only a participant with its own credential (again,
+        e.g. after :meth:`revoke`) can be enrolled.
+        """
         if not isinstance(client_id, str) or not client_id or len(client_id) > 128:
             raise ConfigurationError("client ids are non-empty strings of at most 128 characters")
         if not isinstance(credential_sha256, bytes) or len(credential_sha256) != 32:
             raise ConfigurationError("credential hashes are 32-byte SHA-256 digests")
+        pinned = self.plan.participants
+        if pinned and pinned.get(client_id) != credential_sha256.hex():
+            raise ConfigurationError(
+                f"the plan names its participants: {client_id!r} with this credential is not one of them"
+            )
         with self._cond:
-            if credential_sha256 in self._credentials:
+            if self._credentials.get(credential_sha256, client_id) != client_id:
                 raise ConfigurationError("this credential is already enrolled for another client")
             self._revoke_locked(client_id)
             self._credentials[credential_sha256] = client_id

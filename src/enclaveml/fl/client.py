@@ -33,7 +33,7 @@ import httpx
 from enclaveml.attestation import Claims, Policy, Verifier
 from enclaveml.attestation._time import Instant
 from enclaveml.attestation.tls import AttestedSession
-from enclaveml.errors import AttestationError, PolicyRejectedError
+from enclaveml.errors import AttestationError, ConfigurationError, PolicyRejectedError
 from enclaveml.fl._errors import (
     DuplicateUpdateError,
     FederatedError,
@@ -51,6 +51,7 @@ from enclaveml.fl._participant import (
 )
 from enclaveml.fl._torch import state_dict_to_weights, weights_to_state_dict
 from enclaveml.fl._wire import UPDATE_CONTENT_TYPE, ModelMessage, decode_model, encode_update
+from enclaveml.fl.aggregator import token_sha256
 from enclaveml.fl.plan import TrainingPlan, certificate_nonce, fresh_nonce
 from enclaveml.fl.strategy import Weights
 
@@ -96,6 +97,11 @@ class AggregatorClient:
         if not isinstance(expected_plan, TrainingPlan):
             expected_plan = TrainingPlan.from_dict(expected_plan)
         self.plan = expected_plan
+        if (
+            expected_plan.participants
+            and token_sha256(credential).hex() not in expected_plan.participants.values()
+        ):
+            raise ConfigurationError("this credential is not one of the participants the plan names")
         self._auth = {"Authorization": f"Bearer {credential}"}
         self._policy, self._verifier, self._now = policy, verifier, now
         self._timeout, self._reconnect_s = timeout, reconnect_s

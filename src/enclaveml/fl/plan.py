@@ -12,6 +12,13 @@ identity, bound twice:
   :func:`fresh_nonce` ``(plan, N)``. The attested code computes both from the plan it enforces, so
   a participant that derives them from the plan *it expects* accepts only that plan.
 
+The plan may also name its **participants**: client id -> SHA-256 (hex) of the credential the
+operator issued (``enclaveml fl plan --participants REGISTRY``). The aggregator then enrols
+exactly those and refuses any other credential, so the host cannot add clients of its own (which
+would receive every global model and, as ``min_clients - 1`` fake clients, isolate one honest
+update from the aggregate). Without the list, whoever controls the aggregator's registry file
+decides who takes part. Credentials are random 256-bit tokens, so their hashes may be public.
+
 Plan digest: SHA-256 over the canonical JSON of :meth:`TrainingPlan.to_dict` (sorted keys, no
 whitespace, UTF-8). Nonces::
 
@@ -33,7 +40,7 @@ from enclaveml.errors import ConfigurationError
 from enclaveml.fl._wire import weights_sha256
 from enclaveml.fl.strategy import Strategy, Weights
 
-__all__ = ["TrainingPlan", "certificate_nonce", "fresh_nonce"]
+__all__ = ["TrainingPlan", "certificate_nonce", "check_credential_pins", "fresh_nonce"]
 
 _DOMAIN = b"enclaveml-fl-plan-v1\x00"
 _PLAN_VERSION = 1
@@ -46,6 +53,8 @@ class TrainingPlan:
     ``strategy`` is :meth:`Strategy.plan` (name and hyperparameters), ``validation`` the keyword
     arguments given to :func:`enclaveml.fl.validation.validate_updates`, ``model_id`` names the
     architecture and ``initial_weights_sha256`` pins the starting point (:func:`weights_sha256`).
+    ``participants`` (client id -> credential SHA-256 hex), when not empty, is the whole set of
+    clients the aggregator accepts (module docstring).
     """
 
     strategy: Mapping[str, Any]
@@ -55,6 +64,7 @@ class TrainingPlan:
     model_id: str
     initial_weights_sha256: str
     validation: Mapping[str, Any] = field(default_factory=dict)
+    participants: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.strategy, Mapping) or not isinstance(self.strategy.get("name"), str):
@@ -70,6 +80,12 @@ class TrainingPlan:
             raise ConfigurationError("plan 'initial_weights_sha256' must be 64 lowercase hex digits")
         if not isinstance(self.validation, Mapping):
             raise ConfigurationError("plan 'validation' must be a mapping of validate_updates options")
+        check_credential_pins(self.participants, "participants", max_name=128)
+        object.__setattr__(self, "participants", dict(self.participants))  # a copy the caller cannot change
+        if self.participants and len(self.participants) < self.min_clients:
+            raise ConfigurationError(
+                f"plan 'min_clients' ({self.min_clients}) exceeds its {len(self.participants)} participants"
+            )
         self.canonical_json()  # fails now, not at the first client, if something is not JSON
 
     @classmethod
@@ -83,6 +99,7 @@ class TrainingPlan:
         round_timeout_s: float = 600.0,
         model_id: str = "model",
         validation: Mapping[str, Any] | None = None,
+        participants: Mapping[str, str] | None = None,
     ) -> TrainingPlan:
         """The plan of running ``strategy`` from ``initial_weights``."""
         return cls(
@@ -93,11 +110,16 @@ class TrainingPlan:
             model_id=model_id,
             initial_weights_sha256=weights_sha256(initial_weights),
             validation=dict(validation or {}),
+            participants={} if participants is None else participants,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready plain data: what ``/v1/fl/plan`` returns and the simulation TEE measures."""
-        return {
+        """JSON-ready plain data: what ``/v1/fl/plan`` returns and the simulation TEE measures.
+
+        ``participants`` appears only when the plan names them, so plans written before it
+        existed keep their digest.
+        """
+        data: dict[str, Any] = {
             "v": _PLAN_VERSION,
             "strategy": _plain(self.strategy),
             "rounds": self.rounds,
@@ -107,6 +129,9 @@ class TrainingPlan:
             "initial_weights_sha256": self.initial_weights_sha256,
             "validation": _plain(self.validation),
         }
+        if self.participants:
+            data["participants"] = dict(self.participants)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingPlan:
@@ -122,6 +147,7 @@ class TrainingPlan:
                 model_id=data["model_id"],
                 initial_weights_sha256=data["initial_weights_sha256"],
                 validation=data.get("validation", {}),
+                participants=data.get("participants", {}),
             )
         except KeyError as exc:
             raise ConfigurationError(f"training plan lacks the field {exc.args[0]!r}") from None
@@ -147,6 +173,23 @@ def certificate_nonce(plan_digest: bytes) -> bytes:
 def fresh_nonce(plan_digest: bytes, client_nonce: bytes) -> bytes:
     """What ``/attestation?nonce=`` binds: the client's nonce *and* the plan."""
     return hashlib.sha256(_DOMAIN + plan_digest + client_nonce).digest()
+
+
+def check_credential_pins(pins: Any, what: str, *, max_name: int) -> None:
+    """A plan's name -> credential SHA-256 (64 lowercase hex) mapping, one credential per name."""
+    if not isinstance(pins, Mapping):
+        raise ConfigurationError(f"plan {what!r} must map names to credential SHA-256 digests (hex)")
+    for name, digest in pins.items():
+        if not (isinstance(name, str) and 0 < len(name) <= max_name):
+            raise ConfigurationError(
+                f"plan {what!r}: names are non-empty strings of at most {max_name} characters"
+            )
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise ConfigurationError(
+                f"plan {what!r}: {name!r} needs a credential SHA-256 as 64 lowercase hex digits"
+            )
+    if len(set(pins.values())) != len(pins):
+        raise ConfigurationError(f"plan {what!r}: two names share one credential")
 
 
 def _positive_int(value: Any) -> bool:

@@ -62,6 +62,8 @@ class VerticalSession:
             raise ConfigurationError("give exactly one credential hash per party of the plan")
         if any(len(h) != 32 for h in credentials.values()):
             raise ConfigurationError("credential hashes are SHA-256 digests (32 bytes)")
+        if plan.credentials and {p: bytes(h).hex() for p, h in credentials.items()} != plan.credentials:
+            raise ConfigurationError("the party credentials differ from those the plan names")
         self.plan = plan
         self._by_hash = {bytes(h): name for name, h in credentials.items()}
         self.channels = {

@@ -32,10 +32,11 @@ import httpx
 from enclaveml.attestation import Claims, Policy, Verifier
 from enclaveml.attestation._time import Instant
 from enclaveml.attestation.tls import AttestedSession
-from enclaveml.errors import AttestationError, PolicyRejectedError
+from enclaveml.errors import AttestationError, ConfigurationError, PolicyRejectedError
 from enclaveml.fl.plan import certificate_nonce, fresh_nonce
 from enclaveml.fl.vertical._channel import Exchange, PartyEndpoint, answer
 from enclaveml.fl.vertical._errors import MessageError, VerticalError
+from enclaveml.fl.vertical._session import token_sha256
 from enclaveml.fl.vertical.plan import VerticalPlan
 
 __all__ = ["JobOutcome", "ServerConnection"]
@@ -80,6 +81,8 @@ class ServerConnection:
             if isinstance(expected_plan, VerticalPlan)
             else VerticalPlan.from_dict(expected_plan)
         )
+        if self.plan.credentials and token_sha256(credential).hex() not in self.plan.credentials.values():
+            raise ConfigurationError("this credential is not one the plan names for its parties")
         self._auth = {"Authorization": f"Bearer {credential}"}
         self._timeout = timeout
         deadline = time.monotonic() + wait_for_server_s

@@ -20,7 +20,11 @@ One plan is one job, one of:
   pinned by ``model_sha256`` (SHA-256 of its plaintext). Logistic regression has no server part.
 
 ``parties`` lists every party by name, the **label party first**: it holds the labels, is the
-coordinator of cryptographic PSI and receives the predictions. Plan digest: SHA-256 of the
+coordinator of cryptographic PSI and receives the predictions. ``credentials`` (party -> SHA-256
+hex of the credential the operator issued it; ``enclaveml vfl plan --credentials REGISTRY``), when
+given, pins who may speak for each party: the server accepts no other credentials, so the host
+cannot take a passive party's place and receive what it would (residuals or gradients, from which
+labels follow). Without it, whoever controls the server's registry file decides. Plan digest: SHA-256 of the
 canonical JSON of :meth:`VerticalPlan.to_dict` (sorted keys, no whitespace, UTF-8).
 """
 
@@ -35,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from enclaveml.errors import ConfigurationError
-from enclaveml.fl.plan import _plain
+from enclaveml.fl.plan import _plain, check_credential_pins
 
 __all__ = ["ALGORITHMS", "PSI_MODES", "TASKS", "VerticalPlan"]
 
@@ -60,6 +64,7 @@ class VerticalPlan:
     dataset: str = "test"
     valid_dataset: str | None = None
     call_timeout_s: float = 600.0
+    credentials: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "parties", tuple(self.parties))
@@ -98,6 +103,10 @@ class VerticalPlan:
             )
         if not (isinstance(self.call_timeout_s, int | float) and 0 < self.call_timeout_s < math.inf):
             raise ConfigurationError("plan 'call_timeout_s' must be a positive number of seconds")
+        check_credential_pins(self.credentials, "credentials", max_name=64)
+        if self.credentials and set(self.credentials) != set(self.parties):
+            raise ConfigurationError("plan 'credentials' names one credential for each party, and no others")
+        object.__setattr__(self, "credentials", dict(self.credentials))  # a copy the caller cannot change
         self.canonical_json()  # fails now, not at the first party, if something is not JSON
 
     @property
@@ -109,8 +118,11 @@ class VerticalPlan:
         return self.parties[1:]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready plain data: what ``/v1/vfl/plan`` returns and the simulation TEE measures."""
-        return {
+        """JSON-ready plain data: what ``/v1/vfl/plan`` returns and the simulation TEE measures.
+
+        ``credentials`` appears only when the plan pins them (earlier plans keep their digest).
+        """
+        data: dict[str, Any] = {
             "v": _PLAN_VERSION,
             "kind": _KIND,
             "task": self.task,
@@ -123,6 +135,9 @@ class VerticalPlan:
             "valid_dataset": self.valid_dataset,
             "call_timeout_s": float(self.call_timeout_s),
         }
+        if self.credentials:
+            data["credentials"] = dict(self.credentials)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> VerticalPlan:
@@ -142,6 +157,7 @@ class VerticalPlan:
                 dataset=data.get("dataset", "test"),
                 valid_dataset=data.get("valid_dataset"),
                 call_timeout_s=data.get("call_timeout_s", 600.0),
+                credentials=data.get("credentials", {}),
             )
         except KeyError as exc:
             raise ConfigurationError(f"vertical plan lacks the field {exc.args[0]!r}") from None
