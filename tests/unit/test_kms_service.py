@@ -7,14 +7,22 @@ import hashlib
 import os
 import pickle
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
-from enclaveml.attestation import AllOf, EvidenceVerifier, MeasurementAllowlist, UnsafeAllowSimulation
+from enclaveml.attestation import (
+    AllOf,
+    Claims,
+    Evidence,
+    EvidenceVerifier,
+    MeasurementAllowlist,
+    UnsafeAllowSimulation,
+)
+from enclaveml.attestation._time import Instant
 from enclaveml.attestation.simulation import SimulationKey, SimulationProvider, SimulationVerifier
 from enclaveml.crypto.keys import unwrap_key
 from enclaveml.errors import (
@@ -443,3 +451,51 @@ def test_a_key_deleted_while_keys_are_listed_does_not_fail_the_list(broker: KeyB
         assert [k.key_id for k in broker.list_keys()] == ["a", "b", "c"]
     finally:
         broker.store.get_key = real_get  # type: ignore[method-assign]
+
+
+class _Meanwhile:
+    """A verifier that runs an admin action once, while a release is being appraised."""
+
+    def __init__(self, inner: EvidenceVerifier) -> None:
+        self.inner = inner
+        self.action: Callable[[], object] | None = None
+
+    def verify(self, evidence: Evidence, *, now: Instant = None) -> Claims:
+        claims = self.inner.verify(evidence, now=now)
+        action, self.action = self.action, None
+        if action is not None:
+            action()
+        return claims
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "rule"),
+    [
+        (lambda b, p: b.disable_key("k"), KeyDisabledError, "disabled"),
+        (lambda b, p: b.delete_key("k"), KeyNotFoundError, "not_found"),
+        (lambda b, p: b.set_policy("k", UnsafeAllowSimulation(AllOf(MeasurementAllowlist([bytes(32)])))),
+         KeyReleaseDeniedError, "policy_changed"),
+    ],
+)  # fmt: skip
+def test_a_disable_delete_or_policy_change_during_a_release_stops_it(
+    tmp_path: Path, root_key: RootKey, sim_key: SimulationKey, sim_provider, policy, change, error, rule
+) -> None:
+    store = SqliteKeyStore(tmp_path / "kbs.sqlite")
+    verifier = _Meanwhile(EvidenceVerifier(simulation=SimulationVerifier(sim_key.public_key())))
+    broker = KeyBroker(store, root_key, verifier)
+    try:
+        broker.create_key("k", policy)
+        workload = Workload(sim_provider)
+        verifier.action = lambda: change(broker, policy)  # returns before the release is recorded
+        with pytest.raises(error):
+            _release(broker, workload)
+        last = broker.audit_records()[-1]
+        assert (last.event, last.verdict, last.rule) == ("release", "denied", rule)
+        assert not any(r.verdict == "released" for r in broker.audit_records(limit=1000))
+        # A rotation meanwhile is no change of who may have the key: that release goes through.
+        if rule == "disabled":
+            broker.enable_key("k")
+            verifier.action = lambda: broker.rotate_key("k")
+            assert len(_release(broker, workload, version=1)) == 32
+    finally:
+        store.close()

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from enclaveml.errors import KeyNotFoundError, StorageError
+from enclaveml.errors import KeyDisabledError, KeyNotFoundError, KeyReleaseDeniedError, StorageError
 from enclaveml.kms._audit import AuditEvent, AuditRecord
 from enclaveml.kms._schema import SCHEMA_VERSION
-from enclaveml.kms._storage import KeyExistsError, KeyStore, NonceStatus, SqliteKeyStore
+from enclaveml.kms._storage import KeyExistsError, KeyStore, NonceStatus, SqliteKeyStore, StoredKey
 
 POLICY = '{"type":"measurement","values":["00"]}'
 
@@ -272,13 +272,16 @@ def test_reads_see_what_another_connection_committed(store: SqliteKeyStore) -> N
         other.close()
 
 
-def _queued_appends(store: SqliteKeyStore, events: list[AuditEvent]) -> list[object]:
+def _queued_appends(
+    store: SqliteKeyStore, events: list[AuditEvent], release_of: list[StoredKey | None] | None = None
+) -> list[object]:
     """Append ``events`` from one thread each while the write lock is held, then let them go."""
     outcomes: list[object] = [None] * len(events)
+    guards = release_of or [None] * len(events)
 
     def append(i: int) -> None:
         try:
-            outcomes[i] = store.append_audit(events[i])
+            outcomes[i] = store.append_audit(events[i], release_of=guards[i])
         except Exception as exc:  # noqa: BLE001 - the outcome under test
             outcomes[i] = exc
 
@@ -325,3 +328,33 @@ def test_a_bad_record_fails_only_its_own_caller(store: SqliteKeyStore) -> None:
     stored = [o for o in outcomes if isinstance(o, AuditRecord)]
     assert [r.key_id for r in stored] == ["k0", "k1", "k2", "k3"]
     assert store.verify_audit() == (True, 4, None)
+
+
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_a_release_record_is_written_only_while_its_key_is_unchanged(
+    store: SqliteKeyStore, poisoned: bool
+) -> None:
+    for key_id in ("same", "disabled", "deleted", "repoliced"):
+        store.create_key(key_id, POLICY, b"w", now=1.0, audit=_event(key_id=key_id))
+    read = {key_id: store.get_key(key_id) for key_id in ("same", "disabled", "deleted", "repoliced")}
+    store.set_state("disabled", "disabled", now=2.0, audit=_event("key.disable", "disabled"))
+    store.delete_key("deleted", audit=_event("key.delete", "deleted"))
+    store.set_policy(
+        "repoliced", '{"type":"measurement","values":["01"]}', now=2.0, audit=_event("p", "repoliced")
+    )
+    names = ["same", "disabled", "deleted", "repoliced", "other"]
+    events = [AuditEvent(3.0, "release", "released", key_id=name) for name in names]
+    guards: list[StoredKey | None] = [*read.values(), None]
+    if poisoned:  # a record that fails its batch: each is then written alone, still guarded
+        events.append(AuditEvent(3.0, "release", "denied", key_id="bad", version=2**70))
+        guards.append(None)
+    outcomes = _queued_appends(store, events, guards)
+    assert isinstance(outcomes[0], AuditRecord)
+    assert isinstance(outcomes[4], AuditRecord)
+    assert isinstance(outcomes[1], KeyDisabledError)
+    assert isinstance(outcomes[2], KeyNotFoundError)
+    assert isinstance(outcomes[3], KeyReleaseDeniedError)
+    assert outcomes[3].rule == "policy_changed"
+    released = [r.key_id for r in store.audit_records(limit=100) if r.verdict == "released"]
+    assert sorted(released) == ["other", "same"]
+    assert store.verify_audit()[0]

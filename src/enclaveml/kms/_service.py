@@ -299,12 +299,16 @@ class KeyBroker:
             self._deny(now, key_id, number, rule, recorder.measurement, str(exc))
             raise
         measurement = claims.measurement.hex()
-        # Audit first: if the audit write fails, no key leaves the broker.
-        self.store.append_audit(
-            AuditEvent(
-                now, "release", "released", key_id=key_id, version=number, measurement=measurement, detail=kem
-            )
+        # Audit first: if the audit write fails, no key leaves the broker. The write also checks
+        # that the key was not disabled, deleted or given another policy since it was read.
+        event = AuditEvent(
+            now, "release", "released", key_id=key_id, version=number, measurement=measurement, detail=kem
         )
+        try:
+            self.store.append_audit(event, release_of=key)
+        except (KeyReleaseDeniedError, KeyNotFoundError, KeyDisabledError) as exc:
+            self._deny(now, key_id, number, _refusal_rule(exc), measurement, str(exc))
+            raise
         self.metrics.count_release(kem)
         _log.info("released key %r version %d to measurement %s (%s)", key_id, number, measurement, kem)
         return Release(key_id, number, kem, ciphertext)

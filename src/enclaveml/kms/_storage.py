@@ -53,7 +53,13 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
-from enclaveml.errors import KeyBrokerError, KeyNotFoundError, StorageError
+from enclaveml.errors import (
+    KeyBrokerError,
+    KeyDisabledError,
+    KeyNotFoundError,
+    KeyReleaseDeniedError,
+    StorageError,
+)
 from enclaveml.kms._audit import GENESIS_HASH, AuditEvent, AuditRecord, ChainVerdict, verify_chain
 from enclaveml.kms._schema import SCHEMA_VERSION, open_connection, open_database
 
@@ -145,7 +151,7 @@ class KeyStore(Protocol):
     def find_token(self, token_hash: bytes) -> StoredToken | None: ...
     def revoke_token(self, name: str, *, audit: AuditEvent) -> None: ...
     def list_tokens(self) -> list[StoredToken]: ...
-    def append_audit(self, event: AuditEvent) -> AuditRecord: ...
+    def append_audit(self, event: AuditEvent, *, release_of: StoredKey | None = None) -> AuditRecord: ...
     def audit_records(self, *, after: int = 0, limit: int = 100) -> list[AuditRecord]: ...
     def audit_head(self) -> tuple[int, bytes] | None: ...
     def verify_audit(self) -> ChainVerdict: ...
@@ -155,10 +161,11 @@ class KeyStore(Protocol):
 class _PendingAudit:
     """One audit event waiting for the group commit that writes it."""
 
-    __slots__ = ("error", "event", "record")
+    __slots__ = ("error", "event", "record", "release_of")
 
-    def __init__(self, event: AuditEvent) -> None:
+    def __init__(self, event: AuditEvent, release_of: StoredKey | None) -> None:
         self.event = event
+        self.release_of = release_of
         self.record: AuditRecord | None = None
         self.error: Exception | None = None
 
@@ -393,13 +400,19 @@ class SqliteKeyStore:
 
     # -- audit ------------------------------------------------------------------------------------
 
-    def append_audit(self, event: AuditEvent) -> AuditRecord:
+    def append_audit(self, event: AuditEvent, *, release_of: StoredKey | None = None) -> AuditRecord:
         """Chain and durably commit ``event``; returns once the commit holding it is on disk.
 
         Group commit: the event joins a queue, and whoever holds the write lock next writes
         every queued event in one FULL transaction, so concurrent callers share one fsync.
+
+        ``release_of`` is the key as read for a release that this event records: the event is
+        written only if, in the committing transaction, the key is still enabled under the same
+        policy. Otherwise nothing is written and the refusal is raised (KeyDisabledError,
+        KeyNotFoundError, or KeyReleaseDeniedError rule ``policy_changed``), so a disable,
+        delete or policy change that has returned stops every release not yet recorded.
         """
-        pending = _PendingAudit(event)
+        pending = _PendingAudit(event, release_of)
         with self._queue_lock:
             self._audit_queue.append(pending)
         with self._lock:
@@ -413,20 +426,50 @@ class SqliteKeyStore:
         """Commit ``batch`` in one transaction, or else each record alone (the caller holds the lock)."""
         try:
             with self._tx("append audit records") as db:
-                records = self._append_all(db, [p.event for p in batch])
+                admitted = [p for p in batch if self._still_releasable(db, p)]
+                records = self._append_all(db, [p.event for p in admitted]) if admitted else []
         except Exception as exc:  # noqa: BLE001 - handed to the callers waiting for these records
             if len(batch) == 1:
                 batch[0].error = exc
                 return
             for pending in batch:
+                pending.error = None
                 try:
                     with self._tx("append audit record") as db:
-                        pending.record = self._append(db, pending.event)
+                        if self._still_releasable(db, pending):
+                            pending.record = self._append(db, pending.event)
                 except Exception as single:  # noqa: BLE001 - handed to this record's caller
                     pending.error = single
             return
-        for pending, record in zip(batch, records, strict=True):
+        for pending, record in zip(admitted, records, strict=True):
             pending.record = record
+
+    @staticmethod
+    def _still_releasable(db: sqlite3.Connection, pending: _PendingAudit) -> bool:
+        """False (and the refusal as the pending's error) if its release's key changed since it was read."""
+        key = pending.release_of
+        if key is None:
+            return True
+        row = db.execute(
+            "SELECT k.state, p.policy FROM keys k JOIN key_policies p USING (key_id) WHERE k.key_id = ?",
+            (key.key_id,),
+        ).fetchone()
+        if row is None:
+            pending.error = KeyNotFoundError(
+                f"key {key.key_id!r} was deleted during the release; nothing is released"
+            )
+        elif str(row[0]) != "enabled":
+            pending.error = KeyDisabledError(
+                f"key {key.key_id!r} was disabled during the release; nothing is released"
+            )
+        elif str(row[1]) != key.policy:
+            pending.error = KeyReleaseDeniedError(
+                f"key {key.key_id!r}'s policy changed during the release; request a new challenge",
+                rule="policy_changed",
+                observed="the policy the evidence was appraised against",
+                expected="the key's current policy",
+            )
+        return pending.error is None
 
     def _append(self, db: sqlite3.Connection, event: AuditEvent) -> AuditRecord:
         """Chain ``event`` after the stored head, inside the caller's transaction."""
