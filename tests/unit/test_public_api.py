@@ -5,12 +5,23 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import enclaveml
 import enclaveml.attestation as attestation
 
 
 def test_top_level_names() -> None:
-    assert sorted(enclaveml.__all__) == ["EnclaveMLError", "__version__"]
+    assert sorted(enclaveml.__all__) == ["AsyncClient", "Client", "EnclaveMLError", "__version__"]
+    from enclaveml.serving.client import AsyncClient, Client
+
+    assert (enclaveml.Client, enclaveml.AsyncClient) == (Client, AsyncClient)
+    with pytest.raises(AttributeError):
+        enclaveml.NoSuchThing
+    # The SDK is loaded on first use: importing the package (as the CLI does) pulls in no HTTP client.
+    code = "import sys, enclaveml; print('httpx' in sys.modules, 'enclaveml.serving.client' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
 
 
 def test_attestation_names_are_exactly_the_intended_ones() -> None:
