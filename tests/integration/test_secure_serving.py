@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from enclaveml.attestation import AllOf, MeasurementAllowlist, UnsafeAllowSimulation
+from enclaveml.attestation import AllOf, MeasurementAllowlist, UnsafeAllowSimulation, attest_server
 from enclaveml.attestation.ratls import NO_EXPIRY
 from enclaveml.attestation.simulation import SimulationProvider, SimulationVerifier
 from enclaveml.crypto import KeyHandle, seal_file
@@ -76,6 +80,23 @@ def test_a_server_that_has_run_for_years_is_still_attested_and_used(
     _, x_test, _ = digits_model()
     with Client(server.url, policy=sim_policy, verifier=sim_verifier, now=years_later) as client:
         assert client.infer("digits", x_test[:2])["label"].shape == (2,)
+
+
+def test_a_standard_client_checking_host_names_accepts_the_attested_certificate(
+    server: RunningServer, sim_verifier: SimulationVerifier, sim_policy
+) -> None:
+    # As docs/serving.md tells standard clients (tritonclient, curl) to do: attest, then trust
+    # exactly that certificate, with the usual host-name check on, by IP address or by name.
+    attested = attest_server(server.url, verifier=sim_verifier, policy=sim_policy)
+    pem = x509.load_der_x509_certificate(attested.peer.certificate_der).public_bytes(
+        serialization.Encoding.PEM
+    )
+    context = ssl.create_default_context(cadata=pem.decode())
+    assert context.check_hostname
+    port = server.url.rsplit(":", 1)[1]
+    for host in ("127.0.0.1", "localhost"):
+        with httpx.Client(verify=context) as http:
+            assert http.get(f"https://{host}:{port}/v2/health/live").status_code == 200
 
 
 def test_client_refuses_server_outside_policy_and_sends_no_body(

@@ -24,7 +24,7 @@ from enclaveml.attestation.ratls import (
     verify_key_binding,
     verify_ratls_certificate,
 )
-from enclaveml.errors import BindingError, PolicyRejectedError, VerificationError
+from enclaveml.errors import BindingError, ConfigurationError, PolicyRejectedError, VerificationError
 
 
 @pytest.fixture
@@ -146,3 +146,21 @@ def test_certificates_have_no_expiry_unless_a_validity_is_asked_for(
     for outside in (now + datetime.timedelta(hours=2), now - datetime.timedelta(hours=1)):
         with pytest.raises(VerificationError, match="not valid at"):
             verify_ratls_certificate(hour, verifier=sim_verifier, policy=sim_policy, now=outside)
+
+
+def test_certificate_names_sort_ip_literals_from_dns_names_and_leave_out_wildcards(sim_provider) -> None:
+    from enclaveml._urls import certificate_names
+
+    assert certificate_names("0.0.0.0", ["server.example", "10.0.0.5", "[fd00::1]"]) == (
+        ("localhost", "server.example"),
+        ("127.0.0.1", "::1", "10.0.0.5", "fd00::1"),
+    )
+    assert certificate_names("::") == (("localhost",), ("127.0.0.1", "::1"))
+    assert certificate_names("127.0.0.1") == (("localhost",), ("127.0.0.1", "::1"))
+    dns, ips = certificate_names("api.example")
+    certificate = create_ratls_certificate(sim_provider, dns_names=dns, ip_addresses=ips).certificate
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost", "api.example"]
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+    with pytest.raises(ConfigurationError, match="not an IP address"):
+        create_ratls_certificate(sim_provider, ip_addresses=("not-an-ip",))

@@ -474,7 +474,11 @@ class _Meanwhile:
         (lambda b, p: b.disable_key("k"), KeyDisabledError, "disabled"),
         (lambda b, p: b.delete_key("k"), KeyNotFoundError, "not_found"),
         (lambda b, p: b.set_policy("k", UnsafeAllowSimulation(AllOf(MeasurementAllowlist([bytes(32)])))),
-         KeyReleaseDeniedError, "policy_changed"),
+         KeyReleaseDeniedError, "key_changed"),
+        # Back as it was by the time the release commits, but not the key that was read:
+        (lambda b, p: (b.disable_key("k"), b.enable_key("k")), KeyReleaseDeniedError, "key_changed"),
+        (lambda b, p: (b.delete_key("k"), b.create_key("k", p)), KeyReleaseDeniedError, "key_changed"),
+        (lambda b, p: b.set_policy("k", p), KeyReleaseDeniedError, "key_changed"),
     ],
 )  # fmt: skip
 def test_a_disable_delete_or_policy_change_during_a_release_stops_it(

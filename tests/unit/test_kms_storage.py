@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import stat
 import threading
@@ -354,7 +355,32 @@ def test_a_release_record_is_written_only_while_its_key_is_unchanged(
     assert isinstance(outcomes[1], KeyDisabledError)
     assert isinstance(outcomes[2], KeyNotFoundError)
     assert isinstance(outcomes[3], KeyReleaseDeniedError)
-    assert outcomes[3].rule == "policy_changed"
+    assert outcomes[3].rule == "key_changed"
     released = [r.key_id for r in store.audit_records(limit=100) if r.verdict == "released"]
     assert sorted(released) == ["other", "same"]
     assert store.verify_audit()[0]
+
+
+def test_a_schema_1_database_is_migrated_and_its_keys_get_revisions_on_change(tmp_path: Path) -> None:
+    path = tmp_path / "kbs.sqlite"
+    store = SqliteKeyStore(path)
+    store.create_key("old", POLICY, b"w", now=1.0, audit=_event(key_id="old"))
+    store.close()
+    with contextlib.closing(sqlite3.connect(path)) as raw:  # what a version-1 broker left behind
+        raw.execute("ALTER TABLE keys DROP COLUMN revision")
+        raw.execute("PRAGMA user_version = 1")
+        raw.commit()
+    store = SqliteKeyStore(path)
+    try:
+        assert store.get_key("old").revision == 0
+        store.set_state("old", "disabled", now=2.0, audit=_event("key.disable", "old"))
+        assert store.get_key("old").revision > 0
+        store.create_key("new", POLICY, b"w", now=3.0, audit=_event(key_id="new"))
+        assert store.get_key("new").revision > store.get_key("old").revision
+        before = store.get_key("new").revision
+        store.add_version("new", lambda version: b"w2", now=4.0, audit=_event("key.rotate", "new"))
+        assert store.get_key("new").revision == before  # a rotation keeps it
+    finally:
+        store.close()
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,6 +195,7 @@ def create_ratls_certificate(
     common_name: str = "enclaveml RA-TLS",
     dns_names: tuple[str, ...] = ("localhost",),
     validity: dt.timedelta | None = None,
+    ip_addresses: tuple[str, ...] = (),
 ) -> RatlsCertificate:
     """Generate (or use) a key, bind its SPKI into fresh evidence, and self-sign a certificate.
 
@@ -205,7 +207,9 @@ def create_ratls_certificate(
     server ask for fresh evidence bound to a nonce and this key on each connection. A bounded
     period would only make long-running servers unreachable once it ran out: the clients pin
     this exact certificate, so a re-issued one (same key, new dates) fails their handshake.
-    Pass ``validity`` for a certificate that expires that long after now.
+    Pass ``validity`` for a certificate that expires that long after now. ``dns_names`` and
+    ``ip_addresses`` go into the subject alternative names (for clients that check host names;
+    enclaveml's own clients pin the certificate instead).
     """
     private_key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
     binding = bind_public_key(provider, private_key.public_key(), nonce=nonce, hash_alg=hash_alg)
@@ -219,7 +223,9 @@ def create_ratls_certificate(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(NO_EXPIRY if validity is None else now + validity)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(_alternative_names(dns_names, ip_addresses)), critical=False
+        )
         # Non-critical on purpose: OpenSSL and mbedTLS refuse certificates with unknown critical extensions.
         .add_extension(x509.UnrecognizedExtension(RATLS_EVIDENCE_OID, binding.evidence), critical=False)
     )
@@ -229,6 +235,15 @@ def create_ratls_certificate(
         )
     certificate = builder.sign(private_key, hashes.SHA256())
     return RatlsCertificate(certificate, private_key, binding.raw)
+
+
+def _alternative_names(dns_names: tuple[str, ...], ip_addresses: tuple[str, ...]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
+    try:
+        names += [x509.IPAddress(ipaddress.ip_address(address)) for address in ip_addresses]
+    except ValueError as exc:
+        raise ConfigurationError(f"not an IP address for the certificate: {exc}") from None
+    return names
 
 
 def verify_ratls_certificate(

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from enclaveml._urls import url_host
+from enclaveml._urls import certificate_names, url_host
 from enclaveml.cli._console import console, err_console
 from enclaveml.cli._options import (
     BatchDelay,
@@ -83,6 +83,13 @@ def serve(
         str | None, typer.Option(help="redis://... : scale out through encrypted Redis Streams to workers.")
     ] = None,
     cluster_key: ClusterKey = "enclaveml-cluster",
+    tls_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A host name or IP address clients use to reach this server (repeatable): named in the "
+            "certificate for clients that check host names, besides localhost and --host."
+        ),
+    ] = None,
     print_measurement: PrintMeasurement = False,
 ) -> None:
     """Attest, obtain model keys, unseal models in memory, and serve them over RA-TLS."""
@@ -99,7 +106,8 @@ def serve(
             "max_queue": max_queue,
             "instances": instances,
         }
-        _run_server(provider, models, kbs, kbs_ca, host, port, threads, queue, cluster_key, options)
+        names = certificate_names(host, tls_name or ())
+        _run_server(provider, models, kbs, kbs_ca, (host, port, names), threads, queue, cluster_key, options)
     except EnclaveMLError as exc:
         err_console.print(f"[bold red]serve failed:[/bold red] {exc}")
         raise typer.Exit(_exit_code(exc)) from None
@@ -127,8 +135,7 @@ def _run_server(
     models: dict[str, Path],
     kbs: str,
     kbs_ca: Path | None,
-    host: str,
-    port: int,
+    listen: tuple[str, int, tuple[tuple[str, ...], tuple[str, ...]]],
     threads: int | None,
     queue_url: str | None,
     cluster_key: str,
@@ -152,7 +159,8 @@ def _run_server(
         compute = 1 if queue_url else threads_per_instance(options["instances"], threads)
         repository = load_sealed_models(models, broker, intra_op_threads=compute)
         queue = RedisStreamsQueue(queue_url, cluster_key=broker.release(cluster_key)) if queue_url else None
-    ratls = create_ratls_certificate(provider, dns_names=("localhost", host))
+    host, port, (dns_names, ip_addresses) = listen
+    ratls = create_ratls_certificate(provider, dns_names=dns_names, ip_addresses=ip_addresses)
     app = create_app(repository, attestation=attestation_hook(provider, ratls), queue=queue, **options)
     mode = f"queue {queue_url}" if queue_url else "in-process batching"
     err_console.print(

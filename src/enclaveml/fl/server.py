@@ -42,6 +42,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
+from enclaveml._urls import certificate_names
 from enclaveml._web import (
     LimitAndCount,
     RunningServer,
@@ -70,11 +71,14 @@ Auth = Annotated[str | None, Header()]
 
 def aggregator_certificate(provider: EvidenceProvider, aggregator: Aggregator, host: str) -> RatlsCertificate:
     """An RA-TLS certificate whose evidence binds the TLS key and the aggregator's training plan."""
-    wildcard = host in ("localhost", "127.0.0.1", "0.0.0.0", "::")  # noqa: S104 - a name check, not a bind
-    names = ("localhost",) if wildcard else ("localhost", host)
+    dns_names, ip_addresses = certificate_names(host)
     nonce = certificate_nonce(aggregator.plan.digest)
     return create_ratls_certificate(
-        provider, nonce=nonce, common_name="enclaveml FL aggregator", dns_names=names
+        provider,
+        nonce=nonce,
+        common_name="enclaveml FL aggregator",
+        dns_names=dns_names,
+        ip_addresses=ip_addresses,
     )
 
 

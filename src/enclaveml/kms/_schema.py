@@ -1,10 +1,12 @@
 """The key broker's SQLite file: creation, pragmas, schema and schema versioning.
 
-Schema version 1 (``PRAGMA user_version``; ``PRAGMA application_id`` = ``0x656b4253``, "ekBS")::
+Schema version 2 (``PRAGMA user_version``; ``PRAGMA application_id`` = ``0x656b4253``, "ekBS")::
 
     meta(name TEXT PK, value BLOB)      root_key_check: HMAC fingerprint of the root key
                                         audit_head: seq (8 bytes big-endian) || hash (32 bytes)
-    keys(key_id TEXT PK, state, created_at, updated_at)          state: enabled | disabled
+    keys(key_id TEXT PK, state, created_at, updated_at, revision)  state: enabled | disabled
+                                        revision: audit seq of the last create, state or policy
+                                        change (never reused, so a re-created key differs too)
     key_policies(key_id PK -> keys ON DELETE CASCADE, policy (dump_policy JSON), updated_at)
     key_versions(key_id -> keys ON DELETE CASCADE, version >= 1, wrapped BLOB, created_at,
                  PK(key_id, version))     wrapped = RootKey.wrap(key_id, version, kek)
@@ -44,7 +46,7 @@ from enclaveml.errors import StorageError
 
 __all__ = ["SCHEMA_VERSION", "open_connection", "open_database"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _APPLICATION_ID = 0x656B4253
 _BUSY_TIMEOUT_MS = 10_000
 
@@ -54,7 +56,8 @@ CREATE TABLE keys (
     key_id TEXT PRIMARY KEY,
     state TEXT NOT NULL CHECK (state IN ('enabled', 'disabled')),
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    revision INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE key_policies (
     key_id TEXT PRIMARY KEY REFERENCES keys(key_id) ON DELETE CASCADE,
@@ -92,7 +95,10 @@ CREATE TABLE audit (
 )
 """
 # from-version -> statements upgrading to from-version + 1, each run in the migration transaction.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 1 -> 2: key revisions; existing keys start at 0, their next change sets a real one.
+    1: ("ALTER TABLE keys ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",),
+}
 
 
 def open_database(path: Path) -> sqlite3.Connection:
@@ -180,7 +186,7 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
                 f"key broker database {path} has schema version {version}, newer than this "
                 f"enclaveml supports ({SCHEMA_VERSION}); upgrade enclaveml"
             )
-        while version < SCHEMA_VERSION:  # pragma: no cover - no migrations yet
+        while version < SCHEMA_VERSION:
             for statement in _MIGRATIONS[version]:
                 conn.execute(statement)
             version += 1

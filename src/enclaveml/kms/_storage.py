@@ -97,6 +97,7 @@ class StoredKey:
     versions: tuple[int, ...]
     created_at: float
     updated_at: float
+    revision: int = 0  # changes with every create, state or policy change (not with a rotation)
 
     @property
     def latest(self) -> int:
@@ -264,10 +265,13 @@ class SqliteKeyStore:
         with self._tx("create key") as db:
             if db.execute("SELECT 1 FROM keys WHERE key_id = ?", (key_id,)).fetchone():
                 raise KeyExistsError(f"key {key_id!r} already exists; rotate it or pick another id")
-            db.execute("INSERT INTO keys VALUES (?, 'enabled', ?, ?)", (key_id, now, now))
+            db.execute(
+                "INSERT INTO keys (key_id, state, created_at, updated_at) VALUES (?, 'enabled', ?, ?)",
+                (key_id, now, now),
+            )
             db.execute("INSERT INTO key_policies VALUES (?, ?, ?)", (key_id, policy, now))
             db.execute("INSERT INTO key_versions VALUES (?, 1, ?, ?)", (key_id, wrapped, now))
-            self._append(db, replace(audit, version=1))
+            self._revise(db, key_id, self._append(db, replace(audit, version=1)))
 
     def add_version(self, key_id: str, wrap: Callable[[int], bytes], *, now: float, audit: AuditEvent) -> int:
         """Add the next version; ``wrap(version)`` returns its wrapped material (the AAD needs the number)."""
@@ -286,7 +290,7 @@ class SqliteKeyStore:
         with self._tx("set key state") as db:
             self._require(db, key_id)
             db.execute("UPDATE keys SET state = ?, updated_at = ? WHERE key_id = ?", (state, now, key_id))
-            self._append(db, audit)
+            self._revise(db, key_id, self._append(db, audit))
 
     def set_policy(self, key_id: str, policy: str, *, now: float, audit: AuditEvent) -> None:
         with self._tx("set policy") as db:
@@ -295,7 +299,12 @@ class SqliteKeyStore:
                 "UPDATE key_policies SET policy = ?, updated_at = ? WHERE key_id = ?", (policy, now, key_id)
             )
             db.execute("UPDATE keys SET updated_at = ? WHERE key_id = ?", (now, key_id))
-            self._append(db, audit)
+            self._revise(db, key_id, self._append(db, audit))
+
+    @staticmethod
+    def _revise(db: sqlite3.Connection, key_id: str, change: AuditRecord) -> None:
+        """Give the key a new revision: the sequence number of the audit record of this change."""
+        db.execute("UPDATE keys SET revision = ? WHERE key_id = ?", (change.seq, key_id))
 
     def delete_key(self, key_id: str, *, audit: AuditEvent) -> None:
         with self._tx("delete key") as db:
@@ -332,7 +341,7 @@ class SqliteKeyStore:
     @staticmethod
     def _load_key(db: sqlite3.Connection, key_id: str) -> StoredKey:
         row = db.execute(
-            "SELECT k.state, p.policy, k.created_at, k.updated_at FROM keys k "
+            "SELECT k.state, p.policy, k.created_at, k.updated_at, k.revision FROM keys k "
             "JOIN key_policies p USING (key_id) WHERE k.key_id = ?",
             (key_id,),
         ).fetchone()
@@ -342,7 +351,9 @@ class SqliteKeyStore:
         versions = tuple(int(r[0]) for r in db.execute(query, (key_id,)).fetchall())
         if not versions:
             raise StorageError(f"key {key_id!r} has no versions: the database is inconsistent")
-        return StoredKey(key_id, str(row[0]), str(row[1]), versions, float(row[2]), float(row[3]))
+        return StoredKey(
+            key_id, str(row[0]), str(row[1]), versions, float(row[2]), float(row[3]), int(row[4])
+        )
 
     @staticmethod
     def _require(db: sqlite3.Connection, key_id: str) -> None:
@@ -408,9 +419,9 @@ class SqliteKeyStore:
 
         ``release_of`` is the key as read for a release that this event records: the event is
         written only if, in the committing transaction, the key is still enabled under the same
-        policy. Otherwise nothing is written and the refusal is raised (KeyDisabledError,
-        KeyNotFoundError, or KeyReleaseDeniedError rule ``policy_changed``), so a disable,
-        delete or policy change that has returned stops every release not yet recorded.
+        policy and revision. Otherwise nothing is written and the refusal is raised
+        (KeyDisabledError, KeyNotFoundError, or KeyReleaseDeniedError rule ``key_changed``), so a
+        disable, delete or policy change that has returned stops every release not yet recorded.
         """
         pending = _PendingAudit(event, release_of)
         with self._queue_lock:
@@ -446,14 +457,15 @@ class SqliteKeyStore:
 
     @staticmethod
     def _still_releasable(db: sqlite3.Connection, pending: _PendingAudit) -> bool:
-        """False (and the refusal as the pending's error) if its release's key changed since it was read."""
+        """False (and the refusal as the pending's error) if its release's key changed since it was read.
+
+        Any create, state or policy change gives the key a new revision (a rotation does not), so
+        a key disabled and enabled again, or deleted and created anew, does not pass either.
+        """
         key = pending.release_of
         if key is None:
             return True
-        row = db.execute(
-            "SELECT k.state, p.policy FROM keys k JOIN key_policies p USING (key_id) WHERE k.key_id = ?",
-            (key.key_id,),
-        ).fetchone()
+        row = db.execute("SELECT state, revision FROM keys WHERE key_id = ?", (key.key_id,)).fetchone()
         if row is None:
             pending.error = KeyNotFoundError(
                 f"key {key.key_id!r} was deleted during the release; nothing is released"
@@ -462,12 +474,13 @@ class SqliteKeyStore:
             pending.error = KeyDisabledError(
                 f"key {key.key_id!r} was disabled during the release; nothing is released"
             )
-        elif str(row[1]) != key.policy:
+        elif int(row[1]) != key.revision:
             pending.error = KeyReleaseDeniedError(
-                f"key {key.key_id!r}'s policy changed during the release; request a new challenge",
-                rule="policy_changed",
-                observed="the policy the evidence was appraised against",
-                expected="the key's current policy",
+                f"key {key.key_id!r} was changed (policy, state, or deleted and created again) during the "
+                "release; nothing is released: request a new challenge",
+                rule="key_changed",
+                observed=f"revision {int(row[1])}",
+                expected=f"revision {key.revision}, as read for the release",
             )
         return pending.error is None
 

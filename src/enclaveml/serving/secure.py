@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from enclaveml._urls import certificate_names
 from enclaveml._web import RunningServer, attestation_hook, serve_ratls_app, uvicorn_config
 from enclaveml.attestation import EvidenceProvider, create_ratls_certificate
 from enclaveml.crypto import DataKeyUnwrapper, SealedHeader
@@ -87,7 +88,8 @@ def serve_in_thread(
     **app_options: Any,
 ) -> RunningServer:
     """Start the RA-TLS inference server in a background thread (tests, the demo, embedding)."""
-    ratls = create_ratls_certificate(provider, dns_names=("localhost",))
+    dns_names, ip_addresses = certificate_names(host)
+    ratls = create_ratls_certificate(provider, dns_names=dns_names, ip_addresses=ip_addresses)
     app = create_app(models, attestation=attestation_hook(provider, ratls), **app_options)
     return serve_ratls_app(
         app, ratls, name="enclaveml-serve", host=host, port=port, startup_timeout=startup_timeout

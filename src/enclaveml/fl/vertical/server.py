@@ -41,6 +41,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
+from enclaveml._urls import certificate_names
 from enclaveml._web import (
     LimitAndCount,
     RunningServer,
@@ -72,13 +73,13 @@ class BodyTooLargeError(MessageError):
 
 def vertical_certificate(provider: EvidenceProvider, session: VerticalSession, host: str) -> RatlsCertificate:
     """An RA-TLS certificate whose evidence binds the TLS key and the job plan."""
-    wildcard = host in ("localhost", "127.0.0.1", "0.0.0.0", "::")  # noqa: S104 - a name check, not a bind
-    names = ("localhost",) if wildcard else ("localhost", host)
+    dns_names, ip_addresses = certificate_names(host)
     return create_ratls_certificate(
         provider,
         nonce=certificate_nonce(session.plan.digest),
         common_name="enclaveml vertical FL server",
-        dns_names=names,
+        dns_names=dns_names,
+        ip_addresses=ip_addresses,
     )
 
 
