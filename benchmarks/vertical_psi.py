@@ -116,7 +116,7 @@ def ours(
 ) -> tuple[list[np.ndarray], int, dict[str, float]]:
     """Build both parties and run PSI; the aligned rows, the size and the phase times."""
     started = time.perf_counter()
-    parties = [PsiParty("a", a, key=key), PsiParty("b", b, key=key)]
+    parties = [PsiParty("a", a, key=key, parties=2), PsiParty("b", b, key=key, parties=2)]
     built = time.perf_counter()
     summary = run_psi([InProcessChannel(p, record=False) for p in parties], mode)  # type: ignore[arg-type]
     done = time.perf_counter()

@@ -57,7 +57,7 @@ def three_sets(rng: np.random.Generator, core: int = 120) -> tuple[list[list[str
 @pytest.mark.parametrize("mode", MODES)
 def test_three_parties_align_on_the_common_ids_only(key: KeyHandle, mode: str) -> None:
     sets, common = three_sets(np.random.default_rng(1))
-    parties = [PsiParty(name, ids, key=key) for name, ids in zip("abc", sets, strict=True)]
+    parties = [PsiParty(name, ids, key=key, parties=3) for name, ids in zip("abc", sets, strict=True)]
     summary, _ = run(parties, mode)
     assert summary == PsiSummary(mode, ("a", "b", "c"), (380, 280, 180), 120)  # type: ignore[arg-type]
     expected = sorted(common, key=str.encode)
@@ -72,9 +72,9 @@ def test_both_modes_give_every_party_the_same_rows_in_the_same_order(key: KeyHan
     common = canaries(rng, 1500, "both")
     a = shuffled(rng, common, canaries(rng, 1000, "a"))
     b = shuffled(rng, canaries(rng, 500, "b"), common)
-    parties = [PsiParty("a", a, key=key), PsiParty("b", b, key=key)]
     rows: dict[str, list[np.ndarray]] = {}
-    for mode in MODES:
+    for mode in MODES:  # one run per PsiParty: new ones for each mode
+        parties = [PsiParty("a", a, key=key, parties=2), PsiParty("b", b, key=key, parties=2)]
         summary, _ = run(parties, mode)
         assert summary.intersection_size == 1500
         rows[mode] = [p.aligned_rows.copy() for p in parties]
@@ -103,7 +103,10 @@ def test_every_id_kind_aligns_by_its_canonical_bytes(key: KeyHandle, mode: str, 
     elif kind == "int and str":  # one party's IDs are numbers, the other's their decimal strings
         b = [str(v) for v in b_ints]
     # numpy arrays of ints or str are accepted as they are
-    parties = [PsiParty("a", a, key=key), PsiParty("b", b if kind == "bytes" else np.asarray(b), key=key)]
+    parties = [
+        PsiParty("a", a, key=key, parties=2),
+        PsiParty("b", b if kind == "bytes" else np.asarray(b), key=key, parties=2),
+    ]
     summary, _ = run(parties, mode)
     assert summary.intersection_size == 100
     expected = sorted(as_bytes(v) for v in a[:100])
@@ -113,7 +116,7 @@ def test_every_id_kind_aligns_by_its_canonical_bytes(key: KeyHandle, mode: str, 
 
 def test_int_ids_sort_by_their_decimal_bytes_not_by_value(key: KeyHandle) -> None:
     ids = [9, 100, 10, 1, 1000]
-    parties = [PsiParty("a", ids, key=key), PsiParty("b", list(reversed(ids)), key=key)]
+    parties = [PsiParty("a", ids, key=key, parties=2), PsiParty("b", list(reversed(ids)), key=key, parties=2)]
     run(parties, "tee")
     assert aligned(ids, parties[0]) == [1, 10, 100, 1000, 9]
 
@@ -122,19 +125,19 @@ def test_int_ids_sort_by_their_decimal_bytes_not_by_value(key: KeyHandle) -> Non
 def test_disjoint_subset_and_empty_sets(key: KeyHandle, mode: str) -> None:
     rng = np.random.default_rng(4)
     a, b = canaries(rng, 200, "a"), canaries(rng, 150, "b")
-    parties = [PsiParty("a", a, key=key), PsiParty("b", b, key=key)]
+    parties = [PsiParty("a", a, key=key, parties=2), PsiParty("b", b, key=key, parties=2)]
     summary, _ = run(parties, mode)
     assert summary.intersection_size == 0
     assert all(p.aligned_rows.shape == (0,) for p in parties)
 
     subset = [a[i] for i in rng.permutation(200)[:60]]
-    parties = [PsiParty("a", a, key=key), PsiParty("sub", subset, key=key)]
+    parties = [PsiParty("a", a, key=key, parties=2), PsiParty("sub", subset, key=key, parties=2)]
     summary, _ = run(parties, mode)
     assert summary.intersection_size == 60
     assert sorted(parties[1].aligned_rows.tolist()) == list(range(60))
     assert aligned(a, parties[0]) == aligned(subset, parties[1]) == sorted(subset)
 
-    parties = [PsiParty("a", a, key=key), PsiParty("none", [], key=key)]
+    parties = [PsiParty("a", a, key=key, parties=2), PsiParty("none", [], key=key, parties=2)]
     summary, _ = run(parties, mode)
     assert summary.set_sizes == (200, 0)
     assert summary.intersection_size == 0
@@ -148,7 +151,7 @@ def leaks(ids: Sequence[bytes], blobs: Sequence[bytes]) -> list[bytes]:
 def test_the_server_never_receives_a_raw_id_or_the_key(key: KeyHandle, mode: str) -> None:
     rng = np.random.default_rng(5)
     sets, _ = three_sets(rng, core=80)
-    parties = [PsiParty(name, ids, key=key) for name, ids in zip("abc", sets, strict=True)]
+    parties = [PsiParty(name, ids, key=key, parties=3) for name, ids in zip("abc", sets, strict=True)]
     _, channels = run(parties, mode)
     received = [x.response for ch in channels for x in ch.transcript]
     assert received
@@ -167,7 +170,7 @@ def test_the_server_never_receives_a_raw_id_or_the_key(key: KeyHandle, mode: str
 def test_a_party_with_another_key_finds_nothing_and_nothing_fails(key: KeyHandle) -> None:
     sets, _ = three_sets(np.random.default_rng(6))
     other = KeyHandle.generate("vfl-psi")
-    parties = [PsiParty("a", sets[0], key=key), PsiParty("b", sets[1], key=other)]
+    parties = [PsiParty("a", sets[0], key=key, parties=2), PsiParty("b", sets[1], key=other, parties=2)]
     summary, _ = run(parties, "tee")
     assert summary.intersection_size == 0
     assert all(len(p.aligned_rows) == 0 for p in parties)
@@ -176,9 +179,10 @@ def test_a_party_with_another_key_finds_nothing_and_nothing_fails(key: KeyHandle
 
 
 def test_tee_mode_needs_a_key_at_every_party(key: KeyHandle) -> None:
-    parties = [PsiParty("a", ["x-id", "y-id"], key=key), PsiParty("b", ["x-id"])]
+    parties = [PsiParty("a", ["x-id", "y-id"], key=key, parties=2), PsiParty("b", ["x-id"])]
     with pytest.raises(PartyFailedError, match="ConfigurationError"):
         run(parties, "tee")
+    parties = [PsiParty("a", ["x-id", "y-id"], parties=2), PsiParty("b", ["x-id"])]
     assert run(parties, "ecdh")[0].intersection_size == 1  # the cryptographic mode needs none
     with pytest.raises(ConfigurationError):
         PsiParty("c", ["x"], key=b"\x00" * 32)  # type: ignore[arg-type]
@@ -186,8 +190,9 @@ def test_tee_mode_needs_a_key_at_every_party(key: KeyHandle) -> None:
 
 def test_tags_of_two_runs_are_unlinkable(key: KeyHandle) -> None:
     ids = canaries(np.random.default_rng(7), 50, "run")
-    parties = [PsiParty("a", ids, key=key), PsiParty("b", ids, key=key)]
+    parties = [PsiParty("a", ids, key=key, parties=2), PsiParty("b", ids, key=key, parties=2)]
     first = run(parties, "tee")[1][0].transcript[0].response
+    parties = [PsiParty("a", ids, key=key), PsiParty("b", ids, key=key)]
     second = run(parties, "tee")[1][0].transcript[0].response
     tags = [set(map(bytes, decode(r)["ok"]["tags"])) for r in (first, second)]
     assert tags[0].isdisjoint(tags[1])
@@ -222,9 +227,9 @@ def test_aligned_rows_exist_only_after_a_finished_run(key: KeyHandle) -> None:
         _ = party.aligned_rows
     run([party, PsiParty("b", ["q-id"], key=key)], "tee")
     assert party.intersection_size == 1
-    party.handle("psi.hashes", {"session": b"\x01" * 32})  # a new run starts: the old rows go
-    with pytest.raises(ProtocolError):
-        _ = party.aligned_rows
+    with pytest.raises(ProtocolError, match="one run per PsiParty"):  # no second run, no reset
+        party.handle("psi.hashes", {"session": b"\x01" * 32})
+    assert party.intersection_size == 1
     with pytest.raises(ConfigurationError):
         run_psi([InProcessChannel(party)], "tee")
     with pytest.raises(ConfigurationError):
@@ -291,7 +296,7 @@ def test_malformed_answers_raise_protocol_error(
     rng = np.random.default_rng(8)
     common = canaries(rng, 30, "c")
     sets = [shuffled(rng, common, canaries(rng, 20, "a")), shuffled(rng, common, canaries(rng, 10, "b"))]
-    parties = [PsiParty(name, ids, key=key) for name, ids in zip("ab", sets, strict=True)]
+    parties = [PsiParty(name, ids, key=key, parties=2) for name, ids in zip("ab", sets, strict=True)]
     channels: list[PartyChannel] = [InProcessChannel(p) for p in parties]
     channels[tampered] = Tampering(parties[tampered], method, tamper)
     expected: type[Exception] = ProtocolError
@@ -340,7 +345,7 @@ def test_a_party_refuses_a_malformed_or_out_of_turn_tee_result(key: KeyHandle) -
 def test_a_party_follows_the_ecdh_steps_in_order_only() -> None:
     ids = canaries(np.random.default_rng(10), 8, "a")
     session, base = b"\x04" * 32, {"session": b"\x04" * 32}
-    party = PsiParty("a", ids, key=KeyHandle.generate("vfl-psi"))
+    party = PsiParty("a", ids, key=KeyHandle.generate("vfl-psi"), parties=2)
     for method in ("psi.ecdh.intersect", "psi.ecdh.finalise"):
         with pytest.raises(ProtocolError):
             party.handle(method, base)
@@ -408,3 +413,50 @@ def test_the_server_intersection_is_exact_on_crafted_tags() -> None:
     positions = intersect_sorted(sets)
     assert [p.tolist() for p in positions] == [[1, 2], [0, 1], [1, 2]]
     assert [p.tolist() for p in intersect_sorted([sets[0], sets[0][:0]])] == [[], []]
+
+
+def test_an_untrusted_relay_gets_no_extra_look_in_ecdh_mode() -> None:
+    ids = canaries(np.random.default_rng(12), 8, "r")
+    real, probe = {"session": b"\x06" * 32}, {"session": b"\x07" * 32}
+    coordinator, member = PsiParty("a", ids, parties=2), PsiParty("m", ids[:5])
+    # A session of the relay's own before the real one: the member answers it, but then takes
+    # part in no other, so the real run fails instead of aligning as if nothing had happened.
+    guesses = PsiParty("relay", ids, parties=2).handle("psi.ecdh.blind", probe)["blinded"]
+    member.handle("psi.ecdh.answer", {**probe, "over": "all", "blinded": guesses})
+    blinded = coordinator.handle("psi.ecdh.blind", real)["blinded"]
+    with pytest.raises(ProtocolError, match="one run per PsiParty"):
+        member.handle("psi.ecdh.answer", {**real, "over": "all", "blinded": blinded})
+    # In the real run, a member's answer replayed (or one the relay makes up) is one intersect too
+    # many for a plan of two parties: no extra answer over the intersection can be had.
+    member = PsiParty("m", ids[:5])
+    answer = member.handle("psi.ecdh.answer", {**real, "over": "all", "blinded": blinded})
+    step3 = {**real, "setup": answer["setup"], "reblinded": answer["reblinded"]}
+    coordinator.handle("psi.ecdh.intersect", step3)
+    with pytest.raises(ProtocolError, match="once per member"):
+        coordinator.handle("psi.ecdh.intersect", step3)
+    assert coordinator.handle("psi.ecdh.finalise", real) == {"size": 5}
+    request = member.handle("psi.ecdh.blind", real)["blinded"]
+    coordinator.handle("psi.ecdh.answer", {**real, "over": "intersection", "blinded": request})
+    with pytest.raises(ProtocolError):
+        coordinator.handle("psi.ecdh.answer", {**real, "over": "intersection", "blinded": request})
+
+
+def test_a_coordinator_needs_the_plan_s_party_count_and_every_member() -> None:
+    ids = canaries(np.random.default_rng(13), 6, "k")
+    session = {"session": b"\x08" * 32}
+    unsure = PsiParty("a", ids)  # no parties= : it can be a member, not the coordinator
+    blinded = unsure.handle("psi.ecdh.blind", session)["blinded"]
+    answer = PsiParty("m", ids).handle("psi.ecdh.answer", {**session, "over": "all", "blinded": blinded})
+    step3 = {**session, "setup": answer["setup"], "reblinded": answer["reblinded"]}
+    with pytest.raises(ProtocolError, match="cannot coordinate"):
+        unsure.handle("psi.ecdh.intersect", step3)
+    three = PsiParty("a", ids, parties=3)
+    blinded = three.handle("psi.ecdh.blind", session)["blinded"]
+    answer = PsiParty("m", ids).handle("psi.ecdh.answer", {**session, "over": "all", "blinded": blinded})
+    three.handle(
+        "psi.ecdh.intersect", {**session, "setup": answer["setup"], "reblinded": answer["reblinded"]}
+    )
+    with pytest.raises(ProtocolError, match="every member"):  # a member left out by the relay
+        three.handle("psi.ecdh.finalise", session)
+    with pytest.raises(ConfigurationError):
+        PsiParty("a", ids, parties=1)

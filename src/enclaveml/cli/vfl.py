@@ -323,7 +323,7 @@ def psi(
         key = None
         if expected.psi_mode == "tee":
             key = _party_broker(name, tee, kbs, kbs_ca).release(psi_key)
-        endpoint = PsiParty(name, table.ids or [], key=key)
+        endpoint = PsiParty(name, table.ids or [], key=key, parties=len(expected.parties))
         _serve_party(endpoint, url, plan, credential_file, policy, simulation_key, wait)
         np.save(output, np.asarray(endpoint.aligned_rows, dtype=np.int64))
     except EnclaveMLError as exc:

@@ -77,11 +77,16 @@ class EcdhRun:
     intersects with each member, finalises, then answers one request per member over the final
     intersection; a member answers the coordinator's request over all its IDs once, then blinds,
     intersects once and finalises. A party that answered over all its IDs never answers over its
-    intersection, so the relay gets no second look at a member's set.
+    intersection, so the relay gets no second look at a member's set. ``members`` is the number
+    of members the plan has: a coordinator intersects exactly that many times before it
+    finalises and answers over the intersection at most that many times (without it a party can
+    only be a member), so a replayed or invented member answer cannot buy the relay a look at
+    the intersection.
     """
 
-    def __init__(self, ids: Sequence[bytes]) -> None:
+    def __init__(self, ids: Sequence[bytes], members: int | None = None) -> None:
         self._ids = ids
+        self._members = members
         self._answered_all = False
         self._client: Any = None
         self._order: Rows | None = None
@@ -147,6 +152,12 @@ class EcdhRun:
             raise ProtocolError("intersect comes after blind and before finalise")
         if self._answered_all and self._intersections:
             raise ProtocolError("a member intersects once, with the coordinator's final set")
+        if not self._answered_all and self._members is None:
+            raise ProtocolError(
+                "this party does not know how many members the plan has: it cannot coordinate"
+            )
+        if not self._answered_all and self._members is not None and self._intersections >= self._members:
+            raise ProtocolError("the coordinator intersects once per member of the plan")
         setup_points = _party_points(payload, "setup")
         reblinded = _party_points(payload, "reblinded", len(self._ids))
         flat = np.ascontiguousarray(setup_points).view(f"S{POINT_SIZE}")[:, 0]
@@ -169,6 +180,8 @@ class EcdhRun:
         """``psi.ecdh.finalise``: the rows (unordered) of this party's IDs in the final intersection."""
         if self._matched is None or self._final is not None:
             raise ProtocolError("finalise comes once, after at least one intersect")
+        if not self._answered_all and self._intersections != self._members:
+            raise ProtocolError("the coordinator finalises after intersecting with every member of the plan")
         self._final = np.flatnonzero(self._matched).astype(np.int64)
         self._final_answers_left = 0 if self._answered_all else self._intersections
         return self._final

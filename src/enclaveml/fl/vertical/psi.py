@@ -67,9 +67,12 @@ set size. *A member*: the coordinator's set size and which of its own IDs are in
 intersection. Limits: a malicious relay can replace a request with blinded guesses of its own
 (step 2 or 6) and learn which guesses a member holds, or which lie in the intersection; the run then
 no longer aligns, and the parties cannot tell without authenticating each other end to end, which
-this mode does not do. A member answers over its set once per run and the coordinator over the
-intersection once per member, so that is one set of guesses per member and run. A party may also
-lie about its own set (inherent to PSI without certified inputs).
+this mode does not do. A :class:`PsiParty` takes part in one session only, a member answers over
+its set once, and the coordinator intersects with and answers over the intersection exactly once
+per member of the plan (``parties``), so that is one set of guesses per member and run, and a
+relay that uses it breaks the run. The size of a request is not bounded: one set of guesses may
+cover a whole low-entropy ID space. A party may also lie about its own set (inherent to PSI
+without certified inputs).
 
 Both modes validate every message both ways and raise :class:`ProtocolError` (server side, naming
 the party) or :class:`MessageError` (party side); no error text holds an ID or a key.
@@ -113,14 +116,27 @@ class PsiSummary:
 class PsiParty(PartyEndpoint):
     """A party's side of PSI: its IDs, and afterwards its aligned rows.
 
-    ``key`` is the PSI key from the broker, needed for TEE mode only. The IDs are normalised and
-    checked here (:class:`~enclaveml.errors.ConfigurationError` on a mix of kinds or duplicates).
+    ``key`` is the PSI key from the broker, needed for TEE mode only. ``parties`` is how many
+    parties the job has (``len(plan.parties)``), needed by the coordinator of cryptographic mode:
+    it intersects with, and answers, exactly that many members less one, whatever the relay asks.
+    The IDs are normalised and checked here (:class:`~enclaveml.errors.ConfigurationError` on a
+    mix of kinds or duplicates).
+
+    A party takes part in one run: the first session it sees is its only one, and a call of any
+    other session is refused (:class:`ProtocolError`), so an untrusted relay cannot open extra
+    runs to look at the party's set again, nor reset a finished one. Make a new ``PsiParty`` for
+    another run.
     """
 
-    def __init__(self, name: str, ids: Iterable[object], *, key: KeyHandle | None = None) -> None:
+    def __init__(
+        self, name: str, ids: Iterable[object], *, key: KeyHandle | None = None, parties: int | None = None
+    ) -> None:
         super().__init__(name)
         if key is not None and not isinstance(key, KeyHandle):
             raise ConfigurationError("the PSI key must be a KeyHandle (e.g. from KeyBrokerClient.release)")
+        if parties is not None and (not isinstance(parties, int) or isinstance(parties, bool) or parties < 2):
+            raise ConfigurationError("parties is the number of parties in the job, two or more")
+        self._parties = parties
         self._ids = normalise_ids(ids)
         self._key = key
         self._lock = threading.Lock()
@@ -176,12 +192,13 @@ class PsiParty(PartyEndpoint):
             if self._mode != mode:
                 raise ProtocolError("this PSI session runs in the other mode")
             return
+        if self._session is not None:
+            raise ProtocolError("this party has taken part in a PSI session already: one run per PsiParty")
         if not start:
             raise ProtocolError("this call belongs to another PSI session, or comes out of turn")
         self._session, self._mode = session, mode
-        self._tee = self._ecdh = self._rows = None
         if mode == "ecdh":
-            self._ecdh = EcdhRun(self._ids)
+            self._ecdh = EcdhRun(self._ids, members=None if self._parties is None else self._parties - 1)
 
     # TEE mode
 
