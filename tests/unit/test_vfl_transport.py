@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import cbor2
+import numpy as np
 import pytest
 
 from enclaveml.errors import ConfigurationError
 from enclaveml.fl.plan import certificate_nonce
-from enclaveml.fl.vertical._channel import PartyChannel, PartyEndpoint, answer
-from enclaveml.fl.vertical._codec import MessageError, decode
+from enclaveml.fl.vertical._channel import PartyChannel, PartyEndpoint, answer, unwrap
+from enclaveml.fl.vertical._codec import MessageError, decode, encode
 from enclaveml.fl.vertical._errors import PartyFailedError, ProtocolError
 from enclaveml.fl.vertical._remote import PartyGoneError, RemoteChannel
 from enclaveml.fl.vertical._session import NotEnrolledError, VerticalSession, token_sha256
@@ -197,7 +203,7 @@ def test_shared_cbor_references_are_refused_before_they_expand() -> None:
     message = cbor2.dumps({"x": inner}, value_sharing=True)
     assert len(message) < 1000
     started = time.monotonic()
-    with pytest.raises(MessageError, match="shared"):
+    with pytest.raises(MessageError, match="tag 28"):  # shared references never reach the decoder
         decode(message)
     assert time.monotonic() - started < 1.0
     assert decode(cbor2.dumps({"x": [[1], [1]]}))["x"] == [[1], [1]]  # equal, not shared: fine
@@ -236,3 +242,62 @@ def test_a_plan_that_pins_the_party_credentials_takes_no_others(sim_verifier, si
     ]:
         with pytest.raises(ConfigurationError, match=message):
             VerticalPlan(task="psi", parties=("bank", "insurer"), credentials=credentials)
+
+
+def test_a_message_of_many_small_items_is_refused_before_it_is_decoded() -> None:
+    # 8 MB of one-byte empty lists decoded to ~1.6 GB of Python objects; now refused by a walk of
+    # the item heads that allocates nothing (in a child, so its peak memory is its own).
+    code = (
+        "import resource, time; from enclaveml.fl.vertical._codec import decode, MessageError\n"
+        "n = 8_000_000; message = b'\\xa1\\x61x' + b'\\x9b' + n.to_bytes(8, 'big') + b'\\x80' * n\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; started = time.monotonic()\n"
+        "try:\n    decode(message)\nexcept MessageError as e:\n    print(e)\n"
+        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "print(time.monotonic() - started, grown // 1024)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert "more than 262144 CBOR items" in out[0]
+    seconds, grown_mib = out[1].split()
+    assert float(seconds) < 2.0
+    assert int(grown_mib) < 64
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ({"x": {1, 2}}, "tag 258"),  # a set
+        ({"x": decimal.Decimal("1.5")}, "tag 4"),
+        ({"x": 2**70}, "tag 2"),  # a bignum
+        ({"x": datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)}, "tag 0"),
+        ({"x": uuid.UUID(int=1)}, "tag 37"),
+        ({"x": cbor2.CBORSimpleValue(99)}, "unexpected CBOR value"),
+        ({"x": cbor2.undefined}, "unexpected CBOR value"),
+    ],
+)
+def test_only_plain_values_and_arrays_reach_protocol_code(value: dict[str, Any], match: str) -> None:
+    with pytest.raises(MessageError, match=match):
+        decode(cbor2.dumps(value, canonical=True))
+
+
+def test_malformed_heads_shapes_and_error_fields_are_message_errors() -> None:
+    good = encode({"a": np.arange(3)})
+    for message, match in [
+        (good + b"\x00", "bytes after"),
+        (b"\xbf\x61a\x01\xff", "not canonical"),  # an indefinite-length map
+        (good[:-2], "not valid CBOR"),
+        (b"\xa1\x61a\x9b" + (2**63).to_bytes(8, "big"), "not valid CBOR"),  # a count beyond the data
+        (b"\xa1\x61a" + b"\x81" * 40 + b"\x00", "nested too deeply"),
+        (
+            cbor2.dumps({"a": cbor2.CBORTag(40, [[0, 2**62, 2**62], cbor2.CBORTag(64, b"")])}),
+            "below 2\\*\\*40",
+        ),
+    ]:
+        with pytest.raises(MessageError, match=match):
+            decode(message)
+    for not_text in (2**63, b"\x00" * 5, [1]):  # a huge integer once raised a bare ValueError here
+        with pytest.raises(PartyFailedError, match="not text"):
+            unwrap("a", "m", encode({"error": not_text}))
+    with pytest.raises(PartyFailedError, match="KeyError"):
+        unwrap("a", "m", encode({"error": "KeyError"}))

@@ -87,7 +87,9 @@ def unwrap(party: str, method: str, response: bytes) -> Payload:
     """The server's side of :func:`answer`: the payload, or :class:`PartyFailedError`."""
     message = decode(response)
     if "error" in message:
-        raise PartyFailedError(f"party {party!r} failed {method!r}: {message['error']!s:.80}")
+        error = message["error"]
+        text = error[:80] if isinstance(error, str) else "(an error that is not text)"
+        raise PartyFailedError(f"party {party!r} failed {method!r}: {text}")
     result = message.get("ok")
     if not isinstance(result, dict):
         raise MessageError(f"party {party!r} sent a malformed answer to {method!r}")

@@ -10,8 +10,13 @@ arrays. An array is encoded as the RFC 8746 multi-dimensional array ``40([shape,
     85 float32 86 float64
 
 The receiver never unpickles anything and checks every length against the declared shape
-before it makes an array, so a party cannot make the server allocate or misread memory. A
-standard format, rather than ``np.save``, lets a party written in another language take part.
+before it makes an array, so a party cannot make the server allocate or misread memory. Before
+anything is decoded, the item heads are walked without allocating (:func:`_check_items`): at most
+``_MAX_ITEMS`` items, nesting at most ``_MAX_DEPTH``, definite lengths only, no tag but those
+above and no trailing bytes. Without that, a message of a few MiB of one-byte empty lists
+decodes to a couple of GiB of Python objects, and cbor2's semantic tags (sets, decimals, MIME
+messages, shared references) would reach protocol code. A standard format, rather than
+``np.save``, lets a party written in another language take part.
 """
 
 from __future__ import annotations
@@ -40,7 +45,11 @@ _TAG_OF_DTYPE: dict[str, int] = {
 _DTYPE_OF_TAG = {tag: np.dtype(dt) for dt, tag in _TAG_OF_DTYPE.items()}
 _MULTI_DIM = 40
 _MAX_DIMS = 8
+_MAX_DIM = 1 << 40  # per dimension; the data length is checked against the product as well
 _MAX_DEPTH = 16
+_MAX_ITEMS = 1 << 18  # CBOR items per message (an array is 3 items, however many elements)
+_ALLOWED_TAGS = frozenset({_MULTI_DIM, *_DTYPE_OF_TAG})
+_PLAIN = (str, bytes, int, float)
 
 
 def _default(encoder: cbor2.CBOREncoder, value: Any) -> None:
@@ -71,9 +80,9 @@ def _array(shape: Any, typed: Any) -> np.ndarray:
     if not (
         isinstance(shape, list | tuple)
         and len(shape) <= _MAX_DIMS
-        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM for d in shape)
     ):
-        raise MessageError("array shape must be a list of at most 8 non-negative integers")
+        raise MessageError("array shape must be a list of at most 8 non-negative integers below 2**40")
     typed_ok = isinstance(typed, cbor2.CBORTag) and typed.tag in _DTYPE_OF_TAG
     if not (typed_ok and isinstance(typed.value, bytes)):
         raise MessageError("array data must be a little-endian RFC 8746 typed array")
@@ -83,15 +92,9 @@ def _array(shape: Any, typed: Any) -> np.ndarray:
     return np.frombuffer(typed.value, dtype=dtype).reshape(shape)
 
 
-def _convert(value: Any, depth: int, seen: set[int]) -> Any:
+def _convert(value: Any, depth: int) -> Any:
     if depth > _MAX_DEPTH:
         raise MessageError("message nested too deeply")
-    if isinstance(value, list | tuple | dict):
-        # cbor2 resolves shared references (tags 28/29) to one object used many times: copying
-        # each use would let a few hundred bytes expand exponentially. Each container once.
-        if id(value) in seen:
-            raise MessageError("shared or cyclic CBOR references are not accepted")
-        seen.add(id(value))
     if isinstance(value, cbor2.CBORTag):
         # cbor2 decodes arrays inside tags as tuples.
         if value.tag == _MULTI_DIM and isinstance(value.value, list | tuple) and len(value.value) == 2:
@@ -100,27 +103,77 @@ def _convert(value: Any, depth: int, seen: set[int]) -> Any:
             return _array([len(value.value) // _DTYPE_OF_TAG[value.tag].itemsize], value)
         raise MessageError(f"unexpected CBOR tag {value.tag}")
     if isinstance(value, list | tuple):
-        return [_convert(v, depth + 1, seen) for v in value]
+        return [_convert(v, depth + 1) for v in value]
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise MessageError("map keys must be text")
-        return {k: _convert(v, depth + 1, seen) for k, v in value.items()}
-    if isinstance(value, cbor2.CBORSimpleValue | cbor2.frozendict) or value is cbor2.undefined:
-        raise MessageError("unexpected CBOR value")
-    return value
+        return {k: _convert(v, depth + 1) for k, v in value.items()}
+    if value is None or isinstance(value, _PLAIN):  # bool is an int
+        return value
+    raise MessageError("unexpected CBOR value")
+
+
+def _check_items(data: bytes) -> None:
+    """Walk the CBOR item heads of ``data`` without decoding: the limits of the module docstring."""
+    end, pos = len(data), 0
+    remaining = [1]  # items still to read in each open container, innermost last
+    items = 0
+    while remaining:
+        if remaining[-1] == 0:
+            remaining.pop()
+            continue
+        remaining[-1] -= 1
+        items += 1
+        if items > _MAX_ITEMS:
+            raise MessageError(f"message holds more than {_MAX_ITEMS} CBOR items")
+        if pos >= end:
+            raise MessageError("message is not valid CBOR")
+        major, info = data[pos] >> 5, data[pos] & 0x1F
+        pos += 1
+        if info < 24:
+            argument = info
+        elif info <= 27:
+            size = 1 << (info - 24)
+            if pos + size > end:
+                raise MessageError("message is not valid CBOR")
+            argument = int.from_bytes(data[pos : pos + size], "big")
+            pos += size
+        else:  # indefinite lengths (31) never occur in canonical CBOR; 28-30 are reserved
+            raise MessageError("message is not canonical CBOR")
+        if major in (2, 3):  # byte and text strings: skip the contents
+            pos += argument
+            if pos > end:
+                raise MessageError("message is not valid CBOR")
+        elif major in (4, 5):  # arrays, maps: their items (each at least one byte) follow
+            count = argument * (2 if major == 5 else 1)
+            if count > end - pos:
+                raise MessageError("message is not valid CBOR")
+            if count:
+                if len(remaining) > _MAX_DEPTH:
+                    raise MessageError("message nested too deeply")
+                remaining.append(count)
+        elif major == 6:
+            if argument not in _ALLOWED_TAGS:
+                raise MessageError(f"unexpected CBOR tag {argument}")
+            remaining.append(1)
+        # majors 0, 1 (integers) and 7 (simple values, floats): the head was all of it
+    if pos != end:
+        raise MessageError("message has bytes after its CBOR item")
 
 
 def decode(data: bytes) -> Payload:
     """Decode a message; arrays come back read-only, backed by ``data``.
 
-    :raises MessageError: not CBOR, not a map of text keys, or an array that does not add up.
+    :raises MessageError: not CBOR, over the limits, not a map of text keys, or an array that does
+        not add up.
     """
+    _check_items(data)
     try:
         value = cbor2.loads(data)
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError):
         raise MessageError("message is not valid CBOR") from None
     if not isinstance(value, dict):
         raise MessageError("message must be a CBOR map")
-    converted = _convert(value, 0, set())
+    converted = _convert(value, 0)
     assert isinstance(converted, dict)
     return converted
