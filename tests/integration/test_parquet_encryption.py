@@ -129,3 +129,57 @@ def test_wrapped_key_string_is_bound_to_its_master_key() -> None:
             kms.unwrap_key(bad, master)
     with pytest.raises(ConfigurationError):
         kp.BrokerKmsClient(unwrapper=Echo()).wrap_key(b"k" * 16, "footer")
+
+
+def test_the_whole_file_helpers_leave_no_column_in_the_clear_unasked(
+    tmp_path: Path, broker: RunningBroker, sim_provider: SimulationProvider, table: pa.Table
+) -> None:
+    path = tmp_path / "people.parquet"
+    with broker.admin() as admin:
+        # "age" is under no column key: pyarrow would write it in plaintext (and the property
+        # helpers still do, as the test above shows).
+        with pytest.raises(ConfigurationError, match=r"\['age'\].*plaintext"):
+            kp.write_table(table, path, admin, "footer", COLUMN_KEYS)
+        assert not path.exists()
+        kp.write_table(table, path, admin, "footer", {"pii": ["name", "notes", "age"]}, compression="none")
+        raw = path.read_bytes()
+        kp.write_table(
+            table,
+            tmp_path / "clear-age.parquet",
+            admin,
+            "footer",
+            COLUMN_KEYS,
+            plaintext_columns=["age"],
+            compression="none",
+        )
+        kp.write_dataset(table, tmp_path / "dataset", admin, "footer")  # uniform: every column encrypted
+    ages = b"".join(age.to_bytes(8, "little") for age in (31, 42, 27))
+    assert ages in (tmp_path / "clear-age.parquet").read_bytes()  # asked for: in the clear
+    assert b"alice" not in raw
+    assert ages not in raw
+    with broker.client(sim_provider) as reader:
+        assert kp.read_table(path, reader).equals(table)
+        assert kp.open_dataset(tmp_path / "dataset", reader).to_table().equals(table)
+
+
+def test_the_readers_refuse_an_unencrypted_file_put_in_place_of_or_beside_encrypted_ones(
+    tmp_path: Path, broker: RunningBroker, sim_provider: SimulationProvider, table: pa.Table
+) -> None:
+    forged = pa.table({"name": ["mallory"], "age": [99], "notes": ["injected"]})
+    path = tmp_path / "people.parquet"
+    pq.write_table(forged, path)  # the host's own, unencrypted, where an encrypted file was expected
+    dataset_dir = tmp_path / "dataset"
+    with broker.admin() as admin:
+        kp.write_dataset(table, dataset_dir, admin, "footer", COLUMN_KEYS, plaintext_columns=["age"])
+    pq.write_table(forged, dataset_dir / "zz-injected.parquet")
+    with broker.client(sim_provider) as reader:
+        # What the property helpers alone would do: read the forged rows without asking for a key.
+        assert pq.read_table(path, decryption_properties=kp.decryption_properties(reader)).equals(forged)
+        with pytest.raises(DecryptionError, match="not encrypted"):
+            kp.read_table(path, reader)
+        (tmp_path / "empty.parquet").write_bytes(b"")
+        with pytest.raises(DecryptionError):
+            kp.read_table(tmp_path / "empty.parquet", reader)
+        assert reader.cached_versions == []  # no key was released for any of it
+        with pytest.raises(DecryptionError, match=r"zz-injected\.parquet.*not encrypted"):
+            kp.open_dataset(dataset_dir, reader)

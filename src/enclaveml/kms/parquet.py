@@ -20,16 +20,31 @@ Wrapped-key string (what pyarrow stores in the file's key material), ASCII::
 The key id may contain ``:``; the version is the first field and the base64 text (which has no
 ``:``) the last, so parsing is unambiguous. The aad ties each wrapped key to its master key
 identifier, so a wrapped key copied under another column's identifier does not unwrap.
+
+Two pyarrow behaviours the property helpers below inherit, and the whole-file helpers
+(:func:`write_table`, :func:`write_dataset`, :func:`read_table`, :func:`open_dataset`) close:
+
+* with ``column_keys``, a column that no key lists is written **in plaintext** (Parquet's
+  "plaintext columns"); the writers here refuse a table with such a column unless it is named
+  in ``plaintext_columns``;
+* decryption properties also read **unencrypted** files, without asking for any key: a host
+  that puts a plaintext file in place of an encrypted one, or beside them in a dataset, would
+  feed the workload its own rows. The readers here refuse every file whose footer is not
+  encrypted (trailer magic ``PARE``), before any row is read.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
+from typing import Any
 
+import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.dataset as ds  # type: ignore[import-untyped]
+import pyarrow.fs as pafs  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
 import pyarrow.parquet.encryption as pe  # type: ignore[import-untyped]
 
 from enclaveml.crypto.keys import DataKeyUnwrapper, DataKeyWrapper
@@ -45,11 +60,16 @@ __all__ = [
     "encryption_config",
     "encryption_properties",
     "kms_connection_config",
+    "open_dataset",
+    "read_table",
+    "write_dataset",
+    "write_table",
 ]
 
 _PREFIX = "kbs1:"
 _AAD = b"enclaveml-parquet-v1\x00"
 _DEFAULT_CACHE = timedelta(minutes=10)
+_ENCRYPTED_FOOTER_MAGIC = b"PARE"
 
 
 def _aad(key_id: str) -> bytes:
@@ -197,3 +217,106 @@ def dataset_write_options(
         crypto_factory(wrapper=wrapper), kms_connection_config(), encryption_config(footer_key, column_keys)
     )
     return ds.ParquetFileFormat().make_write_options(encryption_config=config)
+
+
+def _check_columns(
+    schema: pa.Schema, column_keys: Mapping[str, Sequence[str]] | None, plaintext_columns: Iterable[str]
+) -> None:
+    """Refuse a write that would leave a column in the clear without being told so."""
+    if not column_keys:
+        return  # uniform encryption: every column under the footer key
+    listed = {column.split(".", 1)[0] for columns in column_keys.values() for column in columns}
+    clear = set(plaintext_columns)
+    unnamed = [name for name in schema.names if name not in listed and name not in clear]
+    if unnamed:
+        raise ConfigurationError(
+            f"columns {unnamed} are under no column key and would be written in plaintext: list them in "
+            "column_keys, or in plaintext_columns if that is meant"
+        )
+
+
+def write_table(
+    table: pa.Table,
+    where: Any,
+    wrapper: DataKeyWrapper,
+    footer_key: str,
+    column_keys: Mapping[str, Sequence[str]] | None = None,
+    *,
+    plaintext_columns: Iterable[str] = (),
+    **kwargs: Any,
+) -> None:
+    """:func:`pyarrow.parquet.write_table` encrypted through the broker; no column in the clear unasked."""
+    _check_columns(table.schema, column_keys, plaintext_columns)
+    properties = encryption_properties(wrapper, footer_key, column_keys)
+    pq.write_table(table, where, encryption_properties=properties, **kwargs)
+
+
+def write_dataset(
+    data: Any,
+    base_dir: Any,
+    wrapper: DataKeyWrapper,
+    footer_key: str,
+    column_keys: Mapping[str, Sequence[str]] | None = None,
+    *,
+    plaintext_columns: Iterable[str] = (),
+    **kwargs: Any,
+) -> None:
+    """:func:`pyarrow.dataset.write_dataset` as Parquet encrypted through the broker (checks as above)."""
+    schema = data.schema if hasattr(data, "schema") else kwargs.get("schema")
+    if schema is None:
+        raise ConfigurationError("write_dataset needs data with a schema (a Table, a Dataset) or schema=")
+    _check_columns(schema, column_keys, plaintext_columns)
+    options = dataset_write_options(wrapper, footer_key, column_keys)
+    ds.write_dataset(data, base_dir, format="parquet", file_options=options, **kwargs)
+
+
+def _require_encrypted_footer(magic: bytes, path: str) -> None:
+    if magic != _ENCRYPTED_FOOTER_MAGIC:
+        raise DecryptionError(
+            f"Parquet file {path!r} is not encrypted (no encrypted footer): refusing rows no key protects"
+        )
+
+
+def _require_encrypted(path: str, filesystem: pafs.FileSystem) -> None:
+    """DecryptionError unless the file ends in the encrypted-footer magic (read before any row)."""
+    try:
+        with filesystem.open_input_file(path) as handle:
+            size = handle.size()
+            handle.seek(max(size - len(_ENCRYPTED_FOOTER_MAGIC), 0))
+            magic = handle.read(len(_ENCRYPTED_FOOTER_MAGIC))
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read Parquet file {path!r}: {exc}") from exc
+    _require_encrypted_footer(magic, path)
+
+
+def read_table(source: Any, unwrapper: DataKeyUnwrapper, **kwargs: Any) -> pa.Table:
+    """:func:`pyarrow.parquet.read_table` of one file through the broker, refusing an unencrypted file.
+
+    The file is read into memory once, checked and parsed from there, so the host cannot swap it
+    between the check and the read. ``source`` is a path or URI of one file (a directory:
+    :func:`open_dataset`).
+    """
+    text = str(source)
+    filesystem, path = pafs.FileSystem.from_uri(text) if "://" in text else (pafs.LocalFileSystem(), text)
+    try:
+        with filesystem.open_input_file(path) as handle:
+            data = handle.read_buffer()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read Parquet file {path!r}: {exc}") from exc
+    tail = data.slice(max(data.size - len(_ENCRYPTED_FOOTER_MAGIC), 0)).to_pybytes()
+    _require_encrypted_footer(tail, path)
+    properties = decryption_properties(unwrapper)
+    return pq.read_table(pa.BufferReader(data), decryption_properties=properties, **kwargs)
+
+
+def open_dataset(source: Any, unwrapper: DataKeyUnwrapper, **kwargs: Any) -> ds.Dataset:
+    """:func:`pyarrow.dataset.dataset` through the broker; every file's footer must be encrypted.
+
+    The files are checked when the dataset is opened, and read lazily later: a host that
+    rewrites a checked file before the scan reads it is not stopped here (read such data with
+    :func:`read_table`, which checks what it parses).
+    """
+    dataset = ds.dataset(source, format=dataset_format(unwrapper), **kwargs)
+    for path in dataset.files:
+        _require_encrypted(path, dataset.filesystem)
+    return dataset
