@@ -150,3 +150,34 @@ def test_demo_runs_as_a_real_process() -> None:
     accuracy = float(proc.stdout.split("held-out digits: ")[1].split()[0])
     assert accuracy > 0.9
     assert "where each secret lived" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["attest", "verify", "x.bin", "--bogus"], 3),  # click would answer usage errors with 2
+        (["attest", "verify"], 3),
+        ([], 3),
+        (["--help"], 0),
+        (["version"], 0),
+    ],
+)
+def test_the_installed_command_keeps_its_exit_codes_for_usage_errors(
+    tmp_path: Path, args: list[str], code: int
+) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", "from enclaveml.cli import main; main()", *args],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == code, run.stderr
+    if code == 3 and args:
+        assert "Usage: " in run.stderr
+
+
+def test_the_installed_command_exits_2_when_evidence_fails_verification(tmp_path: Path) -> None:
+    (tmp_path / "garbage.bin").write_bytes(b"garbage")
+    failed = subprocess.run(
+        [sys.executable, "-c", "from enclaveml.cli import main; main()", "attest", "verify", "garbage.bin"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert failed.returncode == 2, failed.stderr

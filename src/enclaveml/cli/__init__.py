@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import typer
 
 from enclaveml import __version__
 from enclaveml.cli import attest, fl, kbs, quantize, seal, serve, vfl
+from enclaveml.cli.serve import EXIT_USAGE
 
 app = typer.Typer(
     name="enclaveml",
@@ -57,5 +59,26 @@ def version() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    Exit codes are the CLI's own (0 done, 1 refused, 2 failed, 3 bad arguments or setup), so a
+    usage error that click would answer with 2 (an unknown option, a missing argument) exits 3:
+    a script must be able to tell it from "the evidence failed verification". (typer bundles its
+    own click, whose exception classes are not public: they are recognised by their ``show`` and
+    ``exit_code``, 2 being click's code for usage errors.)
+    """
+    try:
+        result = app(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if not callable(show) or not isinstance(code, int):
+            raise
+        show()
+        sys.exit(EXIT_USAGE if code == _CLICK_USAGE_ERROR else code)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+_CLICK_USAGE_ERROR = 2
