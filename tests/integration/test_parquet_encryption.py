@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -183,3 +184,26 @@ def test_the_readers_refuse_an_unencrypted_file_put_in_place_of_or_beside_encryp
         assert reader.cached_versions == []  # no key was released for any of it
         with pytest.raises(DecryptionError, match=r"zz-injected\.parquet.*not encrypted"):
             kp.open_dataset(dataset_dir, reader)
+
+
+def test_nested_columns_are_checked_leaf_by_leaf_and_a_filesystem_is_honoured(
+    tmp_path: Path, broker: RunningBroker, sim_provider: SimulationProvider
+) -> None:
+    nested = pa.table(
+        {
+            "id": [1, 2],
+            "person": [{"name": "alice", "ssn": "123-45-6789"}, {"name": "bob", "ssn": "987-65-4321"}],
+            "geo.lat": [1.5, 2.5],
+        }
+    )
+    path = tmp_path / "nested.parquet"
+    with broker.admin() as admin:
+        with pytest.raises(ConfigurationError, match=r"person\.ssn"):  # one field of the group keyed
+            kp.write_table(nested, path, admin, "footer", {"pii": ["id", "person.name", "geo.lat"]})
+        kp.write_table(
+            nested, path, admin, "footer", {"pii": ["id", "person", "geo.lat"]}, compression="none"
+        )
+    assert b"123-45-6789" not in path.read_bytes()  # a listed group is encrypted whole
+    with broker.client(sim_provider) as reader:
+        local = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+        assert kp.read_table("nested.parquet", reader, filesystem=local).equals(nested)

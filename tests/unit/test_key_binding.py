@@ -164,3 +164,9 @@ def test_certificate_names_sort_ip_literals_from_dns_names_and_leave_out_wildcar
     assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
     with pytest.raises(ConfigurationError, match="not an IP address"):
         create_ratls_certificate(sim_provider, ip_addresses=("not-an-ip",))
+    # Internationalised names as A-labels; a port, a space or a path is no name (refused before
+    # `serve` releases any key).
+    assert certificate_names("0.0.0.0", ["bücher.example"])[0] == ("localhost", "xn--bcher-kva.example")
+    for bad in ("[2001:db8::1]:8443", "a b", "host/x", "-x.example"):
+        with pytest.raises(ConfigurationError, match="neither an IP address nor a host name"):
+            certificate_names("127.0.0.1", [bad])

@@ -269,7 +269,7 @@ def test_a_message_of_many_small_items_is_refused_before_it_is_decoded() -> None
     [
         ({"x": {1, 2}}, "tag 258"),  # a set
         ({"x": decimal.Decimal("1.5")}, "tag 4"),
-        ({"x": 2**70}, "tag 2"),  # a bignum
+        ({"x": 2**300}, "bignum"),  # one of at most 32 bytes is an int like any other
         ({"x": datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)}, "tag 0"),
         ({"x": uuid.UUID(int=1)}, "tag 37"),
         ({"x": cbor2.CBORSimpleValue(99)}, "unexpected CBOR value"),
@@ -301,3 +301,28 @@ def test_malformed_heads_shapes_and_error_fields_are_message_errors() -> None:
             unwrap("a", "m", encode({"error": not_text}))
     with pytest.raises(PartyFailedError, match="KeyError"):
         unwrap("a", "m", encode({"error": "KeyError"}))
+
+
+def test_the_pre_scan_takes_what_the_format_allows() -> None:
+    # Arrays at the deepest level of lists the format allows (15 lists below the message's map).
+    deep: Any = np.arange(3.0)
+    for _ in range(15):
+        deep = [deep]
+    assert decode(encode({"x": deep}))["x"]  # the walk counts no tag and no array internals
+    with pytest.raises(MessageError, match="nested too deeply"):
+        decode(encode({"x": [deep]}))
+    # Integers beyond 64 bits (bignums), as a seed in a model's parameters may be.
+    assert decode(encode({"seed": 2**64, "low": -(2**64) - 1}))["seed"] == 2**64
+    with pytest.raises(MessageError, match="bignum"):
+        decode(cbor2.dumps({"x": 2**300}))
+    with pytest.raises(MessageError, match="inside a tag"):
+        decode(b"\xa1\x61x" + b"\xd8\x40" * 3 + b"\x40")
+    values = {"f16": 1.5, "f64": 1e300, "neg": -17, "empty": {}, "s": "", "b": b"\x00" * (1 << 20)}
+    assert decode(encode(values)) == values
+
+
+def test_a_stored_model_of_many_items_still_loads() -> None:
+    message = encode({"trees": [[1, 2, 3]] * 100_000})  # 400,000 items: over a message's budget
+    with pytest.raises(MessageError, match="more than"):
+        decode(message)
+    assert len(decode(message, max_items=None)["trees"]) == 100_000

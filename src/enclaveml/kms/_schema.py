@@ -7,6 +7,10 @@ Schema version 2 (``PRAGMA user_version``; ``PRAGMA application_id`` = ``0x656b4
     keys(key_id TEXT PK, state, created_at, updated_at, revision)  state: enabled | disabled
                                         revision: audit seq of the last create, state or policy
                                         change (never reused, so a re-created key differs too)
+
+Version 1 had no ``revision``; opening it migrates it (existing keys get 0). Stop brokers of an
+earlier enclaveml before one of this version opens their database: they cannot create keys in
+the new schema, and their state and policy changes set no revision.
     key_policies(key_id PK -> keys ON DELETE CASCADE, policy (dump_policy JSON), updated_at)
     key_versions(key_id -> keys ON DELETE CASCADE, version >= 1, wrapped BLOB, created_at,
                  PK(key_id, version))     wrapped = RootKey.wrap(key_id, version, kek)

@@ -465,7 +465,13 @@ class SqliteKeyStore:
         key = pending.release_of
         if key is None:
             return True
-        row = db.execute("SELECT state, revision FROM keys WHERE key_id = ?", (key.key_id,)).fetchone()
+        # The policy is compared too: a broker of schema 1 still running on this file changes
+        # policies without a revision.
+        row = db.execute(
+            "SELECT k.state, k.revision, p.policy FROM keys k JOIN key_policies p USING (key_id) "
+            "WHERE k.key_id = ?",
+            (key.key_id,),
+        ).fetchone()
         if row is None:
             pending.error = KeyNotFoundError(
                 f"key {key.key_id!r} was deleted during the release; nothing is released"
@@ -474,7 +480,7 @@ class SqliteKeyStore:
             pending.error = KeyDisabledError(
                 f"key {key.key_id!r} was disabled during the release; nothing is released"
             )
-        elif int(row[1]) != key.revision:
+        elif int(row[1]) != key.revision or str(row[2]) != key.policy:
             pending.error = KeyReleaseDeniedError(
                 f"key {key.key_id!r} was changed (policy, state, or deleted and created again) during the "
                 "release; nothing is released: request a new challenge",

@@ -219,19 +219,34 @@ def dataset_write_options(
     return ds.ParquetFileFormat().make_write_options(encryption_config=config)
 
 
+def _leaf_paths(schema: pa.Schema) -> list[str]:
+    """The Parquet column paths of ``schema``'s leaves (``person.name``, ``tags.list.element``)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), sink)
+    parquet_schema = pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema
+    return [parquet_schema.column(i).path for i in range(len(parquet_schema))]
+
+
+def _covered(path: str, names: Iterable[str]) -> bool:
+    """Whether ``path`` is one of ``names`` or lies under one (Parquet encrypts a listed group whole)."""
+    return any(path == name or path.startswith(name + ".") for name in names)
+
+
 def _check_columns(
     schema: pa.Schema, column_keys: Mapping[str, Sequence[str]] | None, plaintext_columns: Iterable[str]
 ) -> None:
-    """Refuse a write that would leave a column in the clear without being told so."""
+    """Refuse a write that would leave a leaf column in the clear without being told so."""
     if not column_keys:
         return  # uniform encryption: every column under the footer key
-    listed = {column.split(".", 1)[0] for columns in column_keys.values() for column in columns}
-    clear = set(plaintext_columns)
-    unnamed = [name for name in schema.names if name not in listed and name not in clear]
+    listed = [column for columns in column_keys.values() for column in columns]
+    clear = list(plaintext_columns)
+    unnamed = [
+        path for path in _leaf_paths(schema) if not _covered(path, listed) and not _covered(path, clear)
+    ]
     if unnamed:
         raise ConfigurationError(
-            f"columns {unnamed} are under no column key and would be written in plaintext: list them in "
-            "column_keys, or in plaintext_columns if that is meant"
+            f"columns {unnamed} are under no column key and would be written in plaintext: list them (or a "
+            "group holding them) in column_keys, or in plaintext_columns if that is meant"
         )
 
 
@@ -294,10 +309,14 @@ def read_table(source: Any, unwrapper: DataKeyUnwrapper, **kwargs: Any) -> pa.Ta
 
     The file is read into memory once, checked and parsed from there, so the host cannot swap it
     between the check and the read. ``source`` is a path or URI of one file (a directory:
-    :func:`open_dataset`).
+    :func:`open_dataset`), on ``filesystem=`` if given.
     """
     text = str(source)
-    filesystem, path = pafs.FileSystem.from_uri(text) if "://" in text else (pafs.LocalFileSystem(), text)
+    filesystem = kwargs.pop("filesystem", None)
+    if filesystem is not None:
+        path = text
+    else:
+        filesystem, path = pafs.FileSystem.from_uri(text) if "://" in text else (pafs.LocalFileSystem(), text)
     try:
         with filesystem.open_input_file(path) as handle:
             data = handle.read_buffer()

@@ -171,7 +171,7 @@ class BoostedTrees:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> BoostedTrees:
-        message = decode(data)
+        message = decode(data, max_items=None)  # a stored model, read once unsealed
         if message.get("format") != _TREES_FORMAT or message.get("version") != _VERSION:
             raise MessageError("not a version-1 boosted-trees model")
         try:
@@ -223,7 +223,7 @@ class PartyThresholds:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PartyThresholds:
-        message = decode(data)
+        message = decode(data, max_items=None)  # a stored model, read once unsealed
         if message.get("format") != _PARTY_FORMAT or message.get("version") != _VERSION:
             raise MessageError("not a version-1 party-thresholds model")
         try:

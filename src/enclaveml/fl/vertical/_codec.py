@@ -12,8 +12,10 @@ arrays. An array is encoded as the RFC 8746 multi-dimensional array ``40([shape,
 The receiver never unpickles anything and checks every length against the declared shape
 before it makes an array, so a party cannot make the server allocate or misread memory. Before
 anything is decoded, the item heads are walked without allocating (:func:`_check_items`): at most
-``_MAX_ITEMS`` items, nesting at most ``_MAX_DEPTH``, definite lengths only, no tag but those
-above and no trailing bytes. Without that, a message of a few MiB of one-byte empty lists
+``_MAX_ITEMS`` items in a message (stored models, read after they were unsealed, have no item
+budget), lists and maps nested at most ``_MAX_DEPTH`` deep, definite lengths only, no tag but
+those above and bignums (tags 2 and 3, at most 32 bytes), no tag directly inside a tag, and no
+trailing bytes. Without that, a message of a few MiB of one-byte empty lists
 decodes to a couple of GiB of Python objects, and cbor2's semantic tags (sets, decimals, MIME
 messages, shared references) would reach protocol code. A standard format, rather than
 ``np.save``, lets a party written in another language take part.
@@ -48,7 +50,9 @@ _MAX_DIMS = 8
 _MAX_DIM = 1 << 40  # per dimension; the data length is checked against the product as well
 _MAX_DEPTH = 16
 _MAX_ITEMS = 1 << 18  # CBOR items per message (an array is 3 items, however many elements)
-_ALLOWED_TAGS = frozenset({_MULTI_DIM, *_DTYPE_OF_TAG})
+_BIGNUM_TAGS = frozenset({2, 3})
+_MAX_BIGNUM_BYTES = 32
+_ALLOWED_TAGS = frozenset({_MULTI_DIM, *_DTYPE_OF_TAG, *_BIGNUM_TAGS})
 _PLAIN = (str, bytes, int, float)
 
 
@@ -113,19 +117,23 @@ def _convert(value: Any, depth: int) -> Any:
     raise MessageError("unexpected CBOR value")
 
 
-def _check_items(data: bytes) -> None:
+def _check_items(data: bytes, max_items: int | None) -> None:
     """Walk the CBOR item heads of ``data`` without decoding: the limits of the module docstring."""
     end, pos = len(data), 0
-    remaining = [1]  # items still to read in each open container, innermost last
-    items = 0
-    while remaining:
-        if remaining[-1] == 0:
-            remaining.pop()
+    # Items still to read in each open container (lists and maps count toward the depth) or tag.
+    frames: list[list[int]] = [[1, 0]]  # [remaining, is_container]
+    depth = items = 0
+    after_tag: int | None = None  # the tag whose item comes next
+    while frames:
+        frame = frames[-1]
+        if frame[0] == 0:
+            frames.pop()
+            depth -= frame[1]
             continue
-        remaining[-1] -= 1
+        frame[0] -= 1
         items += 1
-        if items > _MAX_ITEMS:
-            raise MessageError(f"message holds more than {_MAX_ITEMS} CBOR items")
+        if max_items is not None and items > max_items:
+            raise MessageError(f"message holds more than {max_items} CBOR items")
         if pos >= end:
             raise MessageError("message is not valid CBOR")
         major, info = data[pos] >> 5, data[pos] & 0x1F
@@ -140,34 +148,46 @@ def _check_items(data: bytes) -> None:
             pos += size
         else:  # indefinite lengths (31) never occur in canonical CBOR; 28-30 are reserved
             raise MessageError("message is not canonical CBOR")
+        tag, after_tag = after_tag, None
+        if tag in _BIGNUM_TAGS and not (major == 2 and argument <= _MAX_BIGNUM_BYTES):
+            raise MessageError(f"a bignum is a byte string of at most {_MAX_BIGNUM_BYTES} bytes")
         if major in (2, 3):  # byte and text strings: skip the contents
             pos += argument
             if pos > end:
                 raise MessageError("message is not valid CBOR")
-        elif major in (4, 5):  # arrays, maps: their items (each at least one byte) follow
+        elif major in (4, 5):  # lists, maps: their items (each at least one byte) follow
             count = argument * (2 if major == 5 else 1)
             if count > end - pos:
                 raise MessageError("message is not valid CBOR")
             if count:
-                if len(remaining) > _MAX_DEPTH:
+                depth += 1
+                # The message's own map is one level more, and an array's [shape, data] and its
+                # shape two: the exact limit on lists and maps is _convert's, this bounds the walk.
+                if depth > _MAX_DEPTH + 3:
                     raise MessageError("message nested too deeply")
-                remaining.append(count)
+                frames.append([count, 1])
         elif major == 6:
             if argument not in _ALLOWED_TAGS:
                 raise MessageError(f"unexpected CBOR tag {argument}")
-            remaining.append(1)
+            if tag is not None:
+                raise MessageError("a CBOR tag inside a tag")
+            after_tag = argument
+            frames.append([1, 0])
         # majors 0, 1 (integers) and 7 (simple values, floats): the head was all of it
     if pos != end:
         raise MessageError("message has bytes after its CBOR item")
 
 
-def decode(data: bytes) -> Payload:
+def decode(data: bytes, *, max_items: int | None = _MAX_ITEMS) -> Payload:
     """Decode a message; arrays come back read-only, backed by ``data``.
+
+    ``max_items=None`` lifts the item budget, for stored models read after they were unsealed
+    (a model of many trees is many items; what a peer sends is never read that way).
 
     :raises MessageError: not CBOR, over the limits, not a map of text keys, or an array that does
         not add up.
     """
-    _check_items(data)
+    _check_items(data, max_items)
     try:
         value = cbor2.loads(data)
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError):

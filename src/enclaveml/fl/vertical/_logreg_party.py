@@ -71,7 +71,7 @@ class LogRegShare:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> LogRegShare:
-        payload = decode(data)
+        payload = decode(data, max_items=None)  # a stored model, read once unsealed
         if payload.get("v") != _SHARE_VERSION:
             raise MessageError("not a vertical logistic-regression share of a known version")
         arrays = [require(payload, k, np.ndarray) for k in ("mean", "scale", "w")]
