@@ -5,6 +5,8 @@ Assertions are on the bytes that crossed (``InProcessChannel.transcript``), deco
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -112,8 +114,15 @@ def test_tee_placement_sends_passive_parties_nothing_derived_from_labels_while_t
         setup = decode(channel.transcript[0].request)
         assert set(setup) == {"max_bin", "train", "datasets", "upload_codes"}
         finish = decode(channel.transcript[1].request)
-        assert set(finish) == {"features"}
+        # At the end, the features the model uses and the model's identity: 128 bits of a
+        # SHA-256 of the server's model, which names it and reveals nothing usable of it.
+        assert set(finish) == {"features", "model_id"}
         assert finish["features"].dtype == np.int64
+        assert finish["model_id"] == model.model_id
+        assert (
+            model.model_id
+            == hashlib.sha256(dataclasses.replace(model, model_id="").to_bytes()).hexdigest()[:32]
+        )
     label_methods = [e.method for e in channels[0].transcript]
     assert label_methods == ["boost.setup", "boost.labels", "boost.finish"]
     predict_boosting(model, channels, "test")
@@ -346,3 +355,49 @@ def test_prediction_in_batches_of_trees(monkeypatch: pytest.MonkeyPatch) -> None
     before = len(channels[1].transcript)
     np.testing.assert_array_equal(predict_boosting(model, channels, "test"), whole)
     assert len(channels[1].transcript) - before > 3
+
+
+def test_a_party_predicts_only_with_its_part_of_this_model_and_the_columns_it_was_trained_on() -> None:
+    data = missing_data()
+    model, channels = train(data, BoostingParams(n_estimators=8, max_depth=3))
+    other, other_channels = train(data, BoostingParams(n_estimators=8, max_depth=2))  # another run
+    assert model.model_id != other.model_id
+    parts = [ch.endpoint.thresholds for ch in channels]  # type: ignore[attr-defined]
+    stale = [ch.endpoint.thresholds for ch in other_channels]  # type: ignore[attr-defined]
+    assert {p.model_id for p in parts} == {model.model_id}
+
+    def party(part: PartyThresholds, cols: object, name: str | None = None) -> InProcessChannel:
+        return InProcessChannel(
+            BoostingParty(name or part.party, {"test": data.x["test"][:, cols]}, thresholds=part)
+        )
+
+    # A part left over from another training run: refused, not silently wrong.
+    mixed = [
+        party(parts[0], data.columns[0]),
+        *(party(p, c) for p, c in zip(stale[1:], data.columns[1:], strict=True)),
+    ]
+    with pytest.raises(PartyFailedError, match="ProtocolError"):
+        predict_boosting(model, mixed, "test")
+    # Another party's part, or a table with another number of columns than the part was trained on.
+    with pytest.raises(ConfigurationError, match="party"):
+        party(parts[1], data.columns[1], name=parts[0].party)
+    widened = np.concatenate([data.x["test"][:, data.columns[0]], np.zeros((len(data.x["test"]), 1))], axis=1)
+    with pytest.raises(ConfigurationError, match="columns"):
+        BoostingParty(parts[0].party, {"test": widened}, thresholds=parts[0])
+    good = [party(p, c) for p, c in zip(parts, data.columns, strict=True)]
+    np.testing.assert_array_equal(
+        predict_boosting(model, good, "test"), predict_boosting(model, channels, "test")
+    )
+
+
+def test_regression_labels_float32_cannot_hold_are_refused_before_training() -> None:
+    # 1e39 is finite as float64 but inf in float32, where training runs: the model came out inf/NaN.
+    data = vd.breast_cancer(2)
+    parties = data.parties()
+    huge = {k: np.where(np.arange(len(v)) == 0, 1e39, v.astype(np.float64)) for k, v in data.y.items()}
+    parties[0]._labels = {k: huge[k] for k in parties[0]._labels}  # the label party's own data
+    channels = [InProcessChannel(p) for p in parties]
+    with pytest.raises(ProtocolError, match="beyond"):
+        train_boosting(
+            channels[0], channels[1:], BoostingParams(n_estimators=2, objective="reg:squarederror")
+        )

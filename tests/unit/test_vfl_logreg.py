@@ -177,3 +177,24 @@ def test_party_refuses_nonsense_from_the_server() -> None:
         channel.call("logreg.setup", {"rows": 5, "l2": 0.0, "label_party": False})
     with pytest.raises(ConfigurationError, match="0/1"):
         LogRegParty("q", np.ones((3, 1)), labels=[0, 1, 2])
+
+
+def test_a_party_claiming_absurdly_many_columns_stops_training_instead_of_ending_it_converged() -> None:
+    # The reported count sets everyone's step size: 2**200 made it ~1e-61, and training reported
+    # "converged" after one iteration with weights of ~0.
+    x, y = make_classification(n_samples=300, n_features=6, random_state=1)
+    endpoints, _ = split(x, y, 3)
+
+    class Overclaimer(PartyEndpoint):
+        def __init__(self, inner: LogRegParty) -> None:
+            super().__init__(inner.name)
+            self.register("logreg.setup", lambda p: {**inner.handle("logreg.setup", p), "features": 2**200})
+            self.register("logreg.step", lambda p: inner.handle("logreg.step", p))
+
+    channels = [
+        InProcessChannel(endpoints[0]),
+        InProcessChannel(Overclaimer(endpoints[1])),
+        InProcessChannel(endpoints[2]),
+    ]
+    with pytest.raises(ProtocolError, match="column count"):
+        train_logreg(channels[0], channels[1:], LogRegParams(max_iter=5))

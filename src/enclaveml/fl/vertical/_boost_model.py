@@ -125,6 +125,9 @@ class BoostedTrees:
     params: Mapping[str, Any] = field(default_factory=dict)
     evals: tuple[float, ...] = ()
     """The validation metric after each tree trained (also those dropped by early stopping)."""
+    model_id: str = ""
+    """A digest of the trained model, recorded in every party's part too: prediction refuses a part
+    of another model (empty in models from before the binding, which check nothing)."""
 
     def __post_init__(self) -> None:
         if len(self.parties) != len(self.n_features) or len(set(self.parties)) != len(self.parties):
@@ -166,6 +169,7 @@ class BoostedTrees:
                 "params": dict(self.params),
                 "trees": [t.to_payload() for t in self.trees],
                 "evals": np.asarray(self.evals, dtype=np.float64),
+                "model_id": self.model_id,
             }
         )
 
@@ -185,6 +189,7 @@ class BoostedTrees:
                 best_iteration=int(message["best_iteration"]),
                 params=dict(message.get("params", {})),
                 evals=tuple(float(v) for v in message.get("evals", ())),
+                model_id=str(message.get("model_id", "")),
             )
         except (KeyError, TypeError, ValueError, ConfigurationError) as exc:
             raise MessageError(f"malformed boosted-trees model: {type(exc).__name__}") from None
@@ -198,6 +203,7 @@ class PartyThresholds:
     n_features: int
     features: np.ndarray
     edges: BinEdges
+    model_id: str = ""  # the server model's (BoostedTrees.model_id)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", np.asarray(self.features, dtype=np.int64))
@@ -218,6 +224,7 @@ class PartyThresholds:
                 "n_features": self.n_features,
                 "features": self.features,
                 "cuts": list(self.edges.cuts),
+                "model_id": self.model_id,
             }
         )
 
@@ -233,6 +240,7 @@ class PartyThresholds:
                 n_features=int(message["n_features"]),
                 features=np.asarray(message["features"], dtype=np.int64),
                 edges=BinEdges(int(message["max_bin"]), cuts),
+                model_id=str(message.get("model_id", "")),
             )
         except (KeyError, TypeError, ValueError, ConfigurationError) as exc:
             raise MessageError(f"malformed party thresholds: {type(exc).__name__}") from None

@@ -65,6 +65,9 @@ class BoostingParty(PartyEndpoint):
         thresholds: PartyThresholds | None = None,
     ) -> None:
         super().__init__(name)
+        if thresholds is not None and thresholds.party != name:
+            raise ConfigurationError(f"this model part is party {thresholds.party!r}'s, not {name!r}'s")
+        self._thresholds = thresholds
         self._data: dict[str, np.ndarray] = {}
         self._codes: dict[str, Codes] = {}
         for key, x in datasets.items():
@@ -77,7 +80,6 @@ class BoostingParty(PartyEndpoint):
             if not np.isfinite(array).all():
                 raise ConfigurationError("labels must be finite")
             self._labels[key] = array
-        self._thresholds = thresholds
         self._edges: BinEdges | None = None
         self._train = ""
         self._tree = -1
@@ -97,6 +99,12 @@ class BoostingParty(PartyEndpoint):
     def add_dataset(self, name: str, x: object) -> None:
         """Hold another dataset (e.g. new rows to score), under a name the server will use."""
         array = validate_features(x, f"dataset {name!r}")
+        model = self._thresholds
+        if model is not None and array.shape[1] != model.n_features:
+            raise ConfigurationError(
+                f"dataset {name!r} has {array.shape[1]} columns; this party's model part was trained on "
+                f"{model.n_features}"
+            )
         if self._data and array.shape[1] != self.n_features:
             raise ConfigurationError("every dataset of a party must have the same features")
         self._data[name] = array
@@ -236,6 +244,8 @@ class BoostingParty(PartyEndpoint):
             codes, missing = self._codes_of(name), self._edges.max_bin
         else:
             model = self.thresholds
+            if payload.get("model_id", "") != model.model_id:
+                raise ProtocolError("the server's model is not the one this model part was trained with")
             splits = self._check_splits(payload, model.features)
             # Only the used features have edges: code them and renumber the splits.
             key = f"\0model:{name}"
@@ -258,5 +268,10 @@ class BoostingParty(PartyEndpoint):
             raise ProtocolError("used features out of range")
         if (np.diff(features) <= 0).any():
             raise ProtocolError("used features must be sorted and distinct")
-        self._thresholds = PartyThresholds(self.name, self.n_features, features, self._edges.subset(features))
+        model_id = payload.get("model_id", "")
+        if not isinstance(model_id, str) or len(model_id) > 64:
+            raise MessageError("field 'model_id' must be a short string")
+        self._thresholds = PartyThresholds(
+            self.name, self.n_features, features, self._edges.subset(features), model_id
+        )
         return {}

@@ -5,6 +5,8 @@ See :mod:`enclaveml.fl.vertical.boosting` for the protocol and who sees what.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,6 +79,9 @@ def _setup(
     return _Setup(n_features, np.concatenate(n_bins), n_rows, joined if tee else {}, {})
 
 
+_MAX_LABEL = 1e30  # well inside float32 (3.4e38), so gradients and sums of them stay finite
+
+
 def _labels(channel: PartyChannel, params: BoostingParams, setup: _Setup, datasets: list[str]) -> None:
     answer = channel.call("boost.labels", {"datasets": datasets})
     labels = require(answer, "labels", dict)
@@ -85,6 +90,9 @@ def _labels(channel: PartyChannel, params: BoostingParams, setup: _Setup, datase
         y = check_array(channel.name, "boost.labels", labels, dataset, np.float64, (setup.n_rows[dataset],))
         if params.objective == "binary:logistic" and not ((y >= 0) & (y <= 1)).all():
             raise ProtocolError(f"label party {channel.name!r} sent labels outside [0, 1] for a classifier")
+        # Training runs in float32: larger labels turn into inf there and the model into NaN.
+        if not (np.abs(y) <= _MAX_LABEL).all():
+            raise ProtocolError(f"label party {channel.name!r} sent labels beyond +-{_MAX_LABEL:g}")
         setup.labels[dataset] = y
 
 
@@ -127,15 +135,26 @@ def _local_bits(codes: Codes, table: np.ndarray, max_bin: int) -> np.ndarray:
 
 
 def _remote_bits(
-    channels: Sequence[PartyChannel], offsets: np.ndarray, table: np.ndarray, dataset: str, n_rows: int | None
+    channels: Sequence[PartyChannel],
+    offsets: np.ndarray,
+    table: np.ndarray,
+    dataset: str,
+    n_rows: int | None,
+    model_id: str | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Left bits of every (global feature, bin, default_left) in ``table``, asked of the owners."""
+    """Left bits of every (global feature, bin, default_left) in ``table``, asked of the owners.
+
+    ``model_id``: a trained model's, which a party holding a saved part checks against its own.
+    """
     owner = np.searchsorted(offsets, table[:, 0], side="right") - 1
     payloads: list[Payload] = []
     for p in range(len(channels)):
         local = table[owner == p].copy()
         local[:, 0] -= offsets[p]
-        payloads.append({"dataset": dataset, "splits": local})
+        payload: Payload = {"dataset": dataset, "splits": local}
+        if model_id is not None:
+            payload["model_id"] = model_id
+        payloads.append(payload)
     answers = call_all(channels, "boost.predict", payloads)
     for channel, answer in zip(channels, answers, strict=True):
         count = require(answer, "n_rows", int)
@@ -260,7 +279,11 @@ def train_boosting(
         params={**params.to_dict(), "base_score": base_score},
         evals=tuple(evals),
     )
-    call_all(channels, "boost.finish", [{"features": model.used_features(ch.name)} for ch in channels])
+    # The run's identity is the model itself: the same data and parameters train the same model
+    # (and the same parts), and any difference gives another id.
+    model = dataclasses.replace(model, model_id=hashlib.sha256(model.to_bytes()).hexdigest()[:32])
+    finish = [{"features": model.used_features(ch.name), "model_id": model.model_id} for ch in channels]
+    call_all(channels, "boost.finish", finish)
     return model
 
 
@@ -289,7 +312,7 @@ def predict_boosting(
             stop += 1
         batch = trees[start:stop]
         table, slots = split_table(batch)
-        bits, n_rows = _remote_bits(ordered, offsets, table, dataset, n_rows)
+        bits, n_rows = _remote_bits(ordered, offsets, table, dataset, n_rows, model.model_id)
         if margin is None:
             margin = np.full(n_rows, _F32(model.base_margin), dtype=_F32)
         for tree, tree_slots in zip(batch, slots, strict=True):

@@ -36,9 +36,11 @@ Who receives what, per call (the server calls, the party answers; payloads of
                       party -> server: {hist: float64[K, k, S, 2]} (grad, hess sums; slot S-1: missing)
     boost.partition   server -> split owner (party only): {tree, rows, counts, splits: int64[K, 3]}
                       party -> server: {left: packed bits[m]}
-    boost.predict     server -> party: {dataset, splits: int64[k, 3] (feature, bin, default_left)}
+    boost.predict     server -> party: {dataset, splits: int64[k, 3] (feature, bin, default_left),
+                                        ? model_id (a trained model's: the party's saved part must match)}
                       party -> server: {left: packed bits[k, n], n_rows}
-    boost.finish      server -> party: {features: int64[] (its features the model uses)}
+    boost.finish      server -> party: {features: int64[] (its features the model uses),
+                                        model_id (128 bits of the SHA-256 of the server's model)}
 
 In the ``"tee"`` placement a passive party receives ``boost.setup`` during training and
 ``boost.finish`` at the end, and ``boost.predict`` to score (training with a validation set needs

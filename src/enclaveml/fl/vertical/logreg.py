@@ -146,10 +146,15 @@ def _setup(channels: Sequence[PartyChannel], n: int, l2: float) -> tuple[NDArray
             raise ProtocolError(f"party {channel.name!r} sent labels but is not the label party")
         d = require(answer, "features", int)
         assert isinstance(d, int)
-        if d < 0:
-            raise ProtocolError(f"party {channel.name!r} reported a negative number of columns")
+        # The count sets everyone's step size (1 / L): one far too large would end training at
+        # once, "converged" at weights of ~0. A party can still lie within the bound.
+        if not 0 <= d <= _MAX_COLUMNS:
+            raise ProtocolError(f"party {channel.name!r} reported a column count outside 0..{_MAX_COLUMNS}")
         features += d
     return labels.astype(np.uint8), features
+
+
+_MAX_COLUMNS = 1 << 20
 
 
 def _batches(n: int, params: LogRegParams) -> Any:
