@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pickle
+import signal
 import stat
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -292,3 +296,65 @@ def test_report_is_a_frozen_value() -> None:
     assert report.size_ratio == 0.3
     with pytest.raises(AttributeError):
         setattr(report, "method", "static")  # setattr: the type checker would refuse
+
+
+def test_an_empty_model_or_one_whose_external_data_is_missing_is_a_configuration_error(
+    digits: Digits, tmp_path: Path
+) -> None:
+    empty = _write(tmp_path, "empty.onnx", lambda p: p.write_bytes(b""))
+    with pytest.raises(ConfigurationError, match="not an ONNX model"):
+        quantize_model(empty, tmp_path / "q.onnx", calibration=None, method="dynamic")
+    for location in ("missing.bin", "../outside.bin"):  # not there; outside the model's directory
+        model = onnx.load(str(digits.model))
+        tensor = model.graph.initializer[0]
+        tensor.ClearField("float_data")
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        tensor.external_data.add(key="location", value=location)
+        onnx.save(model, str(tmp_path / "ext.onnx"))
+        with pytest.raises(ConfigurationError, match=r"that can be loaded|cannot read"):
+            quantize_model(tmp_path / "ext.onnx", tmp_path / "q.onnx", calibration=digits.calibration)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_the_output_is_written_atomically_and_never_through_a_link_to_the_input(
+    digits: Digits, tmp_path: Path
+) -> None:
+    source = tmp_path / "fp32.onnx"
+    source.write_bytes(digits.model.read_bytes())
+    link = tmp_path / "int8.onnx"
+    os.link(source, link)  # the "output" is the input under another name
+    quantize_model(source, link, calibration=digits.calibration)
+    assert source.read_bytes() == digits.model.read_bytes()  # the FP32 input is untouched
+    assert link.read_bytes() != source.read_bytes()
+    assert stat.S_IMODE(link.stat().st_mode) == 0o600
+
+
+def test_sigterm_during_quantization_leaves_no_copy_of_the_model_in_the_temporary_directory(
+    digits: Digits, tmp_path: Path
+) -> None:
+    # ORT's pre-processing gets SIGTERM'd while the plaintext copies exist (as kill/timeout/systemd
+    # would); the command unwinds and deletes them, its own and ORT's (pre.quant.*) alike.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    code = (
+        "import os, signal, time, tempfile\n"
+        "import enclaveml.serving.quantize as q\n"
+        "real = q._ort_quantization()\n"
+        "class Killed:\n"
+        "    def __getattr__(self, name): return getattr(real, name)\n"
+        "    def quant_pre_process(self, src, dst):\n"
+        "        tempfile.mkdtemp(prefix='pre.quant.')  # as ORT's own pre-processing does\n"
+        "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)\n"
+        "q._ort_quantization = lambda: Killed()\n"
+        "from enclaveml.cli import main; main()\n"
+    )
+    args = ["quantize", str(digits.model), str(tmp_path / "q.onnx"), "--method", "dynamic"]
+    run = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env={**os.environ, "TMPDIR": str(scratch)}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr
+    # (".ses" is a 51-byte session id a dependency writes on import, nothing of the model.)
+    assert [p.name for p in scratch.iterdir() if p.name != ".ses"] == []
+    assert not (tmp_path / "q.onnx").exists()

@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 from numpy.typing import NDArray
 
+from enclaveml._files import write_atomically
 from enclaveml.errors import ConfigurationError
 
 __all__ = [
@@ -160,7 +161,7 @@ def quantize_model(
     fp32.ir_version = _loadable_ir_version(fp32)  # ORT's pre-processing runs the model: it must load
     fp32_bytes = fp32.SerializeToString()
     ort_q = _ort_quantization()
-    with tempfile.TemporaryDirectory(prefix="enclaveml-quant-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="enclaveml-quant-") as tmp, _temporary_files_in(tmp):
         original, prepared, quantized = (Path(tmp) / n for n in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
         original.write_bytes(fp32_bytes)
         # ORT 1.31's per-channel bias check fails on 2-D Gemm biases (skl2onnx models): say what to try.
@@ -282,11 +283,15 @@ def _check_options(
 
 def _load_model(path: Path) -> onnx.ModelProto:
     try:
-        return onnx.load(str(path))  # external weights included: the model is re-serialised whole
+        model = onnx.load(str(path))  # external weights included: the model is re-serialised whole
     except OSError as exc:
         raise ConfigurationError(f"cannot read model {path}: {exc.strerror or exc}") from exc
-    except _decode_error() as exc:
-        raise ConfigurationError(f"{path} is not an ONNX model") from exc
+    except (_decode_error(), onnx.checker.ValidationError) as exc:
+        # ValidationError: external-data references that are missing or point outside the directory.
+        raise ConfigurationError(f"{path} is not an ONNX model that can be loaded: {exc}") from exc
+    if not model.graph.node or not model.opset_import:  # an empty file parses as an empty model
+        raise ConfigurationError(f"{path} is not an ONNX model (no graph)")
+    return model
 
 
 def _input_specs(model: onnx.ModelProto) -> list[_InputSpec]:
@@ -409,6 +414,22 @@ def _quantized_op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+@contextlib.contextmanager
+def _temporary_files_in(directory: str) -> Iterator[None]:
+    """Have ORT's own temporary files (``pre.quant.*``: another copy of the model) made in ``directory``.
+
+    ORT's quantisation tools take paths and make temporary directories of their own in the
+    system's; inside ours they go with it. (``tempfile.tempdir`` is process-wide: quantisation
+    is a tool, not a server path, so one at a time is fine.)
+    """
+    previous = tempfile.tempdir
+    tempfile.tempdir = directory
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+
+
 def _loadable_ir_version(model: onnx.ModelProto) -> int:
     """Keep the IR version unless it is newer than ORT loads; never below what the opsets need."""
     needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
@@ -416,12 +437,11 @@ def _loadable_ir_version(model: onnx.ModelProto) -> int:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write the model readable by its owner only: a plaintext model is what sealing protects."""
+    """Write the model readable by its owner only (a plaintext model is what sealing protects), and
+    atomically: a failed write leaves whatever was at ``path`` as it was, and a hard link to the
+    input is replaced, not written through."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # the mode above applies only to a new file, not to one overwritten
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+        write_atomically(path, data, mode=0o600)
     except OSError as exc:
         raise ConfigurationError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
