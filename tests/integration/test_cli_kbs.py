@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -196,6 +197,49 @@ def test_token_serve_key_policy_seal_unseal_round_trip(tmp_path: Path, served: S
     for path in tmp_path.rglob("*"):
         if path.is_file() and path not in plaintexts:
             assert CANARY not in path.read_bytes(), f"plaintext found in {path}"
+
+
+def test_unseal_reads_a_pipe_and_reports_a_failed_write_as_an_error(tmp_path: Path, served: Served) -> None:
+    env = served.env
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"onnx:" + CANARY + os.urandom(200_000))
+    policy = _policy_toml(tmp_path / "policy.toml", workload_measurement("enclaveml"))
+    assert _cli(env, "kbs", "key", "create", "model", "--policy", str(policy))[0] == 0
+    sealed = tmp_path / "model.sealed"
+    assert _cli(env, "seal", str(model), str(sealed), "--key", "model")[0] == 0
+    # From a pipe (read once: the header printed is the authenticated one). In a child with a
+    # timeout: reading the pipe twice used to wait for a second writer forever.
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    feeder = threading.Thread(target=lambda: fifo.write_bytes(sealed.read_bytes()), daemon=True)
+    feeder.start()
+    out = tmp_path / "from-pipe.onnx"
+    cli = "from enclaveml.cli import main; main()"
+    run = subprocess.run(
+        [sys.executable, "-c", cli, "unseal", str(fifo), "-o", str(out), "--tee", "simulation", "--json"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    feeder.join(10)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert (result["key_id"], result["version"]) == ("model", 1)
+    assert out.read_bytes() == model.read_bytes()
+    # A write the file system refuses (here: the file-size limit) is an error message and exit 3,
+    # not a traceback, and leaves no output.
+    limited = (
+        "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)); from enclaveml.cli import main; main()"
+    )
+    big = tmp_path / "too-big.onnx"
+    run = subprocess.run(
+        [sys.executable, "-c", limited, "unseal", str(sealed), "-o", str(big), "--tee", "simulation"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 3, run.stderr
+    assert "file input/output failed" in " ".join(run.stderr.split())
+    assert "Traceback" not in run.stderr
+    assert not big.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".too-big")]
 
 
 def test_audit_verify_detects_an_edited_row(tmp_path: Path, served: Served) -> None:

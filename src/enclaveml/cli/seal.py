@@ -74,7 +74,7 @@ def seal(
     from enclaveml.serving.secure import MODEL_NAME_METADATA
 
     metadata = {} if model_name is None else {MODEL_NAME_METADATA: model_name}
-    with reporting(as_json):
+    with reporting(as_json), _file_errors():
         with (
             KeyBrokerAdmin(require_url(url), token, verify=ca_of(ca)) as admin,
             _progress(source, "sealing", as_json) as progress,
@@ -113,14 +113,13 @@ def unseal(
     """Attest to the broker, release the key SOURCE names, and decrypt SOURCE to --output."""
     from enclaveml.attestation.evidence import TeeType
     from enclaveml.attestation.providers import provider_by_name
-    from enclaveml.crypto.sealed import read_header, unseal_file
+    from enclaveml.crypto.sealed import unseal_file
     from enclaveml.kms.client import KeyBrokerClient
 
-    with reporting(as_json):
+    with reporting(as_json), _file_errors():
         _distinct(source, output)
         if output.exists() and not force:
             raise ConfigurationError(f"{output} exists; pass --force to overwrite it")
-        header = read_header(source)
         provider = provider_by_name(tee)
         if provider.tee is TeeType.SIMULATION:
             simulation_banner()
@@ -128,7 +127,9 @@ def unseal(
             KeyBrokerClient(require_url(url), provider, verify=ca_of(ca), kem=kem) as client,
             _progress(source, "unsealing", as_json) as progress,
         ):
-            unseal_file(source, output, unwrapper=client, progress=progress)
+            # The header printed is the one authenticated with the content, read once (SOURCE may
+            # be a pipe, which cannot be read twice).
+            header = unseal_file(source, output, unwrapper=client, progress=progress)
     result = {"unsealed": str(output), "key_id": header.key_id, "version": header.key_version}
     if as_json:
         console.print_json(json.dumps(result))
@@ -136,6 +137,19 @@ def unseal(
         err_console.print(
             f"unsealed {source} → {output} (key {header.key_id!r} v{header.key_version})", markup=False
         )
+
+
+@contextmanager
+def _file_errors() -> Iterator[None]:
+    """A failed read or write (disk full, file too large, I/O error) is a reported error, not a traceback.
+
+    The library has removed its partial output by then; exit code 3 (files or setup).
+    """
+    try:
+        yield
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise ConfigurationError(f"file input/output failed{where}: {exc.strerror or exc}") from None
 
 
 def _distinct(source: Path, destination: Path) -> None:
