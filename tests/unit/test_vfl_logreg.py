@@ -198,3 +198,28 @@ def test_a_party_claiming_absurdly_many_columns_stops_training_instead_of_ending
     ]
     with pytest.raises(ProtocolError, match="column count"):
         train_logreg(channels[0], channels[1:], LogRegParams(max_iter=5))
+
+
+def test_prediction_refuses_shares_of_different_training_runs() -> None:
+    x, y = load_breast_cancer(return_X_y=True)
+    columns = np.array_split(np.arange(x.shape[1]), 2)
+    runs = []
+    for max_iter in (50, 100):  # two trainings on the same data: shares of each sum to their own model
+        endpoints, data = split(x, y, 2)
+        channels = [InProcessChannel(p, record=False) for p in endpoints]
+        train_logreg(channels[0], channels[1:], LogRegParams(max_iter=max_iter))
+        runs.append([LogRegShare.from_bytes(p.share.to_bytes()) for p in endpoints])
+    assert runs[0][0].model_id
+    assert runs[0][0].model_id == runs[0][1].model_id != runs[1][0].model_id
+
+    def parties(shares: list[LogRegShare]) -> list[InProcessChannel]:
+        return [
+            InProcessChannel(LogRegParty.from_share(f"p{i}", s, {"new": data[1][:, c]}), record=False)
+            for i, (s, c) in enumerate(zip(shares, columns, strict=True))
+        ]
+
+    good = parties(runs[1])
+    assert predict_logreg(good[0], good[1:], "new").shape == (len(data[1]),)
+    mixed = parties([runs[1][0], runs[0][1]])  # the passive party kept the share of the earlier run
+    with pytest.raises(ProtocolError, match="different training runs"):
+        predict_logreg(mixed[0], mixed[1:], "new")

@@ -58,6 +58,7 @@ class LogRegShare:
     scale: Float
     weights: Float
     intercept: float | None = None
+    model_id: str = ""  # the training run's (random, from the server): prediction refuses a mix of runs
 
     def logits(self, features: Float) -> Float:
         z: Float = ((features - self.mean) / self.scale) @ self.weights
@@ -67,6 +68,8 @@ class LogRegShare:
         payload: Payload = {"v": _SHARE_VERSION, "mean": self.mean, "scale": self.scale, "w": self.weights}
         if self.intercept is not None:
             payload["b"] = self.intercept
+        if self.model_id:
+            payload["id"] = self.model_id
         return encode(payload)
 
     @classmethod
@@ -82,7 +85,10 @@ class LogRegShare:
         intercept = payload.get("b")
         if intercept is not None and not isinstance(intercept, float):
             raise MessageError("the intercept must be a float")
-        return cls(mean, scale, weights, intercept)
+        model_id = payload.get("id", "")
+        if not isinstance(model_id, str):
+            raise MessageError("the model id must be text")
+        return cls(mean, scale, weights, intercept, model_id)
 
 
 class LogRegParty(PartyEndpoint):
@@ -125,6 +131,7 @@ class LogRegParty(PartyEndpoint):
         self._scaled: Float | None = None
         self._t = 0
         self._l2 = 0.0
+        self._model_id = share.model_id
         self._x: Float = share.weights.copy()  # the iterate
         self._y: Float = share.weights.copy()  # the look-ahead point the logits were computed at
         self._bx = self._by = 0.0
@@ -159,6 +166,10 @@ class LogRegParty(PartyEndpoint):
         if not (0.0 <= l2 < math.inf):
             raise MessageError("l2 must be a non-negative number")
         self._l2 = l2
+        model_id = payload.get("model_id", "")
+        if not isinstance(model_id, str) or len(model_id) > 64:
+            raise MessageError("field 'model_id' must be a short string")
+        self._model_id = model_id
         self._scaled = (train - self.share.mean) / self.share.scale
         self._t = 0
         self._x = np.zeros(train.shape[1])
@@ -215,7 +226,11 @@ class LogRegParty(PartyEndpoint):
             self._bx = new_b
         self._t += 1
         self.share = LogRegShare(
-            self.share.mean, self.share.scale, self._x.copy(), self._bx if self.is_label_party else None
+            self.share.mean,
+            self.share.scale,
+            self._x.copy(),
+            self._bx if self.is_label_party else None,
+            self._model_id,
         )
         return step_sq
 
@@ -226,4 +241,4 @@ class LogRegParty(PartyEndpoint):
         if data is None:
             raise ProtocolError("this party has no dataset of that name")
         rows = rows_of(payload, "rows", data.shape[0])
-        return {"z": self.share.logits(data if rows is None else data[rows])}
+        return {"z": self.share.logits(data if rows is None else data[rows]), "model_id": self.share.model_id}

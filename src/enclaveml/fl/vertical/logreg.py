@@ -39,9 +39,9 @@ here. The server learns the labels and the partial logits of every party, never 
 
 Methods of :class:`LogRegParty` (payloads of :mod:`enclaveml.fl.vertical._codec`)::
 
-    logreg.setup           {rows, l2, label_party}   -> {features} (+ {labels} from the label party)
+    logreg.setup           {rows, l2, label_party, model_id} -> {features} (+ {labels} from the label party)
     logreg.step            {t, lr, want_z, [r, r_rows], [z_rows]}  -> {step_sq, [z]}
-    logreg.partial_logits  {dataset, [rows]}          -> {z}
+    logreg.partial_logits  {dataset, [rows]}          -> {z, model_id} (all alike, or no prediction)
 
 An absent ``*_rows`` means all rows; ``t`` counts the updates so far and must match the party's.
 """
@@ -49,6 +49,7 @@ An absent ``*_rows`` means all rows; ``t`` counts the updates so far and must ma
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,10 +132,15 @@ def _logits(answer: Payload, party: str, size: int) -> Float:
     return z
 
 
-def _setup(channels: Sequence[PartyChannel], n: int, l2: float) -> tuple[NDArray[np.uint8], int]:
-    """Tell every party the run; returns the labels (from the first channel) and the total columns."""
+def _setup(
+    channels: Sequence[PartyChannel], n: int, l2: float, model_id: str
+) -> tuple[NDArray[np.uint8], int]:
+    """Tell every party the run (and its random id, kept in every share); returns the labels (from the
+    first channel) and the total columns."""
     answers = call_all(
-        channels, "logreg.setup", [{"rows": n, "l2": l2, "label_party": i == 0} for i in range(len(channels))]
+        channels,
+        "logreg.setup",
+        [{"rows": n, "l2": l2, "label_party": i == 0, "model_id": model_id} for i in range(len(channels))],
     )
     labels = require(answers[0], "labels", np.ndarray)
     assert isinstance(labels, np.ndarray)
@@ -186,7 +192,7 @@ def train_logreg(
     if n < 1:
         raise ProtocolError("the label party reported no rows")
     l2 = 1.0 / (params.C * n)
-    labels, features = _setup(channels, n, l2)
+    labels, features = _setup(channels, n, l2, secrets.token_hex(16))
     lr = params.learning_rate or 1.0 / ((features + 1) / 4.0 + l2)
     batches = _batches(n, params)
     result = LogRegTraining(iterations=0, converged=False)
@@ -239,6 +245,9 @@ def predict_logreg(
     if rows is not None:
         request["rows"] = np.asarray(rows, dtype=np.int64)
     answers = call_all(channels, "logreg.partial_logits", request)
+    # Every share must come from the same training run: shares of different runs sum to nonsense.
+    if len({str(a.get("model_id", "")) for a in answers}) != 1:
+        raise ProtocolError("the parties' model shares come from different training runs")
     first = require(answers[0], "z", np.ndarray)
     assert isinstance(first, np.ndarray)
     size = first.shape[0] if first.ndim == 1 else -1
