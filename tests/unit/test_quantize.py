@@ -14,6 +14,8 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -358,3 +360,44 @@ def test_sigterm_during_quantization_leaves_no_copy_of_the_model_in_the_temporar
     # (".ses" is a 51-byte session id a dependency writes on import, nothing of the model.)
     assert [p.name for p in scratch.iterdir() if p.name != ".ses"] == []
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_concurrent_quantizations_keep_their_workspaces_apart(digits: Digits, tmp_path: Path) -> None:
+    before = {p.name for p in Path(tempfile.gettempdir()).glob("enclaveml-quant-*")}
+    errors: list[BaseException] = []
+
+    def one(index: int) -> None:
+        try:
+            quantize_model(digits.model, tmp_path / f"q{index}.onnx", calibration=None, method="dynamic")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert all((tmp_path / f"q{i}.onnx").stat().st_size > 0 for i in range(3))
+    assert tempfile.tempdir is None or Path(tempfile.tempdir).is_dir()
+    assert {p.name for p in Path(tempfile.gettempdir()).glob("enclaveml-quant-*")} == before
+
+
+def test_the_output_may_be_a_symbolic_link_or_a_pipe(digits: Digits, tmp_path: Path) -> None:
+    target = tmp_path / "models" / "int8.onnx"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "latest.onnx"
+    link.symlink_to(target)
+    quantize_model(digits.model, link, calibration=None, method="dynamic")
+    assert link.is_symlink()
+    assert onnx.load(str(target)).graph.node  # the link's target holds the new model
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    quantize_model(digits.model, fifo, calibration=None, method="dynamic")
+    reader.join(30)
+    assert received
+    assert received[0] == target.read_bytes()

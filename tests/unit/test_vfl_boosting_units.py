@@ -3,6 +3,8 @@ against a literal transcription of xgboost's ``EnumerateSplit`` / ``SplitEntry::
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -214,7 +216,8 @@ def test_both_kernels_give_identical_bits(monkeypatch: pytest.MonkeyPatch) -> No
         monkeypatch.setenv("ENCLAVEML_VFL_KERNELS", name)
         channels = data.channels()
         models.append(train_boosting(channels[0], channels[1:], BoostingParams(n_estimators=20)))
-    assert models[0].to_bytes() == models[1].to_bytes()
+    numpy_model, numba_model = (dataclasses.replace(m, model_id="").to_bytes() for m in models)
+    assert numpy_model == numba_model  # the same model, up to each run's random id
 
 
 def test_threads_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,7 +30,9 @@ import functools
 import hashlib
 import importlib
 import os
+import stat
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -161,7 +163,7 @@ def quantize_model(
     fp32.ir_version = _loadable_ir_version(fp32)  # ORT's pre-processing runs the model: it must load
     fp32_bytes = fp32.SerializeToString()
     ort_q = _ort_quantization()
-    with tempfile.TemporaryDirectory(prefix="enclaveml-quant-") as tmp, _temporary_files_in(tmp):
+    with _private_workspace() as tmp:
         original, prepared, quantized = (Path(tmp) / n for n in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
         original.write_bytes(fp32_bytes)
         # ORT 1.31's per-channel bias check fails on 2-D Gemm biases (skl2onnx models): say what to try.
@@ -414,20 +416,26 @@ def _quantized_op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-@contextlib.contextmanager
-def _temporary_files_in(directory: str) -> Iterator[None]:
-    """Have ORT's own temporary files (``pre.quant.*``: another copy of the model) made in ``directory``.
+_WORKSPACE_LOCK = threading.Lock()
 
-    ORT's quantisation tools take paths and make temporary directories of their own in the
-    system's; inside ours they go with it. (``tempfile.tempdir`` is process-wide: quantisation
-    is a tool, not a server path, so one at a time is fine.)
+
+@contextlib.contextmanager
+def _private_workspace() -> Iterator[str]:
+    """A temporary directory for the plaintext copies, where ORT's own temporary files go too.
+
+    ORT's quantisation tools take paths and make temporary directories of their own
+    (``pre.quant.*``: another copy of the model) in the system's; with ``tempfile.tempdir``
+    pointed at ours they are made inside it and deleted with it. That setting is process-wide:
+    quantisations in threads of one process take turns here, and while one runs, other threads'
+    ``tempfile`` files land in its directory too (quantisation is a tool, not a serving path).
     """
-    previous = tempfile.tempdir
-    tempfile.tempdir = directory
-    try:
-        yield
-    finally:
-        tempfile.tempdir = previous
+    with _WORKSPACE_LOCK, tempfile.TemporaryDirectory(prefix="enclaveml-quant-") as directory:
+        previous = tempfile.tempdir
+        tempfile.tempdir = directory
+        try:
+            yield directory
+        finally:
+            tempfile.tempdir = previous
 
 
 def _loadable_ir_version(model: onnx.ModelProto) -> int:
@@ -437,11 +445,22 @@ def _loadable_ir_version(model: onnx.ModelProto) -> int:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write the model readable by its owner only (a plaintext model is what sealing protects), and
-    atomically: a failed write leaves whatever was at ``path`` as it was, and a hard link to the
-    input is replaced, not written through."""
+    """Write the model readable by its owner only (a plaintext model is what sealing protects).
+
+    A file is written atomically: a failed write leaves whatever was at ``path`` as it was, and a
+    hard link to the input is replaced, not written through; a symbolic link's target is the file
+    replaced. A pipe or device (``-o /dev/stdout``, ``-o >(cmd)``) is written through, as a stream.
+    """
     try:
-        write_atomically(path, data, mode=0o600)
+        try:
+            status = os.stat(path)
+        except FileNotFoundError:
+            status = None
+        if status is not None and not stat.S_ISREG(status.st_mode):
+            with open(path, "wb") as stream:
+                stream.write(data)
+            return
+        write_atomically(Path(os.path.realpath(path)), data, mode=0o600)
     except OSError as exc:
         raise ConfigurationError(f"cannot write {path}: {exc.strerror or exc}") from exc
 

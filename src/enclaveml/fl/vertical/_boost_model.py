@@ -126,8 +126,8 @@ class BoostedTrees:
     evals: tuple[float, ...] = ()
     """The validation metric after each tree trained (also those dropped by early stopping)."""
     model_id: str = ""
-    """A digest of the trained model, recorded in every party's part too: prediction refuses a part
-    of another model (empty in models from before the binding, which check nothing)."""
+    """Random per training run, recorded in every party's part too: prediction refuses a part of
+    another run (empty in models from before the binding, which check nothing)."""
 
     def __post_init__(self) -> None:
         if len(self.parties) != len(self.n_features) or len(set(self.parties)) != len(self.parties):

@@ -5,8 +5,7 @@ See :mod:`enclaveml.fl.vertical.boosting` for the protocol and who sees what.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,7 +78,7 @@ def _setup(
     return _Setup(n_features, np.concatenate(n_bins), n_rows, joined if tee else {}, {})
 
 
-_MAX_LABEL = 1e30  # well inside float32 (3.4e38), so gradients and sums of them stay finite
+_MAX_LABEL_SUM = 1e18  # a sum of gradients below this squares to at most ~1e36, inside float32
 
 
 def _labels(channel: PartyChannel, params: BoostingParams, setup: _Setup, datasets: list[str]) -> None:
@@ -90,9 +89,13 @@ def _labels(channel: PartyChannel, params: BoostingParams, setup: _Setup, datase
         y = check_array(channel.name, "boost.labels", labels, dataset, np.float64, (setup.n_rows[dataset],))
         if params.objective == "binary:logistic" and not ((y >= 0) & (y <= 1)).all():
             raise ProtocolError(f"label party {channel.name!r} sent labels outside [0, 1] for a classifier")
-        # Training runs in float32: larger labels turn into inf there and the model into NaN.
-        if not (np.abs(y) <= _MAX_LABEL).all():
-            raise ProtocolError(f"label party {channel.name!r} sent labels beyond +-{_MAX_LABEL:g}")
+        # Training runs in float32, where split gains square sums of gradients over the rows: labels
+        # whose sums could pass ~1e18 overflow there (wrong splits, or inf and a NaN model).
+        if len(y) and float(np.abs(y).max()) * len(y) > _MAX_LABEL_SUM:
+            raise ProtocolError(
+                f"label party {channel.name!r} sent labels too large for float32 training "
+                f"(max |label| x rows above {_MAX_LABEL_SUM:g}): scale them"
+            )
         setup.labels[dataset] = y
 
 
@@ -278,10 +281,10 @@ def train_boosting(
         best_iteration=len(trees) - 1,
         params={**params.to_dict(), "base_score": base_score},
         evals=tuple(evals),
+        # Random per run: a digest of the model would name two runs alike whenever their server
+        # parts agree (a party's columns rescaled, say) while the parties' cut points differ.
+        model_id=secrets.token_hex(16),
     )
-    # The run's identity is the model itself: the same data and parameters train the same model
-    # (and the same parts), and any difference gives another id.
-    model = dataclasses.replace(model, model_id=hashlib.sha256(model.to_bytes()).hexdigest()[:32])
     finish = [{"features": model.used_features(ch.name), "model_id": model.model_id} for ch in channels]
     call_all(channels, "boost.finish", finish)
     return model

@@ -40,7 +40,7 @@ Who receives what, per call (the server calls, the party answers; payloads of
                                         ? model_id (a trained model's: the party's saved part must match)}
                       party -> server: {left: packed bits[k, n], n_rows}
     boost.finish      server -> party: {features: int64[] (its features the model uses),
-                                        model_id (128 bits of the SHA-256 of the server's model)}
+                                        model_id (random per training run)}
 
 In the ``"tee"`` placement a passive party receives ``boost.setup`` during training and
 ``boost.finish`` at the end, and ``boost.predict`` to score (training with a validation set needs
