@@ -9,7 +9,8 @@ through attestation (``--tee``) and writes the plaintext to the one path given a
 (deleted on any failure).
 
 Exit codes as for ``enclaveml kbs``: 1 refused (release denied, unknown or disabled key,
-unauthorized), 2 failed (broker unreachable, evidence or decryption failure), 3 bad usage, or a file that cannot be read or written (disk full, too large).
+unauthorized), 2 failed (broker unreachable, evidence or decryption failure), 3 bad usage or a
+file that cannot be read or written (disk full, too large).
 """
 
 from __future__ import annotations
