@@ -119,7 +119,8 @@ def test_logreg_over_ratls_matches_in_process_training(
     for name in PARTIES:
         for exchange in running.session.channels[name].transcript:
             answer = decode(exchange.response)["ok"]
-            assert set(answer) <= {"rows", "features", "labels", "step_sq", "z"}
+            # (model_id: the random id of the run a share comes from, with the partial logits)
+            assert set(answer) <= {"rows", "features", "labels", "step_sq", "z", "model_id"}
             if "labels" in answer:
                 assert name == "bank"
             for value in answer.values():
