@@ -58,6 +58,9 @@ def version() -> None:
     typer.echo(__version__)
 
 
+_CLICK_USAGE_ERROR = 2
+
+
 def main() -> None:
     """Console-script entry point.
 
@@ -79,6 +82,3 @@ def main() -> None:
         show()
         sys.exit(EXIT_USAGE if code == _CLICK_USAGE_ERROR else code)
     sys.exit(result if isinstance(result, int) else 0)
-
-
-_CLICK_USAGE_ERROR = 2
