@@ -478,3 +478,29 @@ def test_a_client_whose_credential_the_plan_does_not_name_stops_before_connectin
             verifier=sim_verifier,
             expected_plan=plan,
         )
+
+
+def test_a_pinned_run_resumes_under_a_plan_with_a_replaced_credential_but_not_other_rules(
+    tmp_path: Path,
+) -> None:
+    store = CheckpointStore(tmp_path, KEY)
+    pins = {name: token_sha256(f"token-{name}").hex() for name in ("a", "b", "c")}
+    aggregator, _ = make(clients=0, participants=pins, checkpoints=store)
+    for name in ("a", "b", "c"):
+        aggregator.submit(name, 1, filled(1.0), num_examples=1)
+    assert aggregator.completed_rounds == 1
+    # "b"'s credential leaked: a new plan names a new one. Participants must accept it (the full
+    # digest differs), and the run goes on from its checkpoint.
+    rotated = {**pins, "b": token_sha256("token-b-2").hex()}
+    resumed, _ = make(clients=0, participants=rotated, checkpoints=store)
+    assert resumed.plan.digest != aggregator.plan.digest
+    assert resumed.plan.rules_digest == aggregator.plan.rules_digest
+    assert resumed.resumed_from == 1
+    assert resumed.authenticate("token-b-2") == "b"
+    with pytest.raises(NotEnrolledError):
+        resumed.authenticate("token-b")
+    # Any other rule changed is another run: the checkpoint is refused.
+    with pytest.raises(ConfigurationError, match="belongs to training plan"):
+        make(clients=0, participants=rotated, checkpoints=store, min_clients=3)
+    # A plan without participants keeps digest == rules digest (its checkpoints load as before).
+    assert make(clients=0)[0].plan.rules_digest == make(clients=0)[0].plan.digest

@@ -10,7 +10,9 @@ resumes from that earlier round (documented in ``docs/federated.md``).
 File: ``<directory>/checkpoint.sealed``, replaced atomically (temporary sibling, fsync, rename).
 Sealed header: content type ``application/vnd.enclaveml.fl-checkpoint+cbor`` and metadata
 ``{"completed_rounds": decimal, "plan_sha256": hex}`` (authenticated; readable without a key, so an
-operator can see how far a run got). Payload, canonical CBOR::
+operator can see how far a run got). ``plan_sha256`` is the plan's ``rules_digest`` (its digest
+without the participant list), so a run resumes under a plan whose credentials were replaced.
+Payload, canonical CBOR::
 
     {"v": 1, "plan_sha256": bstr(32), "completed_rounds": uint, "weights": weights,
      "strategy_state": {* tstr => tensor}, "history": [* round-record]}

@@ -427,7 +427,7 @@ class Aggregator:
 
     def _checkpoint(self) -> Checkpoint:
         return Checkpoint(
-            plan_sha256=self.plan.digest,
+            plan_sha256=self.plan.rules_digest,  # the participants may change between restarts
             completed_rounds=self._completed,
             weights=self._weights,
             strategy_state=self._strategy.state(),
@@ -435,7 +435,7 @@ class Aggregator:
         )
 
     def _resume(self, store: CheckpointStore) -> None:
-        checkpoint = store.load(self.plan.digest)
+        checkpoint = store.load(self.plan.rules_digest)
         if checkpoint is None:
             return
         self._weights = self._conform(checkpoint.weights)

@@ -33,7 +33,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from enclaveml.errors import ConfigurationError
@@ -161,8 +161,19 @@ class TrainingPlan:
 
     @property
     def digest(self) -> bytes:
-        """SHA-256 of :meth:`canonical_json`: the plan's identity in nonces and checkpoints."""
+        """SHA-256 of :meth:`canonical_json`: the plan's identity in the RA-TLS nonces participants check."""
         return hashlib.sha256(self.canonical_json()).digest()
+
+    @property
+    def rules_digest(self) -> bytes:
+        """The digest of the plan without its participant list: what sealed checkpoints are bound to.
+
+        A run can then go on under a plan that differs only in its participants (a stolen credential
+        replaced, a participant added), which every participant must still accept (they check
+        :attr:`digest`); anything else that decides the aggregate starts a new run. Equal to
+        :attr:`digest` for a plan that names no participants.
+        """
+        return replace(self, participants={}).digest
 
 
 def certificate_nonce(plan_digest: bytes) -> bytes:
