@@ -460,3 +460,28 @@ def test_a_coordinator_needs_the_plan_s_party_count_and_every_member() -> None:
         three.handle("psi.ecdh.finalise", session)
     with pytest.raises(ConfigurationError):
         PsiParty("a", ids, parties=1)
+
+
+def test_a_plan_bound_on_set_sizes_bounds_the_guesses_a_relay_can_test() -> None:
+    from enclaveml.fl.vertical.plan import VerticalPlan
+
+    plan = VerticalPlan(task="psi", parties=("a", "m"), psi_mode="ecdh", psi_max_ids=10)
+    assert VerticalPlan.from_dict(plan.to_dict()).psi_max_ids == 10
+    assert plan.digest != VerticalPlan(task="psi", parties=("a", "m"), psi_mode="ecdh").digest
+    with pytest.raises(ConfigurationError):
+        VerticalPlan(task="psi", parties=("a", "m"), psi_max_ids=0)
+    ids = canaries(np.random.default_rng(14), 8, "g")
+    with pytest.raises(ConfigurationError, match="more than the plan's 5"):
+        PsiParty("a", ids, parties=2, max_ids=5)
+    # An honest run within the bound aligns as before.
+    parties = [PsiParty("a", ids, parties=2, max_ids=10), PsiParty("m", ids[:5], max_ids=10)]
+    assert run(parties, "ecdh")[0].intersection_size == 5
+    # A relay's request of 11 guesses (here: the blinded IDs of a party of its own) is refused.
+    session = {"session": b"\x09" * 32}
+    guesses = PsiParty("relay", canaries(np.random.default_rng(15), 11, "x"), parties=2).handle(
+        "psi.ecdh.blind", session
+    )["blinded"]
+    with pytest.raises(ProtocolError, match="more than the plan's 10"):
+        PsiParty("m", ids[:5], max_ids=10).handle(
+            "psi.ecdh.answer", {**session, "over": "all", "blinded": guesses}
+        )

@@ -75,6 +75,10 @@ def plan_command(
         Path | None,
         typer.Option(help="Party registry from `enclaveml vfl enrol`: pins each party's credential."),
     ] = None,
+    psi_max_ids: Annotated[
+        int | None,
+        typer.Option(help="PSI: the most IDs a party may hold (bounds what a relay can test in ecdh mode)."),
+    ] = None,
 ) -> None:
     """Write a job plan: every party uses the same file, so every party checks the same job."""
     from enclaveml.cli._credentials import read_registry
@@ -105,6 +109,7 @@ def plan_command(
             valid_dataset=valid_dataset,
             call_timeout_s=call_timeout,
             credentials=pinned,
+            psi_max_ids=psi_max_ids,
         )
         output.write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")
     except EnclaveMLError as exc:
@@ -323,7 +328,9 @@ def psi(
         key = None
         if expected.psi_mode == "tee":
             key = _party_broker(name, tee, kbs, kbs_ca).release(psi_key)
-        endpoint = PsiParty(name, table.ids or [], key=key, parties=len(expected.parties))
+        endpoint = PsiParty(
+            name, table.ids or [], key=key, parties=len(expected.parties), max_ids=expected.psi_max_ids
+        )
         _serve_party(endpoint, url, plan, credential_file, policy, simulation_key, wait)
         np.save(output, np.asarray(endpoint.aligned_rows, dtype=np.int64))
     except EnclaveMLError as exc:

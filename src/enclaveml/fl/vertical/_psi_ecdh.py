@@ -84,9 +84,12 @@ class EcdhRun:
     the intersection.
     """
 
-    def __init__(self, ids: Sequence[bytes], members: int | None = None) -> None:
+    def __init__(
+        self, ids: Sequence[bytes], members: int | None = None, max_request: int | None = None
+    ) -> None:
         self._ids = ids
         self._members = members
+        self._max_request = max_request
         self._answered_all = False
         self._client: Any = None
         self._order: Rows | None = None
@@ -111,6 +114,8 @@ class EcdhRun:
         """``psi.ecdh.answer``: act as PSI server over all IDs or over the final intersection."""
         over = require(payload, "over", str)
         blinded = _party_points(payload, "blinded")
+        if self._max_request is not None and len(blinded) > self._max_request:
+            raise ProtocolError(f"a blinded request of more than the plan's {self._max_request} IDs")
         setup: Points | None
         if over == "all":
             if self._answered_all or self._client is not None:

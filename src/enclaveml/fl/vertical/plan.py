@@ -24,7 +24,10 @@ coordinator of cryptographic PSI and receives the predictions. ``credentials`` (
 hex of the credential the operator issued it; ``enclaveml vfl plan --credentials REGISTRY``), when
 given, pins who may speak for each party: the server accepts no other credentials, so the host
 cannot take a passive party's place and receive what it would (residuals or gradients, from which
-labels follow). Without it, whoever controls the server's registry file decides. Plan digest: SHA-256 of the
+labels follow). Without it, whoever controls the server's registry file decides.
+``psi_max_ids``, when given, is the most IDs a party may hold: in cryptographic PSI a party refuses
+a blinded request with more points, which bounds how many guesses an untrusted relay can test
+against a party's set in its one look per run. Plan digest: SHA-256 of the
 canonical JSON of :meth:`VerticalPlan.to_dict` (sorted keys, no whitespace, UTF-8).
 """
 
@@ -65,6 +68,7 @@ class VerticalPlan:
     valid_dataset: str | None = None
     call_timeout_s: float = 600.0
     credentials: Mapping[str, str] = field(default_factory=dict)
+    psi_max_ids: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "parties", tuple(self.parties))
@@ -103,6 +107,12 @@ class VerticalPlan:
             )
         if not (isinstance(self.call_timeout_s, int | float) and 0 < self.call_timeout_s < math.inf):
             raise ConfigurationError("plan 'call_timeout_s' must be a positive number of seconds")
+        if self.psi_max_ids is not None and not (
+            isinstance(self.psi_max_ids, int)
+            and not isinstance(self.psi_max_ids, bool)
+            and self.psi_max_ids >= 1
+        ):
+            raise ConfigurationError("plan 'psi_max_ids' must be a positive integer")
         check_credential_pins(self.credentials, "credentials", max_name=64)
         if self.credentials and set(self.credentials) != set(self.parties):
             raise ConfigurationError("plan 'credentials' names one credential for each party, and no others")
@@ -137,6 +147,8 @@ class VerticalPlan:
         }
         if self.credentials:
             data["credentials"] = dict(self.credentials)
+        if self.psi_max_ids is not None:
+            data["psi_max_ids"] = self.psi_max_ids
         return data
 
     @classmethod
@@ -158,6 +170,7 @@ class VerticalPlan:
                 valid_dataset=data.get("valid_dataset"),
                 call_timeout_s=data.get("call_timeout_s", 600.0),
                 credentials=data.get("credentials", {}),
+                psi_max_ids=data.get("psi_max_ids"),
             )
         except KeyError as exc:
             raise ConfigurationError(f"vertical plan lacks the field {exc.args[0]!r}") from None

@@ -70,9 +70,9 @@ no longer aligns, and the parties cannot tell without authenticating each other 
 this mode does not do. A :class:`PsiParty` takes part in one session only, a member answers over
 its set once, and the coordinator intersects with and answers over the intersection exactly once
 per member of the plan (``parties``), so that is one set of guesses per member and run, and a
-relay that uses it breaks the run. The size of a request is not bounded: one set of guesses may
-cover a whole low-entropy ID space. A party may also lie about its own set (inherent to PSI
-without certified inputs).
+relay that uses it breaks the run. Its size is bounded only by the plan's ``psi_max_ids``
+(``max_ids``); without it one set of guesses may cover a whole low-entropy ID space. A party
+may also lie about its own set (inherent to PSI without certified inputs).
 
 Both modes validate every message both ways and raise :class:`ProtocolError` (server side, naming
 the party) or :class:`MessageError` (party side); no error text holds an ID or a key.
@@ -119,6 +119,8 @@ class PsiParty(PartyEndpoint):
     ``key`` is the PSI key from the broker, needed for TEE mode only. ``parties`` is how many
     parties the job has (``len(plan.parties)``), needed by the coordinator of cryptographic mode:
     it intersects with, and answers, exactly that many members less one, whatever the relay asks.
+    ``max_ids`` (``plan.psi_max_ids``) bounds this party's own set and, in cryptographic mode, the
+    blinded requests it answers: the guesses a relay can test in its one look.
     The IDs are normalised and checked here (:class:`~enclaveml.errors.ConfigurationError` on a
     mix of kinds or duplicates).
 
@@ -129,7 +131,13 @@ class PsiParty(PartyEndpoint):
     """
 
     def __init__(
-        self, name: str, ids: Iterable[object], *, key: KeyHandle | None = None, parties: int | None = None
+        self,
+        name: str,
+        ids: Iterable[object],
+        *,
+        key: KeyHandle | None = None,
+        parties: int | None = None,
+        max_ids: int | None = None,
     ) -> None:
         super().__init__(name)
         if key is not None and not isinstance(key, KeyHandle):
@@ -138,6 +146,9 @@ class PsiParty(PartyEndpoint):
             raise ConfigurationError("parties is the number of parties in the job, two or more")
         self._parties = parties
         self._ids = normalise_ids(ids)
+        if max_ids is not None and len(self._ids) > max_ids:
+            raise ConfigurationError(f"this party holds {len(self._ids)} IDs, more than the plan's {max_ids}")
+        self._max_ids = max_ids
         self._key = key
         self._lock = threading.Lock()
         self._session: bytes | None = None
@@ -198,7 +209,8 @@ class PsiParty(PartyEndpoint):
             raise ProtocolError("this call belongs to another PSI session, or comes out of turn")
         self._session, self._mode = session, mode
         if mode == "ecdh":
-            self._ecdh = EcdhRun(self._ids, members=None if self._parties is None else self._parties - 1)
+            members = None if self._parties is None else self._parties - 1
+            self._ecdh = EcdhRun(self._ids, members=members, max_request=self._max_ids)
 
     # TEE mode
 
