@@ -6,7 +6,6 @@ hashes (the server loads it); each token is printed once, for the operator to ha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from enclaveml.errors import ConfigurationError
+from enclaveml.fl.plan import token_sha256
 
 __all__ = ["issue_credentials", "read_registry"]
 
@@ -36,6 +36,6 @@ def issue_credentials(path: Path, section: str, names: Sequence[str]) -> dict[st
     """(Re-)issue a credential for each of ``names``: hashes to the registry, tokens to the caller."""
     known = read_registry(path, section)
     issued = {name: secrets.token_urlsafe(32) for name in names}
-    known.update({name: hashlib.sha256(token.encode()).hexdigest() for name, token in issued.items()})
+    known.update({name: token_sha256(token).hex() for name, token in issued.items()})
     path.write_text(json.dumps({section: known}, indent=2, sort_keys=True) + "\n")
     return issued

@@ -27,7 +27,6 @@ client by the operator at enrolment; only their SHA-256 is kept.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import secrets
 import threading
@@ -48,7 +47,7 @@ from enclaveml.fl._errors import (
 )
 from enclaveml.fl._round import RoundUploads, take_over, weighted_metrics
 from enclaveml.fl._wire import MAX_EXAMPLES, ModelMessage, finite_number
-from enclaveml.fl.plan import TrainingPlan
+from enclaveml.fl.plan import TrainingPlan, token_sha256
 from enclaveml.fl.strategies._round_updates import RoundUpdates
 from enclaveml.fl.strategy import Strategy, Weights
 from enclaveml.fl.validation import structure_problem, validation_options
@@ -56,11 +55,6 @@ from enclaveml.fl.validation import structure_problem, validation_options
 __all__ = ["Aggregator", "RoundRecord", "token_sha256"]
 
 _log = logging.getLogger(__name__)
-
-
-def token_sha256(token: str) -> bytes:
-    """What the aggregator stores of a client credential (the operator may precompute it)."""
-    return hashlib.sha256(token.encode()).digest()
 
 
 class Aggregator:

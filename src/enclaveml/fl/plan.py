@@ -40,7 +40,7 @@ from enclaveml.errors import ConfigurationError
 from enclaveml.fl._wire import weights_sha256
 from enclaveml.fl.strategy import Strategy, Weights
 
-__all__ = ["TrainingPlan", "certificate_nonce", "check_credential_pins", "fresh_nonce"]
+__all__ = ["TrainingPlan", "certificate_nonce", "check_credential_pins", "fresh_nonce", "token_sha256"]
 
 _DOMAIN = b"enclaveml-fl-plan-v1\x00"
 _PLAN_VERSION = 1
@@ -184,6 +184,11 @@ def certificate_nonce(plan_digest: bytes) -> bytes:
 def fresh_nonce(plan_digest: bytes, client_nonce: bytes) -> bytes:
     """What ``/attestation?nonce=`` binds: the client's nonce *and* the plan."""
     return hashlib.sha256(_DOMAIN + plan_digest + client_nonce).digest()
+
+
+def token_sha256(token: str) -> bytes:
+    """What is kept of a participant's credential (registries, aggregators, vertical servers, plans)."""
+    return hashlib.sha256(token.encode()).digest()
 
 
 def check_credential_pins(pins: Any, what: str, *, max_name: int) -> None:

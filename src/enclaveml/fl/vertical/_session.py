@@ -11,7 +11,6 @@ no job thread outlives its server.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 import threading
@@ -20,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from enclaveml.errors import ConfigurationError, EnclaveMLError
+from enclaveml.fl.plan import token_sha256
 from enclaveml.fl.vertical._channel import PartyChannel
 from enclaveml.fl.vertical._errors import VerticalError
 from enclaveml.fl.vertical._remote import PartyGoneError, RemoteChannel
@@ -38,11 +38,6 @@ class NotEnrolledError(VerticalError):
     """The request carried no credential, or one that belongs to no party of this plan."""
 
     status = 401
-
-
-def token_sha256(token: str) -> bytes:
-    """What the server keeps of a party's credential."""
-    return hashlib.sha256(token.encode()).digest()
 
 
 class VerticalSession:
