@@ -121,6 +121,53 @@ def test_serve_predict_and_tritonclient(tmp_path: Path, served: Served) -> None:
             assert model_bytes[:4096] not in path.read_bytes(), path
 
 
+def test_serve_refuses_an_artifact_sealed_under_a_retired_key_version(
+    tmp_path: Path,
+    served: Served,  # noqa: F811
+) -> None:
+    """Rollback: the host puts back the v1 artifact after the owner sealed v2 and retired version 1."""
+    env = served.env
+    model_bytes, _, _ = digits_model()
+    plain = tmp_path / "digits.onnx"
+    plain.write_bytes(model_bytes)
+    code, _, text = _cli(
+        env,
+        "serve",
+        "--model",
+        f"digits={tmp_path / 'v1.sealed'}",
+        "--tee",
+        "simulation",
+        "--print-measurement",
+    )
+    assert code == 0, text
+    measurement = bytes.fromhex(re.search(r"\b[0-9a-f]{96}\b", text).group(0))  # type: ignore[union-attr]
+    policy = _policy_toml(tmp_path / "policy.toml", measurement)
+    assert _cli(env, "kbs", "key", "create", "digits", "--policy", str(policy), "--json")[0] == 0
+    seal = ("--key", "digits", "--content-type", "application/onnx", "--model-name", "digits")
+    assert _cli(env, "seal", str(plain), str(tmp_path / "v1.sealed"), *seal)[0] == 0
+    assert _cli(env, "kbs", "key", "rotate", "digits", "--json")[1] == {"key_id": "digits", "version": 2}
+    assert _cli(env, "seal", str(plain), str(tmp_path / "v2.sealed"), *seal)[0] == 0
+    code, out, text = _cli(env, "kbs", "key", "min-version", "digits", "2", "--json")
+    assert (code, out) == (0, {"key_id": "digits", "min_version": 2}), text
+    code, out, text = _cli(env, "kbs", "key", "list", "--json")
+    assert [(k["versions"], k["min_version"]) for k in out["keys"]] == [([1, 2], 2)]
+    assert _cli(env, "kbs", "key", "min-version", "digits", "3")[0] != 0  # no such version
+
+    process = _start_server(env, tmp_path / "v1.sealed", _free_port())
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1, output  # refused, as for any denied release
+    assert "rule 'version_retired'" in output, output
+    assert model_bytes[:64].hex() not in output
+
+    port = _free_port()
+    process = _start_server(env, tmp_path / "v2.sealed", port)  # the current release starts
+    try:
+        _wait_ready(process, port)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 @pytest.mark.parametrize("spec", ["digits", "=x.sealed", "digits="])
 def test_bad_model_spec_is_a_usage_error(spec: str) -> None:
     code, _, text = _cli({}, "serve", "--model", spec, "--tee", "simulation", "--print-measurement")

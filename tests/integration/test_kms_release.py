@@ -172,6 +172,34 @@ def test_rotation_keeps_older_versions_unsealable(
     assert (info.versions, info.latest, info.state) == ((1, 2), 2, "enabled")
 
 
+def test_retired_versions_stop_older_artifacts_from_unsealing(
+    broker: RunningBroker, sim_provider: SimulationProvider
+) -> None:
+    """Rollback protection: the owner seals v2 under a rotated key and retires version 1."""
+    with broker.admin() as admin:
+        admin.create_key("model", allow_only(sim_provider))
+        first = seal_bytes(b"v1 weights", wrapper=admin, key_id="model")
+        admin.rotate_key("model")
+        second = seal_bytes(b"v2 weights", wrapper=admin, key_id="model")
+        admin.set_min_version("model", 2)
+        [info] = admin.list_keys()
+        assert (info.versions, info.latest, info.min_version) == ((1, 2), 2, 2)
+        with broker.client(sim_provider) as client:  # a server started after the owner's change
+            with pytest.raises(KeyReleaseDeniedError, match="retired") as denied:
+                unseal_bytes(first, unwrapper=client)
+            assert (denied.value.rule, denied.value.expected) == ("version_retired", "version >= 2")
+            assert unseal_bytes(second, unwrapper=client) == b"v2 weights"
+        with pytest.raises(KeyNotFoundError):
+            admin.set_min_version("model", 3)
+        admin.set_min_version("model", 1)
+        with broker.client(sim_provider) as client:
+            assert unseal_bytes(first, unwrapper=client) == b"v1 weights"
+        records = admin.audit_records(limit=1000)
+    changes = [(r["event"], r["version"]) for r in records if r["event"] == "key.min_version"]
+    assert changes == [("key.min_version", 2), ("key.min_version", 1)]
+    assert [r["rule"] for r in records if r["verdict"] == "denied"] == ["version_retired"]
+
+
 def test_restart_keeps_keys(
     tmp_path: Path, root_key: RootKey, sim_verifier: SimulationVerifier, sim_provider: SimulationProvider
 ) -> None:

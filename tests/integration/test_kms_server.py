@@ -401,9 +401,22 @@ def test_disabled_key_is_refused_and_deleted_key_is_gone(http, env: Env, main_db
         "key_id": "lifecycle",
         "versions": [1],
         "latest": 1,
+        "min_version": 1,
         "state": "enabled",
         "policy": policy_for(env.provider),
     }
+    # Minimum versions: an existing version, a keys:write token, a JSON integer.
+    min_version = "/v1/admin/keys/lifecycle/min-version"
+    assert call(http, "PUT", min_version, main_db.reader, json={"min_version": 1}).status_code == 403
+    assert call(http, "PUT", min_version, admin, json={"min_version": 2}).status_code == 404
+    for bad in (0, "1", 1.5, None):
+        assert call(http, "PUT", min_version, admin, json={"min_version": bad}).status_code == 400
+    assert call(http, "POST", "/v1/admin/keys/lifecycle/rotate", admin).json()["version"] == 2
+    answer = call(http, "PUT", min_version, admin, json={"min_version": 2})
+    assert (answer.status_code, answer.json()) == (200, {"key_id": "lifecycle", "min_version": 2})
+    retired = workload.release(http, "lifecycle", version=1)
+    assert (retired.status_code, retired.json()["rule"]) == (403, "version_retired")
+    workload.open(workload.release(http, "lifecycle"), "lifecycle")
     assert call(http, "DELETE", "/v1/admin/keys/lifecycle", admin).status_code == 204
     assert workload.release(http, "lifecycle").status_code == 404
     assert call(http, "DELETE", "/v1/admin/keys/lifecycle", admin).status_code == 404

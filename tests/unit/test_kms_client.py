@@ -305,8 +305,20 @@ def test_admin_round_trip(fake_admin: FakeAdmin, sim_provider: SimulationProvide
     admin.enable_key("model")
     admin.set_policy("model", {"type": "debug"})
     assert json.loads(fake_admin.requests[-1].content) == {"policy": {"type": "debug", "allow": False}}
+    admin.set_min_version("model", 2)
+    sent = fake_admin.requests[-1]
+    assert (sent.method, sent.url.path, json.loads(sent.content)) == (
+        "PUT",
+        "/v1/admin/keys/model/min-version",
+        {"min_version": 2},
+    )
+    for bad in (0, True, "2"):
+        with pytest.raises(ConfigurationError, match="minimum version"):
+            admin.set_min_version("model", bad)  # type: ignore[arg-type]
+    assert fake_admin.requests[-1] is sent  # refused before any request
     [info] = admin.list_keys()
     assert (info.versions, info.latest, info.enabled, info.policy["type"]) == ((1, 2), 2, True, "debug")
+    assert info.min_version == 1  # a broker that does not report it releases every version
     data_key = os.urandom(32)
     version, wrapped = admin.wrap_data_key("model", data_key, b"aad")
     assert version == 3

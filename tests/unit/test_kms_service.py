@@ -140,6 +140,44 @@ def test_rotation_keeps_old_versions_releasable(broker: KeyBroker, policy, sim_p
     assert info.policy == policy.to_dict()
 
 
+def test_retired_versions_are_not_released_until_the_minimum_is_lowered(
+    broker: KeyBroker, policy, sim_provider
+) -> None:
+    broker.create_key("k", policy)
+    _, wrapped_v1 = broker.wrap("k", b"model v1 key", b"")
+    broker.rotate_key("k")
+    _, wrapped_v2 = broker.wrap("k", b"model v2 key", b"")
+    broker.set_min_version("k", 2, actor="owner")
+    info = broker.get_key("k")
+    assert (info.versions, info.latest, info.min_version) == ((1, 2), 2, 2)
+    assert info.to_dict()["min_version"] == 2
+    workload = Workload(sim_provider)
+    c = broker.challenge()
+    error = _denied(
+        broker,
+        "version_retired",
+        key_id="k",
+        nonce=c.nonce,
+        evidence=workload.evidence(c.nonce),
+        public_key=workload.public,
+        version=1,
+    )
+    assert (error.observed, error.expected) == ("version 1", "version >= 2")
+    assert broker.audit_records()[-1].version == 1
+    assert unwrap_key(_release(broker, workload), wrapped_v2, b"") == b"model v2 key"  # the latest
+    assert unwrap_key(_release(broker, workload, version=2), wrapped_v2, b"") == b"model v2 key"
+    change = [r for r in broker.audit_records(limit=100) if r.event == "key.min_version"]
+    assert [(r.version, r.detail) for r in change] == [(2, "min_version 2 (by owner)")]
+    broker.set_min_version("k", 1)  # the owner takes it back
+    assert unwrap_key(_release(broker, workload, version=1), wrapped_v1, b"") == b"model v1 key"
+    with pytest.raises(KeyNotFoundError, match="no version 3"):
+        broker.set_min_version("k", 3)
+    for bad in (0, -1, True, 2.0, "2", 2**63):
+        with pytest.raises(InvalidRequestError, match="minimum version"):
+            broker.set_min_version("k", bad)  # type: ignore[arg-type]
+    assert broker.get_key("k").min_version == 1
+
+
 def _denied(broker: KeyBroker, rule: str, **kwargs: object) -> KeyReleaseDeniedError:
     with pytest.raises(KeyReleaseDeniedError) as caught:
         broker.release(**kwargs)  # type: ignore[arg-type]
@@ -479,6 +517,8 @@ class _Meanwhile:
         (lambda b, p: (b.disable_key("k"), b.enable_key("k")), KeyReleaseDeniedError, "key_changed"),
         (lambda b, p: (b.delete_key("k"), b.create_key("k", p)), KeyReleaseDeniedError, "key_changed"),
         (lambda b, p: b.set_policy("k", p), KeyReleaseDeniedError, "key_changed"),
+        # The version being released (the latest when read) is retired meanwhile:
+        (lambda b, p: (b.rotate_key("k"), b.set_min_version("k", 2)), KeyReleaseDeniedError, "key_changed"),
     ],
 )  # fmt: skip
 def test_a_disable_delete_or_policy_change_during_a_release_stops_it(

@@ -335,29 +335,57 @@ def test_a_bad_record_fails_only_its_own_caller(store: SqliteKeyStore) -> None:
 def test_a_release_record_is_written_only_while_its_key_is_unchanged(
     store: SqliteKeyStore, poisoned: bool
 ) -> None:
-    for key_id in ("same", "disabled", "deleted", "repoliced"):
+    names = ["same", "disabled", "deleted", "repoliced", "retired"]
+    for key_id in names:
         store.create_key(key_id, POLICY, b"w", now=1.0, audit=_event(key_id=key_id))
-    read = {key_id: store.get_key(key_id) for key_id in ("same", "disabled", "deleted", "repoliced")}
+    store.add_version("retired", lambda version: b"w2", now=1.5, audit=_event("key.rotate", "retired"))
+    read = {key_id: store.get_key(key_id) for key_id in names}
     store.set_state("disabled", "disabled", now=2.0, audit=_event("key.disable", "disabled"))
     store.delete_key("deleted", audit=_event("key.delete", "deleted"))
     store.set_policy(
         "repoliced", '{"type":"measurement","values":["01"]}', now=2.0, audit=_event("p", "repoliced")
     )
-    names = ["same", "disabled", "deleted", "repoliced", "other"]
-    events = [AuditEvent(3.0, "release", "released", key_id=name) for name in names]
+    store.set_min_version("retired", 2, now=2.0, audit=_event("key.min_version", "retired"))
+    events = [AuditEvent(3.0, "release", "released", key_id=name) for name in [*names, "other"]]
     guards: list[StoredKey | None] = [*read.values(), None]
     if poisoned:  # a record that fails its batch: each is then written alone, still guarded
         events.append(AuditEvent(3.0, "release", "denied", key_id="bad", version=2**70))
         guards.append(None)
     outcomes = _queued_appends(store, events, guards)
     assert isinstance(outcomes[0], AuditRecord)
-    assert isinstance(outcomes[4], AuditRecord)
+    assert isinstance(outcomes[5], AuditRecord)
     assert isinstance(outcomes[1], KeyDisabledError)
     assert isinstance(outcomes[2], KeyNotFoundError)
-    assert isinstance(outcomes[3], KeyReleaseDeniedError)
-    assert outcomes[3].rule == "key_changed"
+    for changed in outcomes[3:5]:
+        assert isinstance(changed, KeyReleaseDeniedError)
+        assert changed.rule == "key_changed"
     released = [r.key_id for r in store.audit_records(limit=100) if r.verdict == "released"]
     assert sorted(released) == ["other", "same"]
+    assert store.verify_audit()[0]
+
+
+def test_minimum_versions_are_existing_versions_and_audited(store: SqliteKeyStore) -> None:
+    store.create_key("k", POLICY, b"w", now=1.0, audit=_event())
+    assert store.get_key("k").min_version == 1
+    for missing in (0, 2, -1):
+        with pytest.raises(KeyNotFoundError, match="minimum released version must be one of them"):
+            store.set_min_version("k", missing, now=2.0, audit=_event("key.min_version"))
+    assert store.get_key("k").min_version == 1
+    store.add_version("k", lambda version: b"w2", now=2.0, audit=_event("key.rotate"))
+    before = store.get_key("k").revision
+    store.set_min_version("k", 2, now=3.0, audit=_event("key.min_version"))
+    after = store.get_key("k")
+    assert (after.min_version, after.versions) == (2, (1, 2))  # retired, still stored
+    assert after.revision > before
+    record = store.audit_records(limit=100)[-1]
+    assert (record.event, record.key_id, record.version, record.seq) == (
+        "key.min_version",
+        "k",
+        2,
+        after.revision,
+    )
+    with pytest.raises(KeyNotFoundError):
+        store.set_min_version("nope", 1, now=3.0, audit=_event("key.min_version", "nope"))
     assert store.verify_audit()[0]
 
 
@@ -367,6 +395,7 @@ def test_a_schema_1_database_is_migrated_and_its_keys_get_revisions_on_change(tm
     store.create_key("old", POLICY, b"w", now=1.0, audit=_event(key_id="old"))
     store.close()
     with contextlib.closing(sqlite3.connect(path)) as raw:  # what a version-1 broker left behind
+        raw.execute("ALTER TABLE keys DROP COLUMN min_version")
         raw.execute("ALTER TABLE keys DROP COLUMN revision")
         raw.execute("PRAGMA user_version = 1")
         raw.commit()
@@ -383,4 +412,29 @@ def test_a_schema_1_database_is_migrated_and_its_keys_get_revisions_on_change(tm
     finally:
         store.close()
     with contextlib.closing(sqlite3.connect(path)) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+
+
+def test_a_schema_2_database_is_migrated_and_releases_every_version_until_told(tmp_path: Path) -> None:
+    path = tmp_path / "kbs.sqlite"
+    store = SqliteKeyStore(path)
+    store.create_key("old", POLICY, b"w", now=1.0, audit=_event(key_id="old"))
+    store.add_version("old", lambda version: b"w2", now=2.0, audit=_event("key.rotate", "old"))
+    revision = store.get_key("old").revision
+    store.close()
+    with contextlib.closing(sqlite3.connect(path)) as raw:  # what a version-2 broker left behind
+        raw.execute("ALTER TABLE keys DROP COLUMN min_version")
+        raw.execute("PRAGMA user_version = 2")
+        raw.commit()
+    store = SqliteKeyStore(path)
+    try:
+        old = store.get_key("old")
+        assert (old.min_version, old.revision, old.versions) == (1, revision, (1, 2))
+        store.set_min_version("old", 2, now=3.0, audit=_event("key.min_version", "old"))
+        assert store.get_key("old").min_version == 2
+        store.create_key("new", POLICY, b"w", now=4.0, audit=_event(key_id="new"))
+        assert store.get_key("new").min_version == 1
+    finally:
+        store.close()
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

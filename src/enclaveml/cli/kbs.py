@@ -166,6 +166,28 @@ def key_enable(
     _done(as_json, {"key_id": key_id, "state": "enabled"}, f"key {key_id!r} enabled")
 
 
+@key_app.command("min-version")
+def key_min_version(
+    key_id: Annotated[str, typer.Argument(help="The key.")],
+    version: Annotated[int, typer.Argument(help="The oldest version to release from now on.", min=1)],
+    url: UrlOpt = "",
+    token: TokenOpt = "",
+    ca: CaOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Release only versions >= VERSION of KEY_ID: artifacts sealed under older ones stop unsealing.
+
+    After sealing a new model under a rotated key, this stops any server from unsealing the older
+    artifacts the host may still hold (rollback). Versions stay stored; a lower VERSION undoes it.
+    """
+    _admin_call(url, token, ca, as_json, lambda a: a.set_min_version(key_id, version))
+    _done(
+        as_json,
+        {"key_id": key_id, "min_version": version},
+        f"key {key_id!r} releases versions >= {version} only",
+    )
+
+
 @key_app.command("delete")
 def key_delete(
     key_id: str,
@@ -188,21 +210,28 @@ def key_list(url: UrlOpt = "", token: TokenOpt = "", ca: CaOpt = None, as_json: 
     keys = _admin_call(url, token, ca, as_json, lambda a: a.list_keys())
     if as_json:
         rows = [
-            {"key_id": k.key_id, "versions": list(k.versions), "latest": k.latest, "state": k.state,
-             "policy": k.policy}
+            {"key_id": k.key_id, "versions": list(k.versions), "latest": k.latest,
+             "min_version": k.min_version, "state": k.state, "policy": k.policy}
             for k in keys
         ]  # fmt: skip
         console.print_json(json.dumps({"keys": rows}))
         return
     table = Table(title="Keys", header_style="bold")
-    for column in ("key", "versions", "latest", "state", "policy"):
+    for column in ("key", "versions", "latest", "released from", "state", "policy"):
         table.add_column(column, overflow="fold")
     for k in keys:
         policy = json.dumps(k.policy, sort_keys=True)
         table.add_row(
             *(
                 Text(cell)
-                for cell in (k.key_id, ",".join(map(str, k.versions)), str(k.latest), k.state, policy)
+                for cell in (
+                    k.key_id,
+                    ",".join(map(str, k.versions)),
+                    str(k.latest),
+                    str(k.min_version),
+                    k.state,
+                    policy,
+                )
             )
         )
     console.print(table)

@@ -88,10 +88,22 @@ class KeyIdOut(_Model):
     key_id: str
 
 
+class MinVersionIn(_Model):
+    min_version: int = Field(
+        description="the oldest key version the broker may release (>= 1, an existing version)"
+    )
+
+
+class MinVersionOut(_Model):
+    key_id: str
+    min_version: int
+
+
 class KeyOut(_Model):
     key_id: str
     versions: list[int]
     latest: int
+    min_version: int
     state: str
     policy: dict[str, Any]
 
@@ -237,6 +249,11 @@ def build_router(broker: KeyBroker, metrics: BrokerMetrics, executor: Executor |
     def set_policy(key_id: str, body: PolicyIn, actor: PolicyWrite) -> KeyIdOut:
         broker.set_policy(key_id, body.policy, actor=actor)
         return KeyIdOut(key_id=key_id)
+
+    @router.put("/v1/admin/keys/{key_id}/min-version", tags=["admin"])
+    def set_min_version(key_id: str, body: MinVersionIn, actor: KeysWrite) -> MinVersionOut:
+        broker.set_min_version(key_id, body.min_version, actor=actor)
+        return MinVersionOut(key_id=key_id, min_version=body.min_version)
 
     @router.post("/v1/admin/keys/{key_id}/wrap", tags=["admin"])
     def wrap(key_id: str, body: WrapIn, actor: KeysWrap) -> WrapOut:

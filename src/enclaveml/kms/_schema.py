@@ -1,16 +1,16 @@
 """The key broker's SQLite file: creation, pragmas, schema and schema versioning.
 
-Schema version 2 (``PRAGMA user_version``; ``PRAGMA application_id`` = ``0x656b4253``, "ekBS")::
+Schema version 3 (``PRAGMA user_version``; ``PRAGMA application_id`` = ``0x656b4253``, "ekBS")::
 
     meta(name TEXT PK, value BLOB)      root_key_check: HMAC fingerprint of the root key
                                         audit_head: seq (8 bytes big-endian) || hash (32 bytes)
-    keys(key_id TEXT PK, state, created_at, updated_at, revision)  state: enabled | disabled
-                                        revision: audit seq of the last create, state or policy
-                                        change (never reused, so a re-created key differs too)
-
-Version 1 had no ``revision``; opening it migrates it (existing keys get 0). Stop brokers of an
-earlier enclaveml before one of this version opens their database: they cannot create keys in
-the new schema, and their state and policy changes set no revision.
+    keys(key_id TEXT PK, state, created_at, updated_at, revision, min_version)
+                                        state: enabled | disabled
+                                        revision: audit seq of the last create, state, policy or
+                                        minimum-version change (never reused, so a re-created key
+                                        differs too)
+                                        min_version: the oldest version the broker releases; older
+                                        versions stay stored (lowering it releases them again)
     key_policies(key_id PK -> keys ON DELETE CASCADE, policy (dump_policy JSON), updated_at)
     key_versions(key_id -> keys ON DELETE CASCADE, version >= 1, wrapped BLOB, created_at,
                  PK(key_id, version))     wrapped = RootKey.wrap(key_id, version, kek)
@@ -18,6 +18,12 @@ the new schema, and their state and policy changes set no revision.
     nonces(nonce BLOB PK, expires_at REAL)
     audit(seq INTEGER PK AUTOINCREMENT, time, event, key_id, version, verdict, measurement,
           rule, detail, prev_hash BLOB, hash BLOB)              see enclaveml.kms._audit
+
+Version 1 had no ``revision``, version 2 no ``min_version``; opening an older file migrates it
+(existing keys get revision 0 and minimum version 1). Stop brokers of an earlier enclaveml before
+one of this version opens their database: a schema-1 broker cannot create keys in the new schema
+and sets no revisions, and a schema-2 broker does not know minimum versions, so it would release
+versions an administrator retired.
 
 Pragmas and why:
 
@@ -50,7 +56,7 @@ from enclaveml.errors import StorageError
 
 __all__ = ["SCHEMA_VERSION", "open_connection", "open_database"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _APPLICATION_ID = 0x656B4253
 _BUSY_TIMEOUT_MS = 10_000
 
@@ -61,7 +67,8 @@ CREATE TABLE keys (
     state TEXT NOT NULL CHECK (state IN ('enabled', 'disabled')),
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    revision INTEGER NOT NULL DEFAULT 0
+    revision INTEGER NOT NULL DEFAULT 0,
+    min_version INTEGER NOT NULL DEFAULT 1 CHECK (min_version >= 1)
 );
 CREATE TABLE key_policies (
     key_id TEXT PRIMARY KEY REFERENCES keys(key_id) ON DELETE CASCADE,
@@ -102,6 +109,8 @@ CREATE TABLE audit (
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 1 -> 2: key revisions; existing keys start at 0, their next change sets a real one.
     1: ("ALTER TABLE keys ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",),
+    # 2 -> 3: minimum released versions (rollback protection); existing keys release every version.
+    2: ("ALTER TABLE keys ADD COLUMN min_version INTEGER NOT NULL DEFAULT 1 CHECK (min_version >= 1)",),
 }
 
 

@@ -95,12 +95,14 @@ class KeyInfo:
     latest: int
     state: str
     policy: dict[str, Any]
+    min_version: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "key_id": self.key_id,
             "versions": list(self.versions),
             "latest": self.latest,
+            "min_version": self.min_version,
             "state": self.state,
             "policy": self.policy,
         }
@@ -202,6 +204,29 @@ class KeyBroker:
         )
         _log.info("set the release policy of key %r", key_id)
 
+    def set_min_version(self, key_id: str, min_version: int, *, actor: str | None = None) -> None:
+        """Release only versions >= ``min_version`` of ``key_id`` from now on; lowering it undoes this.
+
+        Why: the host stores the sealed artifacts, so after a model owner seals a new model under
+        a rotated key, the host could keep serving the older artifact (rollback to a model with a
+        known flaw, or one whose licence ended). Retiring the older key versions makes the broker
+        refuse their release (rule ``version_retired``), so no attested server can unseal them.
+        Versions stay stored: the owner can lower the minimum again. Releases in flight are
+        refused if they complete after this returns (the key gets a new revision).
+        """
+        _check_key_id(key_id)
+        valid = isinstance(min_version, int) and not isinstance(min_version, bool)
+        if not valid or not 1 <= min_version <= _MAX_VERSION:
+            raise InvalidRequestError(f"a minimum version is a key version >= 1, not {min_version!r}")
+        now = self._clock()
+        self.store.set_min_version(
+            key_id,
+            min_version,
+            now=now,
+            audit=self._admin_event(now, "key.min_version", key_id, actor, f"min_version {min_version}"),
+        )
+        _log.info("key %r now releases versions >= %d", key_id, min_version)
+
     def list_keys(self) -> list[KeyInfo]:
         # One read: a key deleted meanwhile is simply absent, never a 404 for the whole list.
         return [_info(k) for k in self.store.list_keys()]
@@ -286,6 +311,14 @@ class KeyBroker:
             number = stored.version
             if key.state != "enabled":
                 raise KeyDisabledError(f"key {key_id!r} is disabled; nothing is released")
+            if number < key.min_version:
+                raise KeyReleaseDeniedError(
+                    f"version {number} of key {key_id!r} is retired: this broker releases only "
+                    f"versions >= {key.min_version} of it",
+                    rule="version_retired",
+                    observed=f"version {number}",
+                    expected=f"version >= {key.min_version}",
+                )
             claims = appraise_release(
                 key.policy, evidence, expected_report_data(nonce, public_key), recorder, now
             )
@@ -357,7 +390,7 @@ class KeyBroker:
 
 
 def _info(key: StoredKey) -> KeyInfo:
-    return KeyInfo(key.key_id, key.versions, key.latest, key.state, json.loads(key.policy))
+    return KeyInfo(key.key_id, key.versions, key.latest, key.state, json.loads(key.policy), key.min_version)
 
 
 def _check_key_id(key_id: str) -> None:

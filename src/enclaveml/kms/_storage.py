@@ -97,7 +97,8 @@ class StoredKey:
     versions: tuple[int, ...]
     created_at: float
     updated_at: float
-    revision: int = 0  # changes with every create, state or policy change (not with a rotation)
+    revision: int = 0  # changes with every create, state, policy or minimum-version change (not a rotation)
+    min_version: int = 1  # the oldest version released (rollback protection: see KeyBroker.set_min_version)
 
     @property
     def latest(self) -> int:
@@ -140,6 +141,7 @@ class KeyStore(Protocol):
     ) -> int: ...
     def set_state(self, key_id: str, state: str, *, now: float, audit: AuditEvent) -> None: ...
     def set_policy(self, key_id: str, policy: str, *, now: float, audit: AuditEvent) -> None: ...
+    def set_min_version(self, key_id: str, min_version: int, *, now: float, audit: AuditEvent) -> None: ...
     def delete_key(self, key_id: str, *, audit: AuditEvent) -> None: ...
     def get_key(self, key_id: str) -> StoredKey: ...
     def list_keys(self) -> list[StoredKey]: ...
@@ -301,6 +303,20 @@ class SqliteKeyStore:
             db.execute("UPDATE keys SET updated_at = ? WHERE key_id = ?", (now, key_id))
             self._revise(db, key_id, self._append(db, audit))
 
+    def set_min_version(self, key_id: str, min_version: int, *, now: float, audit: AuditEvent) -> None:
+        """Release only versions >= ``min_version`` (which must exist: the latest stays releasable)."""
+        with self._tx("set minimum version") as db:
+            key = self._load_key(db, key_id)
+            if min_version not in key.versions:
+                raise KeyNotFoundError(
+                    f"key {key_id!r} has no version {min_version} (versions: {list(key.versions)}); "
+                    "the minimum released version must be one of them"
+                )
+            db.execute(
+                "UPDATE keys SET min_version = ?, updated_at = ? WHERE key_id = ?", (min_version, now, key_id)
+            )
+            self._revise(db, key_id, self._append(db, replace(audit, version=min_version)))
+
     @staticmethod
     def _revise(db: sqlite3.Connection, key_id: str, change: AuditRecord) -> None:
         """Give the key a new revision: the sequence number of the audit record of this change."""
@@ -341,7 +357,7 @@ class SqliteKeyStore:
     @staticmethod
     def _load_key(db: sqlite3.Connection, key_id: str) -> StoredKey:
         row = db.execute(
-            "SELECT k.state, p.policy, k.created_at, k.updated_at, k.revision FROM keys k "
+            "SELECT k.state, p.policy, k.created_at, k.updated_at, k.revision, k.min_version FROM keys k "
             "JOIN key_policies p USING (key_id) WHERE k.key_id = ?",
             (key_id,),
         ).fetchone()
@@ -352,7 +368,7 @@ class SqliteKeyStore:
         if not versions:
             raise StorageError(f"key {key_id!r} has no versions: the database is inconsistent")
         return StoredKey(
-            key_id, str(row[0]), str(row[1]), versions, float(row[2]), float(row[3]), int(row[4])
+            key_id, str(row[0]), str(row[1]), versions, float(row[2]), float(row[3]), int(row[4]), int(row[5])
         )
 
     @staticmethod
@@ -459,8 +475,9 @@ class SqliteKeyStore:
     def _still_releasable(db: sqlite3.Connection, pending: _PendingAudit) -> bool:
         """False (and the refusal as the pending's error) if its release's key changed since it was read.
 
-        Any create, state or policy change gives the key a new revision (a rotation does not), so
-        a key disabled and enabled again, or deleted and created anew, does not pass either.
+        Any create, state, policy or minimum-version change gives the key a new revision (a
+        rotation does not), so a key disabled and enabled again, or deleted and created anew, does
+        not pass either, nor a release of a version retired meanwhile.
         """
         key = pending.release_of
         if key is None:
@@ -482,8 +499,8 @@ class SqliteKeyStore:
             )
         elif int(row[1]) != key.revision or str(row[2]) != key.policy:
             pending.error = KeyReleaseDeniedError(
-                f"key {key.key_id!r} was changed (policy, state, or deleted and created again) during the "
-                "release; nothing is released: request a new challenge",
+                f"key {key.key_id!r} was changed (policy, state, minimum version, or deleted and created "
+                "again) during the release; nothing is released: request a new challenge",
                 rule="key_changed",
                 observed=f"revision {int(row[1])}",
                 expected=f"revision {key.revision}, as read for the release",

@@ -33,6 +33,7 @@ class KeyInfo:
     latest: int
     state: str
     policy: dict[str, Any]
+    min_version: int = 1  # the oldest version the broker releases
 
     @property
     def enabled(self) -> bool:
@@ -96,6 +97,17 @@ class KeyBrokerAdmin:
     def delete_key(self, key_id: str) -> None:
         """Destroy every version: artifacts sealed under ``key_id`` become unrecoverable."""
         self._http.request("DELETE", f"/v1/admin/keys/{key_path(key_id)}", expect_body=False)
+
+    def set_min_version(self, key_id: str, min_version: int) -> None:
+        """Release only versions >= ``min_version`` of ``key_id`` (rollback protection; lower it to undo).
+
+        After sealing a new model under a rotated key, retiring the older versions stops any
+        server from unsealing the older artifacts the host may still hold.
+        """
+        if isinstance(min_version, bool) or not isinstance(min_version, int) or min_version < 1:
+            raise ConfigurationError(f"a minimum version is a key version >= 1, not {min_version!r}")
+        body = {"min_version": min_version}
+        self._http.request("PUT", f"/v1/admin/keys/{key_path(key_id)}/min-version", json_body=body)
 
     def list_keys(self) -> list[KeyInfo]:
         keys = self._http.request("GET", "/v1/admin/keys").get("keys")
@@ -178,12 +190,16 @@ def _key_info(item: Any) -> KeyInfo:
     versions, latest, policy = item.get("versions"), item.get("latest"), item.get("policy")
     if not isinstance(versions, list) or not all(isinstance(v, int) for v in versions):
         raise KeyBrokerError("the key broker's key list has malformed 'versions'")
+    min_version = item.get("min_version", 1)  # brokers before schema 3 release every version
+    if not isinstance(min_version, int) or isinstance(min_version, bool):
+        raise KeyBrokerError("the key broker's key list has a malformed 'min_version'")
     return KeyInfo(
         key_id=str(item.get("key_id", "")),
         versions=tuple(versions),
         latest=latest if isinstance(latest, int) else max(versions, default=0),
         state=str(item.get("state", "unknown")),
         policy=_policy_field(policy),
+        min_version=min_version,
     )
 
 
