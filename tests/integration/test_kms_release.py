@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from enclaveml.attestation.verifier import EvidenceVerifier, Verifier
 from enclaveml.crypto.sealed import read_header, seal_bytes, unseal_bytes
 from enclaveml.errors import (
     AuthorizationError,
+    ConfigurationError,
     DecryptionError,
     KeyDisabledError,
     KeyNotFoundError,
@@ -198,6 +200,34 @@ def test_retired_versions_stop_older_artifacts_from_unsealing(
     changes = [(r["event"], r["version"]) for r in records if r["event"] == "key.min_version"]
     assert changes == [("key.min_version", 2), ("key.min_version", 1)]
     assert [r["rule"] for r in records if r["verdict"] == "denied"] == ["version_retired"]
+
+
+def test_a_maximum_key_age_makes_a_broker_side_disable_reach_a_long_lived_reader(
+    broker: RunningBroker, sim_provider: SimulationProvider
+) -> None:
+    with broker.admin() as admin:
+        admin.create_key("data", allow_only(sim_provider))
+        sealed = seal_bytes(b"day 1 partition", wrapper=admin, key_id="data")
+        with (
+            broker.client(sim_provider) as forever,
+            KeyBrokerClient(broker.url, sim_provider, verify=str(broker.ca), max_key_age_s=0.3) as bounded,
+        ):
+            for client in (forever, bounded):
+                assert unseal_bytes(sealed, unwrapper=client) == b"day 1 partition"
+            admin.disable_key("data")
+            assert unseal_bytes(sealed, unwrapper=bounded) == b"day 1 partition"  # still young
+            time.sleep(0.4)
+            with pytest.raises(KeyDisabledError):
+                unseal_bytes(sealed, unwrapper=bounded)
+            assert bounded.cached_versions == []  # the old key is gone, not kept for later
+            assert (
+                unseal_bytes(sealed, unwrapper=forever) == b"day 1 partition"
+            )  # the default: until forget()
+            admin.enable_key("data")
+            assert unseal_bytes(sealed, unwrapper=bounded) == b"day 1 partition"
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "60"):
+        with pytest.raises(ConfigurationError, match="max_key_age_s"):
+            KeyBrokerClient(broker.url, sim_provider, max_key_age_s=bad)  # type: ignore[arg-type]
 
 
 def test_restart_keeps_keys(

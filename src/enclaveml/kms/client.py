@@ -13,12 +13,17 @@
 The client also implements :class:`~enclaveml.crypto.keys.DataKeyUnwrapper`: unsealing asks
 for ``(key_id, version)`` and the client releases that version once, then keeps its handle in
 memory (never on disk) for later files. Key bytes appear in no log line, repr or exception.
+With ``max_key_age_s`` a handle older than that is released afresh before its next use, so a
+long-lived reader (a Parquet dataset scanned for days) stops opening new files within that time
+once the owner disables the key, retires the version or changes the policy at the broker.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from types import TracebackType
 from typing import Any
 
@@ -63,7 +68,8 @@ class KeyBrokerClient:
 
     ``verify`` pins the broker's TLS identity: a CA or certificate file path (what
     ``enclaveml kbs serve`` writes), an ``ssl.SSLContext``, or True for the system CAs.
-    ``transport`` replaces the network (tests only).
+    ``transport`` replaces the network (tests only). ``max_key_age_s`` bounds how long a
+    released key is reused before it is released again (default: until :meth:`forget`).
     """
 
     def __init__(
@@ -75,7 +81,16 @@ class KeyBrokerClient:
         kem: str = "MLKEM768-X25519",
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        max_key_age_s: float | None = None,
     ) -> None:
+        if max_key_age_s is not None and (
+            isinstance(max_key_age_s, bool)
+            or not isinstance(max_key_age_s, int | float)
+            or not 0 < max_key_age_s < math.inf
+        ):
+            raise ConfigurationError(
+                f"max_key_age_s must be a positive number of seconds, not {max_key_age_s!r}"
+            )
         if kem not in _SUITES:
             raise ConfigurationError(f"unknown KEM {kem!r}; the key broker speaks {', '.join(KEMS)}")
         if not isinstance(evidence_provider, EvidenceProvider):
@@ -83,7 +98,9 @@ class KeyBrokerClient:
         self.kem = kem
         self._provider = evidence_provider
         self._http = BrokerHttp(url, verify=verify, timeout=timeout, transport=transport)
+        self.max_key_age_s = max_key_age_s
         self._handles: dict[tuple[str, int], KeyHandle] = {}
+        self._obtained: dict[tuple[str, int], float] = {}  # time.monotonic() of each handle's release
         # Held across a cache miss so concurrent unwraps of one file set do not each
         # spend a nonce and an attestation on the same key version.
         self._cache_lock = threading.Lock()
@@ -134,12 +151,26 @@ class KeyBrokerClient:
         return KeyHandle(key_id, released, secret)
 
     def handle(self, key_id: str, version: int) -> KeyHandle:
-        """The cached handle of ``(key_id, version)``, releasing it first when not yet held."""
+        """The cached handle of ``(key_id, version)``, releasing it first when not held (or too old).
+
+        A handle older than ``max_key_age_s`` is dropped before the new release is asked for, so
+        a refusal (key disabled, version retired, policy changed) leaves nothing cached.
+        """
+        entry = (key_id, version)
         with self._cache_lock:
-            cached = self._handles.get((key_id, version))
+            cached = self._handles.get(entry)
+            age_limit = self.max_key_age_s
+            if (
+                cached is not None
+                and age_limit is not None
+                and time.monotonic() - self._obtained[entry] > age_limit
+            ):
+                del self._handles[entry], self._obtained[entry]
+                cached = None
             if cached is None:
                 cached = self.release(key_id, version)
-                self._handles[(key_id, version)] = cached
+                self._handles[entry] = cached
+                self._obtained[entry] = time.monotonic()
             return cached
 
     def unwrap_data_key(self, key_id: str, version: int, wrapped: bytes, aad: bytes) -> bytes:
@@ -156,6 +187,7 @@ class KeyBrokerClient:
         """Drop every cached key handle (e.g. after a policy change should take effect)."""
         with self._cache_lock:
             self._handles.clear()
+            self._obtained.clear()
 
     def close(self) -> None:
         """Close the connection pool and forget released keys."""
