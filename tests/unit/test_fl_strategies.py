@@ -46,14 +46,14 @@ def test_fedavg_is_example_weighted_and_keeps_dtypes_and_shapes() -> None:
     g = [np.zeros((1, 2), np.float32), np.array(0, np.int64)]
     updates = [
         ClientUpdate("a", [np.array([[1.0, 2.0]], np.float32), np.array(10, np.int64)], 1),
-        ClientUpdate("b", [np.array([[3.0, 6.0]], np.float32), np.array(20, np.int64)], 3),
+        ClientUpdate("b", [np.array([[3.0, 6.0]], np.float32), np.array(21, np.int64)], 3),
     ]
     out = FedAvg().aggregate_train(1, g, updates)
     np.testing.assert_array_equal(out[0], [[2.5, 5.0]])  # (1·1 + 3·3)/4, (1·2 + 3·6)/4
     assert out[0].dtype == np.float32
     assert isinstance(out[1], np.ndarray)
     assert out[1].dtype == np.int64
-    assert int(out[1]) == 18  # 17.5 rounds to even
+    assert int(out[1]) == 16  # integers: unweighted median, 15.5 rounds to even
     assert FedAvg().plan() == {"name": "fedavg"}
 
 

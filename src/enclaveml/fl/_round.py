@@ -12,8 +12,10 @@ from the round's global model is computed. At round close the validator judges n
 run of consecutive rows, on memory already laid out.
 
 What is kept per upload: example count, metrics, the squared delta norm and, for an upload already
-known to be invalid (layout, dtype, NaN/Inf), the rejection reason instead of a row. A rejected or
-revoked upload's row never enters a :class:`RoundUpdates`; a revoked client's row is reused.
+known to be invalid (layout, dtype), the rejection reason instead of a row; one found invalid in
+its copy (NaN/Inf, a bool byte other than 0/1) keeps its row, unread, until the round ends. A
+rejected or revoked upload's row never enters a :class:`RoundUpdates`; a revoked client's row is
+reused.
 Every round starts with a fresh :class:`RoundUploads` (and matrix), so nothing from an earlier round
 is ever aggregated again; the matrix is freed with the last reference to the closed round.
 
@@ -31,11 +33,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from enclaveml.fl.strategies._kernels import delta_sq_norms, ingest
+from enclaveml.fl.strategies._kernels import cast_like, delta_sq_norms, ingest
 from enclaveml.fl.strategies._round_updates import RoundUpdates
 from enclaveml.fl.strategies._update_matrix import MatrixRows, UpdateMatrix
 from enclaveml.fl.strategy import Weights
-from enclaveml.fl.validation import judge_norms, nonfinite_reason
+from enclaveml.fl.validation import bool_problem, judge_norms, nonfinite_reason
 
 __all__ = ["ClosedRound", "RoundUploads", "Upload", "take_over", "weighted_metrics"]
 
@@ -104,8 +106,8 @@ class RoundUploads:
         matrix, index = upload.row
         row = matrix.row(index)
         upload.sq_norm = ingest(weights, row, self.global_weights)
-        if not np.isfinite(upload.sq_norm):
-            upload.reason = nonfinite_reason(row)
+        # On the copy, not the caller's arrays, which could still change under us.
+        upload.reason = bool_problem(row) if np.isfinite(upload.sq_norm) else nonfinite_reason(row)
 
     def commit(self, upload: Upload, num_examples: int, metrics: Mapping[str, float]) -> int:
         """Count ``upload`` in the round; returns how many uploads are committed now."""
@@ -176,6 +178,11 @@ def take_over(weights: Sequence[np.ndarray], previous: Weights, rows: RoundUpdat
     10 clients) when they are writable arrays of their own buffer, of the model's dtype, sharing
     no memory with the previous model or the round's rows; anything else is copied. A strategy
     must therefore not keep and later change the arrays it returns.
+
+    Floats returned for an integer or bool array are rounded, and refused (ValueError: the round's
+    attempt fails, the model stays) where the dtype cannot hold them, as in
+    :func:`~enclaveml.fl.strategies._kernels.cast_like`: a plain cast would truncate, and wrap
+    2**63 to -2**63 (a strategy of one's own that averages a counter gets there).
     """
     owned = [
         isinstance(w, np.ndarray)
@@ -190,7 +197,15 @@ def take_over(weights: Sequence[np.ndarray], previous: Weights, rows: RoundUpdat
     ):
         owned = [False] * len(owned)  # a strategy that hands back rows: copy everything
     layout = zip(weights, previous, owned, strict=True)
-    return [w.reshape(old.shape) if mine else np.array(w, dtype=old.dtype) for w, old, mine in layout]
+    return [w.reshape(old.shape) if mine else _copy_as(w, old) for w, old, mine in layout]
+
+
+def _copy_as(value: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """A copy of ``value`` in ``old``'s dtype; floats for integers through :func:`cast_like`
+    (whose rounding already makes a new array)."""
+    if old.dtype.kind in "iub" and np.asarray(value).dtype.kind in "fc":
+        return cast_like([value], [old])[0]
+    return np.array(value, dtype=old.dtype)
 
 
 def _owns_buffer(array: np.ndarray) -> bool:

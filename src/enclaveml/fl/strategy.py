@@ -5,7 +5,12 @@ Model parameters are framework-neutral: a list of numpy arrays (PyTorch helpers 
 ``configure_train`` (what each participant is told for a round: learning rate, proximal term…)
 and ``aggregate_train`` (turn the validated updates of a round into the next global model).
 Update validation (shapes, dtypes, NaN/Inf, norm outliers) happens *before* aggregation, in
-:mod:`enclaveml.fl.validation`, inside the TEE; strategies receive only accepted updates.
+:mod:`enclaveml.fl.validation`, inside the TEE; strategies receive only accepted updates. The norm
+rules see float arrays only: integer and bool arrays (counters, masks) are bounded by the
+aggregation instead, and every built-in strategy takes their coordinate-wise median (see
+:mod:`enclaveml.fl.strategies._discrete`). A strategy of one's own that averages them lets a
+single client set them; the aggregator only rounds floats returned for them and refuses values
+their dtype cannot hold.
 
 A strategy's :meth:`Strategy.plan` is plain data (name and every hyperparameter) that the
 aggregator binds into its attestation evidence, so a participant verifies the rules as well as

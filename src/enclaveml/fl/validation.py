@@ -5,18 +5,28 @@ Checks, in order; the first that fails rejects the update with a short reason:
 1. ``client_id`` unique in the round (two updates under one id are both rejected);
 2. ``num_examples`` is a positive integer (FedAvg weights by it);
 3. the number of arrays, then each array's type, dtype and shape match the global model;
-4. no NaN or Inf (found through the norm below: a non-finite norm triggers the element check);
+4. no NaN or Inf (found through the norm below: a non-finite norm triggers the element check),
+   and no bool array holding a byte other than 0 or 1 (:func:`bool_problem`);
 5. the L2 norm of the change ``w - w_global`` over the float arrays is at most ``max_norm``;
 6. that norm is at most ``norm_outlier_factor`` times the median norm of the updates that passed
    1-5 (skipped when that median is 0). Scaled-up ("boosted") model-replacement updates are the
    typical catch. With one or two updates the rule cannot reject anything (for a factor >= 2):
    there is no majority to compare with.
 
+Integer and bool arrays (counters such as BatchNorm's ``num_batches_tracked``, masks) are left
+out of the norms on purpose: they are not model directions, a counter's change (the local step
+count) would dwarf the weights', and no bound fits every model. What keeps them in check is the
+aggregation instead: every built-in strategy takes their coordinate-wise median over the accepted
+updates, exactly in their dtype (:mod:`enclaveml.fl.strategies._discrete`), which fewer than half
+of the clients cannot move outside the honest values. Rule 4 refuses what a dtype cannot hold:
+NaN/Inf in a float, and in a bool any byte but 0 and 1 (the wire carries raw bytes; numpy reads
+such a byte as True but keeps it, so a strategy that passes it on would hand it to everyone).
+
 The aggregator applies the same rules in two steps (:mod:`enclaveml.fl._round`): 2-4 on each
 upload as it arrives (:func:`structure_problem`, then the norm of the change computed while the
-upload is copied into its row, and :func:`nonfinite_reason`), 5-6 on the norms alone when the
-round closes (:func:`judge_norms`); so closing a round reads no update a second time.
-:func:`validate_updates` applies all of them to a list of updates at once.
+upload is copied into its row, :func:`nonfinite_reason` and :func:`bool_problem` on the copy),
+5-6 on the norms alone when the round closes (:func:`judge_norms`); so closing a round reads no
+update a second time. :func:`validate_updates` applies all of them to a list of updates at once.
 
 The round goes on without the rejected updates. Reasons are fixed phrases plus array indices,
 shapes and dtypes from the model's layout: never parameter values or statistics of them (a
@@ -42,6 +52,7 @@ from enclaveml.fl.strategy import ClientUpdate, Weights
 __all__ = [
     "DEFAULT_NORM_OUTLIER_FACTOR",
     "ValidationResult",
+    "bool_problem",
     "check_options",
     "judge_norms",
     "nonfinite_reason",
@@ -93,13 +104,16 @@ def validate_updates(
 
     sq_norms = delta_sq_norms(global_weights, [u.weights for u in well_formed])
     finite: list[ClientUpdate] = []
+    finite_sq: list[float] = []
     for update, sq in zip(well_formed, sq_norms, strict=True):
-        if math.isfinite(sq):
+        reason = bool_problem(update.weights) if math.isfinite(sq) else nonfinite_reason(update.weights)
+        if reason is None:
             finite.append(update)
+            finite_sq.append(float(sq))
         else:
-            rejected[update.client_id] = nonfinite_reason(update.weights)
+            rejected[update.client_id] = reason
     verdicts = judge_norms(
-        sq_norms[np.isfinite(sq_norms)], max_norm=max_norm, norm_outlier_factor=norm_outlier_factor
+        np.array(finite_sq, dtype=np.float64), max_norm=max_norm, norm_outlier_factor=norm_outlier_factor
     )
     accepted = []
     for update, verdict in zip(finite, verdicts, strict=True):
@@ -135,6 +149,14 @@ def nonfinite_reason(weights: Weights) -> str:
     """Why an update whose norm is not finite is rejected: NaN/Inf, or a float overflow."""
     finite = all(np.isfinite(w).all() for w in weights if w.dtype.kind in "fc")
     return "update norm overflows" if finite else "contains NaN or Inf"
+
+
+def bool_problem(weights: Weights) -> str | None:
+    """Why an update with a bool array holding a byte other than 0 or 1 is rejected, or None."""
+    for k, w in enumerate(weights):
+        if w.dtype.kind == "b" and w.size and int(w.view(np.uint8).max()) > 1:
+            return f"array {k} holds bool bytes other than 0 and 1"
+    return None
 
 
 def validation_options(options: Mapping[str, Any]) -> tuple[float | None, float | None]:

@@ -11,6 +11,11 @@ NormClipping        clip each update's change to ``max_norm``, then any inner st
 CentralDP           clip, average, Gaussian noise; (ε, δ) from opacus' RDP accountant
 ==================  ===========================================================================
 
+Whatever the strategy, integer and bool arrays (counters such as ``num_batches_tracked``, masks)
+are the coordinate-wise median over the accepted updates, computed exactly in their dtype: no norm
+rule bounds them, so a mean would let one client set them (CentralDP keeps them at the global
+value: they are not released).
+
 :class:`UpdateMatrix` stores a round's updates as rows of one matrix: the aggregator copies each
 upload into a row as it arrives and hands the strategy the accepted rows, which FedAvg and its
 kin aggregate with one BLAS call per dtype region (any ``Sequence[ClientUpdate]`` still works).

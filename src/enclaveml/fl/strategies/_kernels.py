@@ -21,6 +21,8 @@ computes the squared norm of its delta in the same pass, block by block, while t
 cache; :func:`scale_deltas` is norm clipping in place on rows the aggregator owns.
 
 Accumulators are float32 for float16/float32 arrays (as Flower and BLAS do) and float64 otherwise.
+The built-in strategies replace what these kernels compute for integer and bool arrays by exact
+medians (:mod:`._discrete`); a float64 mean of int64 values is neither exact nor bounded.
 """
 
 from __future__ import annotations
@@ -71,6 +73,12 @@ def accumulator_dtype(dtype: np.dtype) -> np.dtype:
 def cast_like(values: Sequence[np.ndarray], like: Weights) -> Weights:
     """``values`` as arrays in the dtypes and shapes of ``like``; integers are rounded, not truncated.
 
+    A float value that an integer or bool array cannot hold (NaN, Inf, beyond the dtype's range)
+    raises ValueError rather than being cast: numpy would wrap it (2**63 becomes -2**63 in int64)
+    and a corrupt model would be handed to every participant. (The built-in strategies never get
+    here with such values: their integer and bool arrays are medians computed in the array's own
+    dtype, see :mod:`._discrete`.) Integer values are cast between integer dtypes exactly.
+
     (numpy turns 0-d results into scalars; ``np.asarray`` turns them back, since ``Weights`` holds
     arrays only.)
     """
@@ -78,9 +86,28 @@ def cast_like(values: Sequence[np.ndarray], like: Weights) -> Weights:
     for value, ref in zip(values, like, strict=True):
         value = np.asarray(value).reshape(ref.shape)
         if ref.dtype.kind in "iub" and value.dtype != ref.dtype:
-            value = np.rint(value)
+            if value.dtype.kind in "fc":
+                value = np.rint(value)
+            _check_range(value, ref.dtype)
         out.append(np.asarray(value.astype(ref.dtype, copy=False)))
     return out
+
+
+def _check_range(value: np.ndarray, dtype: np.dtype) -> None:
+    """Refuse values outside ``[min, max]`` of an integer or bool ``dtype`` (and NaN)."""
+    if value.size == 0 or np.can_cast(value.dtype, dtype, casting="safe"):
+        return
+    low, high = (0, 1) if dtype.kind == "b" else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+    if value.dtype.kind == "f":
+        # high + 1 is a power of two, exact in a float; high itself may not be (2**63 - 1).
+        with np.errstate(invalid="ignore"):
+            inside = bool(np.all((value >= float(low)) & (value < float(high) + 1.0)))  # NaN: False
+    elif value.dtype.kind in "iu":
+        inside = low <= int(value.min()) and int(value.max()) <= high  # Python ints: exact
+    else:  # complex and anything else: numpy's cast, as before
+        return
+    if not inside:
+        raise ValueError(f"aggregated values do not fit the model's {dtype.name} array")
 
 
 def weighted_sum(rows: Sequence[Weights], coeffs: Sequence[float] | np.ndarray, like: Weights) -> Weights:

@@ -12,8 +12,9 @@ with ``m = 0`` and ``v = τ²`` before the first round, as in the paper (no bias
 
 ``m`` and ``v`` are the only state; :meth:`state` / :meth:`load_state` checkpoint them (keys
 ``m/<k>``, ``v/<k>`` per array and ``rounds``), so an aggregator that restarts continues the same
-trajectory. Non-float arrays (e.g. BatchNorm's ``num_batches_tracked``) are averaged as in FedAvg
-and have no optimizer state.
+trajectory. Integer and bool arrays (e.g. BatchNorm's ``num_batches_tracked``) are the
+coordinate-wise median over the updates, as in FedAvg (:mod:`._discrete`), and have no optimizer
+state.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 from enclaveml.errors import ConfigurationError
 from enclaveml.fl.strategies._common import check_number, require_updates
+from enclaveml.fl.strategies._discrete import discrete_medians
 from enclaveml.fl.strategies._kernels import cast_like, weighted_sum
 from enclaveml.fl.strategies._round_updates import example_counts, update_rows
 from enclaveml.fl.strategy import ClientUpdate, Strategy, Weights
@@ -57,16 +59,18 @@ class ServerOptimizer(Strategy):
         """One adaptive step from ``global_weights`` along the mean pseudo-gradient of ``updates``."""
         require_updates(self.name, updates)
         counts = example_counts(updates)
-        means = weighted_sum(update_rows(updates), counts / counts.sum(), global_weights)
+        rows = update_rows(updates)
+        means = weighted_sum(rows, counts / counts.sum(), global_weights)
+        medians = discrete_medians(rows, global_weights)
         if self._m is None or self._v is None:
             self._m = [np.zeros(g.shape, _state_dtype(g)) for g in global_weights]
             self._v = [np.full(g.shape, self.tau**2, _state_dtype(g)) for g in global_weights]
         self._check_state(global_weights)
         new: Weights = []
-        for g, mean, m, v in zip(global_weights, means, self._m, self._v, strict=True):
+        for j, (g, mean, m, v) in enumerate(zip(global_weights, means, self._m, self._v, strict=True)):
             mean = mean.reshape(g.shape)
-            if g.dtype.kind != "f":
-                new.append(mean)  # FedAvg for counters; cast_like rounds
+            if j in medians:
+                new.append(medians[j])  # counters and masks: no pseudo-gradient, no state
                 continue
             delta = np.subtract(mean, g, dtype=m.dtype)
             m *= self.beta_1

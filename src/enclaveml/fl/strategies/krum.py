@@ -6,6 +6,10 @@ example counts are client claims). Why: an update far from the honest cluster ha
 and is never chosen, provided ``n ≥ 2f + 3``; with ``multi = 1`` the result *is* one honest-looking
 update, with larger ``multi`` it averages several and loses less accuracy.
 
+Krum's distances see the float arrays only, so an update close to the others there may carry any
+integer or bool arrays: those are the coordinate-wise median over *all* accepted updates, not the
+chosen ones (as in every built-in strategy, :mod:`._discrete`).
+
 Distances come from one Gram matrix of the deltas ``w_i - w_global``, computed block by block with
 BLAS (see :func:`~enclaveml.fl.strategies._kernels.delta_gram`), not from ``n²`` passes.
 """
@@ -19,6 +23,7 @@ import numpy as np
 
 from enclaveml.errors import ConfigurationError
 from enclaveml.fl.strategies._common import require_updates
+from enclaveml.fl.strategies._discrete import with_discrete_medians
 from enclaveml.fl.strategies._kernels import cast_like, delta_gram, weighted_sum
 from enclaveml.fl.strategies._round_updates import select_rows, update_rows
 from enclaveml.fl.strategy import ClientUpdate, Strategy, Weights
@@ -63,11 +68,12 @@ class Krum(Strategy):
     def aggregate_train(
         self, server_round: int, global_weights: Weights, updates: Sequence[ClientUpdate]
     ) -> Weights:
-        """The uniform mean of the selected updates."""
+        """The uniform mean of the selected updates (integer and bool arrays: median of all)."""
         chosen = sorted(self.select(global_weights, updates))  # row order: consecutive rows stay one run
         coeffs = np.full(len(chosen), 1.0 / len(chosen))
-        mean = weighted_sum(select_rows(update_rows(updates), chosen), coeffs, global_weights)
-        return cast_like(mean, global_weights)
+        rows = update_rows(updates)
+        mean = weighted_sum(select_rows(rows, chosen), coeffs, global_weights)
+        return cast_like(with_discrete_medians(mean, rows, global_weights), global_weights)
 
     def plan(self) -> dict[str, Any]:
         """Name, ``num_malicious`` and ``multi``."""

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from enclaveml.fl.strategies._common import require_updates
+from enclaveml.fl.strategies._discrete import with_discrete_medians
 from enclaveml.fl.strategies._kernels import cast_like, coordinate_reduce
 from enclaveml.fl.strategies._round_updates import update_rows
 from enclaveml.fl.strategy import ClientUpdate, Strategy, Weights
@@ -38,10 +39,11 @@ class CoordinateMedian(Strategy):
     def aggregate_train(
         self, server_round: int, global_weights: Weights, updates: Sequence[ClientUpdate]
     ) -> Weights:
-        """The coordinate-wise median of the updates' weights."""
+        """The coordinate-wise median of the updates' weights (integer ones exact, in their dtype)."""
         require_updates(self.name, updates)
-        medians = coordinate_reduce(update_rows(updates), global_weights, _median)
-        return cast_like(medians, global_weights)
+        rows = update_rows(updates)
+        medians = coordinate_reduce(rows, global_weights, _median)
+        return cast_like(with_discrete_medians(medians, rows, global_weights), global_weights)
 
     def plan(self) -> dict[str, Any]:
         """``{"name": "coordinate-median"}``."""

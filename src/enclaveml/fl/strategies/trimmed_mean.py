@@ -3,7 +3,8 @@
 Why: with ``beta`` at least the fraction of malicious clients, every value a malicious client
 sends that lies outside the honest range is trimmed away, so the result stays within the range
 of the honest values; unlike the median it still averages the middle, which is kinder to honest
-heterogeneity. Example counts are ignored (each client counts once).
+heterogeneity. Example counts are ignored (each client counts once). Integer and bool arrays are
+the coordinate-wise median, as in every built-in strategy (:mod:`._discrete`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from enclaveml.fl.strategies._common import check_number, require_updates
+from enclaveml.fl.strategies._discrete import with_discrete_medians
 from enclaveml.fl.strategies._kernels import cast_like, coordinate_reduce
 from enclaveml.fl.strategies._round_updates import update_rows
 from enclaveml.fl.strategy import ClientUpdate, Strategy, Weights
@@ -43,8 +45,9 @@ class TrimmedMean(Strategy):
                 stacked.sort(axis=0)  # vectorised; faster than np.partition on two cut points
             np.mean(stacked[k : n - k], axis=0, out=out)
 
-        means = coordinate_reduce(update_rows(updates), global_weights, trimmed)
-        return cast_like(means, global_weights)
+        rows = update_rows(updates)
+        means = coordinate_reduce(rows, global_weights, trimmed)
+        return cast_like(with_discrete_medians(means, rows, global_weights), global_weights)
 
     def plan(self) -> dict[str, Any]:
         """Name and ``beta``."""
