@@ -104,13 +104,44 @@ def test_evidence_and_endorsements_of_the_wrong_type_are_verification_errors(
         )
 
 
+_PLACEHOLDER_OID = x509.ObjectIdentifier("2.23.133.5.4.8")  # as long as RATLS_EVIDENCE_OID in DER
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    size = len(body)
+    length = bytes([size]) if size < 0x80 else bytes([0x80 | ((size.bit_length() + 7) // 8)])
+    if size >= 0x80:
+        length += size.to_bytes(length[0] & 0x7F, "big")
+    return bytes([tag]) + length + body
+
+
+def _resigned(
+    certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey, old: bytes, new: bytes
+) -> bytes:
+    """The certificate with ``old`` replaced by ``new`` (same length) in its TBS part, signed again
+    by ``key``: a hostile server signs whatever it likes, and cryptography's builder refuses to
+    make some of these certificates (a duplicate extension) itself."""
+    assert len(old) == len(new)
+    assert certificate.tbs_certificate_bytes.count(old) == 1
+    tbs = certificate.tbs_certificate_bytes.replace(old, new)
+    algorithm = _der(0x30, _der(0x06, bytes.fromhex("2a8648ce3d040302")))  # ecdsa-with-SHA256
+    signature = key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    return _der(0x30, tbs + algorithm + _der(0x03, b"\x00" + signature))
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["malformed subject alternative name", "ediPartyName in the names", "evidence extension twice"],
+)
 def test_a_certificate_with_a_malformed_extension_is_a_verification_error(
-    key, sim_provider, sim_verifier, sim_policy
+    key, sim_provider, sim_verifier, sim_policy, hostile: str
 ) -> None:
+    """Whatever cryptography raises when it first reads the extensions (ValueError,
+    UnsupportedGeneralNameType, DuplicateExtension) is a VerificationError, never a bare exception."""
     binding = bind_public_key(sim_provider, key.public_key())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hostile")])
     now = datetime.datetime.now(datetime.UTC)
-    certificate = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -119,15 +150,30 @@ def test_a_certificate_with_a_malformed_extension_is_a_verification_error(
         .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(hours=1))
         .add_extension(x509.UnrecognizedExtension(RATLS_EVIDENCE_OID, binding.evidence), critical=False)
-        .add_extension(
-            x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x04\x03bad"), critical=False
-        )
-        .sign(key, hashes.SHA256())
     )
-    with pytest.raises(VerificationError, match="malformed key or extension"):
-        verify_ratls_certificate(
-            certificate.public_bytes(serialization.Encoding.DER), verifier=sim_verifier, policy=sim_policy
+    if hostile == "malformed subject alternative name":
+        names = x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x04\x03bad")
+        der = (
+            builder.add_extension(names, critical=False)
+            .sign(key, hashes.SHA256())
+            .public_bytes(serialization.Encoding.DER)
         )
+    elif hostile == "ediPartyName in the names":
+        certificate = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
+        ).sign(key, hashes.SHA256())
+        der = _resigned(certificate, key, b"\x82\x09localhost", b"\xa5\x09\x80\x07foo.bar")
+    else:
+        second = x509.UnrecognizedExtension(_PLACEHOLDER_OID, binding.evidence)
+        certificate = builder.add_extension(second, critical=False).sign(key, hashes.SHA256())
+        # The placeholder's DER OID (2.23.133.5.4.8) becomes the evidence OID (2.23.133.5.4.9).
+        der = _resigned(
+            certificate, key, bytes.fromhex("0606678105050408"), bytes.fromhex("0606678105050409")
+        )
+    loaded = x509.load_der_x509_certificate(der)
+    loaded.verify_directly_issued_by(loaded)  # correctly self-signed: only the content is hostile
+    with pytest.raises(VerificationError, match="malformed key or extension"):
+        verify_ratls_certificate(der, verifier=sim_verifier, policy=sim_policy)
 
 
 def test_certificates_have_no_expiry_unless_a_validity_is_asked_for(

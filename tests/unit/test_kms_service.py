@@ -491,6 +491,37 @@ def test_a_key_deleted_while_keys_are_listed_does_not_fail_the_list(broker: KeyB
         broker.store.get_key = real_get  # type: ignore[method-assign]
 
 
+class _Crashing:
+    """A verifier with a parser bug that hostile evidence triggers (not an enclaveml error)."""
+
+    def verify(self, evidence: Evidence, *, now: Instant = None) -> Claims:
+        raise TypeError("oid must be X500_UNIQUE_IDENTIFIER for BitString type.")
+
+
+def test_a_verifier_crash_is_an_audited_evidence_denial(
+    tmp_path: Path, root_key: RootKey, sim_provider, policy, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SqliteKeyStore(tmp_path / "kbs.sqlite")
+    broker = KeyBroker(store, root_key, _Crashing())  # type: ignore[arg-type]
+    try:
+        broker.create_key("k", policy)
+        workload = Workload(sim_provider)
+        c = broker.challenge()
+        error = _denied(
+            broker,
+            "evidence",
+            key_id="k",
+            nonce=c.nonce,
+            evidence=workload.evidence(c.nonce),
+            public_key=workload.public,
+        )
+        assert (error.observed, str(error)) == ("TypeError", "evidence could not be verified (TypeError)")
+        assert "evidence verification raised TypeError" in caplog.text
+        assert not any(r.verdict == "released" for r in broker.audit_records(limit=100))
+    finally:
+        store.close()
+
+
 class _Meanwhile:
     """A verifier that runs an admin action once, while a release is being appraised."""
 

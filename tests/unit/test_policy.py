@@ -235,6 +235,28 @@ def test_tcb_status_lists_must_be_lists_of_strings(rule: dict[str, object]) -> N
     rejects(policy, sgx(advisory_ids=("INTEL-SA-00615",)), "tcb_status")
 
 
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ({"rejected_advisories": ["INTEL-SA-615"]}, "not an Intel advisory id"),  # would never match
+        ({"rejected_advisories": ["INTEL SA 00615"]}, "not an Intel advisory id"),
+        ({"rejected_advisories": [""]}, "not an Intel advisory id"),
+        ({"accepted": ["uptodate"]}, "unknown statuses"),
+        ({"accepted": ["UpToDate", "SwHardeningNeeded"]}, "unknown statuses"),
+    ],
+)
+def test_tcb_status_entries_that_could_never_match_are_refused(rule: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        policy_from_dict({"type": "tcb_status", **rule})
+
+
+def test_rejected_advisories_are_compared_upper_case() -> None:
+    policy = policy_from_dict({"type": "tcb_status", "rejected_advisories": [" intel-sa-00615"]})
+    assert policy.to_dict()["rejected_advisories"] == ["INTEL-SA-00615"]
+    rejects(policy, sgx(advisory_ids=("INTEL-SA-00615",)), "tcb_status")
+    policy.check(sgx(advisory_ids=("INTEL-SA-00289",)))
+
+
 def test_snp_minimum_tcb_boundary() -> None:
     SnpMinimumTcb(3, 0, 8, 115).check(snp())
     rejects(SnpMinimumTcb(3, 0, 8, 116), snp(), "snp_min_tcb")

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from enclaveml.attestation._collateral import Collateral, LocalCollateral
 from enclaveml.attestation._dcap import DcapVerifier, _claims
+from enclaveml.attestation._policy_rules import TCB_STATUSES, TcbStatus
 from enclaveml.attestation.claims import SgxClaims, TdxClaims
 from enclaveml.attestation.evidence import Evidence, TeeType
 from enclaveml.attestation.verifier import EvidenceVerifier, Verifier
@@ -21,6 +22,7 @@ from enclaveml.errors import (
     CollateralError,
     CollateralExpiredError,
     ConfigurationError,
+    PolicyRejectedError,
     VerificationError,
 )
 from tests.vectors._dcap_helpers import (
@@ -96,6 +98,18 @@ def test_sgx_measurements_match_readme_literals() -> None:
     claims = _verify("sgx/phala_sgx_v3")
     assert claims.measurement.hex() == "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"
     assert claims.report_data == b"Hello, world!" + bytes(51)
+
+
+@pytest.mark.parametrize("name", [n for n in VERIFIED_CASES if EXPECTED[n]["expected"]["advisory_ids"]])
+def test_a_rejected_advisory_rejects_the_real_quote_however_it_is_spelt(name: str) -> None:
+    """dcap-qvl reports INTEL-SA-NNNNN; a policy written in another case used to reject nothing."""
+    claims = _verify(name)
+    assert {claims.tcb_status, claims.qe_tcb_status, claims.platform_tcb_status} <= set(TCB_STATUSES)
+    TcbStatus(accepted=[claims.tcb_status]).check(claims)
+    advisory = claims.advisory_ids[-1]
+    for spelling in (advisory, advisory.lower(), f" {advisory.title()} "):
+        with pytest.raises(PolicyRejectedError, match=advisory):
+            TcbStatus(accepted=[claims.tcb_status], rejected_advisories=[spelling]).check(claims)
 
 
 def test_datetime_now_is_accepted() -> None:

@@ -235,6 +235,18 @@ def test_truncated_or_garbage_report_is_rejected(mangle: Callable[[bytes], bytes
         verifier.verify(Evidence(TeeType.SEV_SNP, mangle(report_bytes("sev-snp/gsg_milan"))), now=NOW)
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("common_name", [b"SEV-Milan", b"SEV-VCEK"])  # the VCEK's issuer, its subject
+def test_a_vcek_name_of_the_wrong_asn1_type_is_an_attestation_error(name: str, common_name: bytes) -> None:
+    """The VCEK travels with the evidence and is read before any signature check: one tag byte
+    (UTF8String -> BIT STRING) makes cryptography raise TypeError on the lazily parsed name."""
+    vcek = vcek_der(name)
+    at = vcek.index(bytes([0x0C, len(common_name)]) + common_name)
+    hostile = vcek[:at] + b"\x03" + vcek[at + 1 :]
+    with pytest.raises((VerificationError, CollateralError), match="could not be processed"):
+        SnpVerifier().verify(Evidence(TeeType.SEV_SNP, report_bytes(name), hostile), now=NOW)
+
+
 def test_non_snp_evidence_is_rejected() -> None:
     with pytest.raises(VerificationError, match="cannot verify tdx"):
         SnpVerifier().verify(Evidence(TeeType.TDX, report_bytes("sev-snp/gsg_milan")), now=NOW)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -84,8 +85,27 @@ class DebugMode(Policy):
         return {"allow": self.allow}
 
 
+# Intel's TCB statuses (the TCB Info / QE Identity specification), as dcap-qvl reports them.
+TCB_STATUSES = (
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+    "Revoked",
+)
+_ADVISORY_ID = re.compile(r"INTEL-[A-Z]+-[0-9]{5}")
+
+
 class TcbStatus(Policy):
-    """SGX/TDX: the platform's TCB status must be accepted and no rejected advisory may apply."""
+    """SGX/TDX: the platform's TCB status must be accepted and no rejected advisory may apply.
+
+    Both lists are checked when the policy is built: a misspelt status could never match (fail
+    closed, but silently useless), and a misspelt advisory id would never reject anything (fail
+    open: ``intel-sa-00615`` or ``INTEL-SA-615`` would let the advisory through). Advisory ids are
+    compared upper-case, in Intel's form ``INTEL-SA-NNNNN``.
+    """
 
     type_name = "tcb_status"
 
@@ -93,7 +113,14 @@ class TcbStatus(Policy):
         self, accepted: Iterable[str] = ("UpToDate",), rejected_advisories: Iterable[str] = ()
     ) -> None:
         self.accepted = _strings(accepted, "tcb_status.accepted")
-        self.rejected_advisories = _strings(rejected_advisories, "tcb_status.rejected_advisories")
+        unknown = [status for status in self.accepted if status not in TCB_STATUSES]
+        if unknown:
+            raise ConfigurationError(
+                f"tcb_status.accepted has unknown statuses {unknown}; Intel's are {list(TCB_STATUSES)}"
+            )
+        self.rejected_advisories = tuple(
+            _advisory_id(a) for a in _strings(rejected_advisories, "tcb_status.rejected_advisories")
+        )
         if not self.accepted:
             raise ConfigurationError("tcb_status rule needs at least one accepted status")
 
@@ -111,7 +138,7 @@ class TcbStatus(Policy):
                 f"tcb_status={claims.tcb_status} advisories={list(claims.advisory_ids)}",
                 f"status in {list(self.accepted)}",
             )
-        hit = sorted(set(claims.advisory_ids) & set(self.rejected_advisories))
+        hit = sorted({a.upper() for a in claims.advisory_ids} & set(self.rejected_advisories))
         if hit:
             raise PolicyRejectedError(self.type_name, f"advisories {hit}", "none of the rejected advisories")
 
@@ -310,6 +337,16 @@ def _claim_value(claims: Claims, name: str) -> bytes | int | None:
 
 def _show(value: bytes | int) -> str:
     return value.hex() if isinstance(value, bytes) else str(value)
+
+
+def _advisory_id(value: str) -> str:
+    normalised = value.strip().upper()
+    if not _ADVISORY_ID.fullmatch(normalised):
+        raise ConfigurationError(
+            f"tcb_status.rejected_advisories: {value!r} is not an Intel advisory id "
+            "(INTEL-SA-NNNNN, five digits)"
+        )
+    return normalised
 
 
 def _strings(values: Iterable[str], what: str) -> tuple[str, ...]:

@@ -36,7 +36,7 @@ from functools import cache
 from importlib import resources
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -56,6 +56,7 @@ from enclaveml.attestation._snp_report import (
     split_der_sequences,
 )
 from enclaveml.attestation._time import Instant, to_datetime, to_unix
+from enclaveml.attestation._x509_errors import CERTIFICATE_ERRORS
 from enclaveml.attestation.claims import SnpClaims
 from enclaveml.attestation.evidence import Evidence, TeeType
 from enclaveml.errors import (
@@ -87,9 +88,6 @@ _OID_TCB = {
     "microcode": x509.ObjectIdentifier("1.3.6.1.4.1.3704.1.3.8"),
 }
 _CHIP_ID_SIZE = 64
-# What cryptography raises on malformed or unsupported certificate content (at load, or lazily
-# when a field is first read); translated into our errors where certificates enter.
-_CERT_ERRORS = (ValueError, UnsupportedAlgorithm, x509.InvalidVersion)
 
 
 class SnpVerifier:
@@ -109,7 +107,7 @@ class SnpVerifier:
                 self._vcek = _load_certificate(bytes(vcek), "configured VCEK", ConfigurationError)
                 if not _is_p384(self._vcek.public_key()):
                     raise ConfigurationError("the configured VCEK does not hold an ECDSA P-384 public key")
-        except _CERT_ERRORS as exc:
+        except CERTIFICATE_ERRORS as exc:
             raise ConfigurationError(f"SnpVerifier certificates could not be processed: {exc}") from exc
         self._ark_der = self._ark.public_bytes(Encoding.DER)
 
@@ -120,7 +118,7 @@ class SnpVerifier:
         at = to_unix(now)
         try:
             return self._verify(evidence, at)
-        except _CERT_ERRORS as exc:
+        except CERTIFICATE_ERRORS as exc:
             # cryptography parses certificate fields lazily, so a hostile certificate can fail
             # on first access of a name, algorithm or key anywhere in the checks.
             raise VerificationError(f"SEV-SNP certificate could not be processed: {exc}") from exc
@@ -173,7 +171,7 @@ def parse_snp_aux(aux: bytes) -> SnpCertificates:
         try:
             with _serial_zero_tolerated():
                 loaded = x509.load_pem_x509_certificates(aux)
-        except _CERT_ERRORS as exc:
+        except CERTIFICATE_ERRORS as exc:
             raise CollateralError(f"SEV-SNP aux PEM certificates could not be parsed: {exc}") from exc
         return _classify(loaded)
     ders = split_der_sequences(aux)
@@ -185,7 +183,7 @@ def parse_snp_aux(aux: bytes) -> SnpCertificates:
 def _classify(certs: list[x509.Certificate]) -> SnpCertificates:
     try:
         return _classify_loaded(certs)
-    except _CERT_ERRORS as exc:  # an unsupported key type or a malformed name, read lazily
+    except CERTIFICATE_ERRORS as exc:  # an unsupported key type or a malformed name, read lazily
         raise CollateralError(f"certificate in SEV-SNP aux could not be processed: {exc}") from exc
 
 
@@ -212,7 +210,7 @@ def _load_certificate(blob: bytes, what: str, error: type[EnclaveMLError]) -> x5
             if blob.lstrip().startswith(b"-----BEGIN"):
                 return x509.load_pem_x509_certificate(blob)
             return x509.load_der_x509_certificate(blob)
-    except _CERT_ERRORS as exc:
+    except CERTIFICATE_ERRORS as exc:
         hint = (
             " (this cryptography release refuses AMD's serial-0 VCEKs; see _snp)"
             if "serial" in str(exc)
@@ -225,7 +223,7 @@ def _load_trust_anchor(pem: bytes) -> tuple[x509.Certificate, x509.Certificate |
     """Return (ARK, ASK or None) from a PEM chain, checking the ARK signs itself and the ASK."""
     try:
         certs = x509.load_pem_x509_certificates(bytes(pem))
-    except _CERT_ERRORS as exc:
+    except CERTIFICATE_ERRORS as exc:
         raise ConfigurationError(f"ask_ark_pem is not a PEM certificate chain: {exc}") from exc
     roots = [c for c in certs if c.subject == c.issuer]
     others = [c for c in certs if c.subject != c.issuer]

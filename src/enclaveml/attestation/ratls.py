@@ -30,13 +30,14 @@ from typing import Any
 
 import cbor2
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from enclaveml.attestation._policy_base import Policy
 from enclaveml.attestation._time import Instant, to_datetime, to_unix
+from enclaveml.attestation._x509_errors import CERTIFICATE_ERRORS
 from enclaveml.attestation.appraisal import appraise_evidence
 from enclaveml.attestation.claims import Claims
 from enclaveml.attestation.evidence import Evidence, EvidenceProvider, TeeType
@@ -266,7 +267,7 @@ def verify_ratls_certificate(
     try:  # parsed lazily by cryptography: a malformed one raises only here
         spki = spki_der(cert.public_key())
         extensions = {ext.oid: ext.value for ext in cert.extensions}
-    except (ValueError, UnsupportedAlgorithm) as exc:
+    except CERTIFICATE_ERRORS as exc:
         raise VerificationError(f"RA-TLS certificate has a malformed key or extension: {exc}") from exc
     standard = extensions.get(RATLS_EVIDENCE_OID)
     if isinstance(standard, x509.UnrecognizedExtension):
@@ -311,7 +312,7 @@ def _load_certificate(certificate: x509.Certificate | bytes) -> x509.Certificate
         if certificate.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_certificate(certificate)
         return x509.load_der_x509_certificate(certificate)
-    except ValueError as exc:
+    except CERTIFICATE_ERRORS as exc:
         raise VerificationError("RA-TLS certificate is not a valid X.509 certificate") from exc
 
 
@@ -324,7 +325,7 @@ def _check_certificate(cert: x509.Certificate, now_unix: int) -> None:
         )
     try:
         cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
+    except (*CERTIFICATE_ERRORS, InvalidSignature) as exc:
         raise VerificationError("RA-TLS certificate is not correctly self-signed by its own key") from exc
 
 

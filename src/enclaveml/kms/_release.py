@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 from typing import Final
 
 from cryptography.hazmat.primitives import hpke
@@ -44,6 +45,8 @@ __all__ = [
     "release_info",
     "seal_kek",
 ]
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_KEM: Final = "MLKEM768-X25519"
 KEMS: Final = ("MLKEM768-X25519", "X25519")
@@ -125,7 +128,9 @@ def appraise_release(
     """Decode, verify, check the binding and appraise; every refusal becomes KeyReleaseDeniedError.
 
     The rule is ``evidence`` (undecodable or unverifiable), ``binding`` (report data is not
-    ``expected_report_data``) or the name of the policy rule that rejected the claims.
+    ``expected_report_data``) or the name of the policy rule that rejected the claims. Evidence
+    comes from whoever asks, so an exception no verifier should raise (a parser bug on hostile
+    input) is a denial too, audited like any other, not a 500 without an audit record.
     """
     policy = _load_policy(policy_json)
     try:
@@ -145,6 +150,14 @@ def appraise_release(
     except (AttestationError, ConfigurationError) as exc:
         raise KeyReleaseDeniedError(
             f"evidence rejected: {exc}",
+            rule="evidence",
+            observed=type(exc).__name__,
+            expected="valid evidence",
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - fail closed, audited; the traceback goes to the log
+        _log.error("evidence verification raised %s; the release is denied", type(exc).__name__, exc_info=exc)
+        raise KeyReleaseDeniedError(
+            f"evidence could not be verified ({type(exc).__name__})",
             rule="evidence",
             observed=type(exc).__name__,
             expected="valid evidence",
