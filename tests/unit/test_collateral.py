@@ -32,6 +32,7 @@ from tests.vectors._dcap_helpers import (
     case_dir,
     collateral_path,
     now_for,
+    pcs_routes,
     quote_bytes,
     unix,
 )
@@ -135,6 +136,17 @@ def test_local_directory_with_a_bad_file_names_it(tmp_path: Path) -> None:
         LocalCollateral(tmp_path / "empty")
     with pytest.raises(CollateralError, match="does not exist"):
         LocalCollateral(tmp_path / "missing.json")
+
+
+def test_local_picks_the_latest_tcb_evaluation_before_the_latest_issue(tmp_path: Path) -> None:
+    shutil.copy(collateral_path(SGX), tmp_path / "current.json")
+    raw = json.loads(_edit(SGX, "tcb_info", issueDate="2025-06-19T10:00:00Z", tcbEvaluationDataNumber=18))
+    raw["qe_identity"] = json.dumps({**json.loads(raw["qe_identity"]), "tcbEvaluationDataNumber": 18})
+    (tmp_path / "recovered.json").write_text(json.dumps(raw))  # issued earlier, but a later evaluation
+    picked = LocalCollateral(tmp_path).get(
+        tee=TeeType.SGX, fmspc="00A067110000", ca="processor", now=unix("2025-06-25T00:00:00Z")
+    )
+    assert picked.evaluation_data_number == 18
 
 
 def test_local_picks_the_newest_collateral_valid_at_now(tmp_path: Path) -> None:
@@ -276,6 +288,38 @@ def test_pccs_refetches_when_cache_is_not_valid_at_now(pcs: FakePcs, tmp_path: P
         with pytest.raises(CollateralExpiredError, match="collateral not valid at"):
             _verify_automata(source, now=later)
     assert len(pcs.requests) == 8
+
+
+def _evaluation(route: Route, number: int) -> Route:
+    """The route's signed JSON claiming another TCB evaluation (signature now wrong: a negative case)."""
+    old = b'"tcbEvaluationDataNumber":17'
+    assert route.body.count(old) == 1
+    body = route.body.replace(old, b'"tcbEvaluationDataNumber":%d' % number)
+    return Route(body, route.headers, query=route.query)
+
+
+def test_pccs_does_not_roll_back_to_an_older_tcb_evaluation(
+    pcs: FakePcs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PCCS run by the party being verified serves the set from before a TCB recovery again."""
+    now = now_for(AUTOMATA)
+    with PccsCollateral(pcs.url, cache_dir=tmp_path, max_age=0) as source:
+        assert source.get(**AUTOMATA_KEY, now=now).evaluation_data_number == 17
+        cached = (tmp_path / "tdx-00806F050000-platform.json").read_bytes()
+        pcs.routes["/tdx/certification/v4/tcb"] = _evaluation(pcs.routes["/tdx/certification/v4/tcb"], 16)
+        with caplog.at_level(logging.WARNING):
+            kept = source.get(**AUTOMATA_KEY, now=now)
+        assert kept.evaluation_data_number == 17
+        assert "served older DCAP collateral" in caplog.text
+        assert (tmp_path / "tdx-00806F050000-platform.json").read_bytes() == cached
+        assert _verify_automata(source).tcb_evaluation_data_number == 17  # the real set still verifies
+    with PccsCollateral(pcs.url, cache_dir=tmp_path, max_age=0) as restarted:  # from the disk cache
+        assert restarted.get(**AUTOMATA_KEY, now=now).evaluation_data_number == 17
+        pcs.routes["/tdx/certification/v4/qe/identity"] = _evaluation(
+            pcs.routes["/tdx/certification/v4/qe/identity"], 18
+        )
+        pcs.routes["/tdx/certification/v4/tcb"] = _evaluation(pcs_routes()["/tdx/certification/v4/tcb"], 18)
+        assert restarted.get(**AUTOMATA_KEY, now=now).evaluation_data_number == 18  # newer replaces it
 
 
 def test_pccs_unreachable_without_cache_names_the_url(tmp_path: Path) -> None:

@@ -250,6 +250,18 @@ def test_tcb_status_entries_that_could_never_match_are_refused(rule: dict[str, o
         policy_from_dict({"type": "tcb_status", **rule})
 
 
+def test_a_minimum_tcb_evaluation_is_optional_and_checked() -> None:
+    assert "min_evaluation_data_number" not in TcbStatus().to_dict()  # older policies keep their JSON
+    policy = policy_from_dict({"type": "tcb_status", "min_evaluation_data_number": 18})
+    assert policy_from_dict(policy.to_dict()).to_dict() == policy.to_dict()
+    policy.check(sgx(tcb_evaluation_data_number=18))
+    rejects(policy, sgx(tcb_evaluation_data_number=17), "tcb_status")
+    rejects(policy, sgx(), "tcb_status")  # unknown evaluation: not known to be recent enough
+    for bad in (-1, True, "18", 1.5):
+        with pytest.raises(ConfigurationError, match="min_evaluation_data_number"):
+            TcbStatus(min_evaluation_data_number=bad)  # type: ignore[arg-type]
+
+
 def test_rejected_advisories_are_compared_upper_case() -> None:
     policy = policy_from_dict({"type": "tcb_status", "rejected_advisories": [" intel-sa-00615"]})
     assert policy.to_dict()["rejected_advisories"] == ["INTEL-SA-00615"]

@@ -112,6 +112,20 @@ def test_a_rejected_advisory_rejects_the_real_quote_however_it_is_spelt(name: st
             TcbStatus(accepted=[claims.tcb_status], rejected_advisories=[spelling]).check(claims)
 
 
+@pytest.mark.parametrize("name", VERIFIED_CASES)
+def test_claims_name_the_tcb_evaluation_and_policies_can_require_a_minimum(name: str) -> None:
+    collateral = json.loads(collateral_path(name).read_text())
+    number = json.loads(collateral["tcb_info"])["tcbEvaluationDataNumber"]
+    claims = _verify(name)
+    assert claims.tcb_evaluation_data_number == number
+    assert claims.to_dict()["tcb_evaluation_data_number"] == number
+    status = [claims.tcb_status]
+    TcbStatus(accepted=status, min_evaluation_data_number=number).check(claims)
+    with pytest.raises(PolicyRejectedError, match=f"TCB evaluation >= {number + 1}") as refused:
+        TcbStatus(accepted=status, min_evaluation_data_number=number + 1).check(claims)
+    assert refused.value.observed == f"collateral of TCB evaluation {number}"
+
+
 def test_datetime_now_is_accepted() -> None:
     when = datetime.fromtimestamp(now_for("tdx/phala_tdx_v4"), tz=UTC)
     assert _verify("tdx/phala_tdx_v4", now=when).tcb_status == "UpToDate"

@@ -16,6 +16,13 @@ Collateral file format (dcap-qvl ``QuoteCollateralV3`` JSON), one object with th
 Validity (the same edges dcap-qvl enforces): TCB info and QE identity are valid from
 ``issueDate`` through ``nextUpdate`` inclusive; each CRL is valid strictly before its
 ``nextUpdate`` (its ``thisUpdate`` is not enforced).
+
+Age: Intel numbers each TCB evaluation (``tcbEvaluationDataNumber`` in TCB info and QE
+identity) and raises it with every TCB recovery. An older set stays valid for weeks after a
+newer one is published, and judges the platform by the older evaluation (a platform that needs
+a microcode update after a recovery is still ``UpToDate`` there). So sources prefer the highest
+number, the PCCS cache never goes back to a lower one, and policies can require a minimum
+(``tcb_status.min_evaluation_data_number``).
 """
 
 from __future__ import annotations
@@ -83,7 +90,18 @@ class Collateral:
     say when.
     """
 
-    __slots__ = ("_end", "_start", "ca", "expiry_datetime", "fmspc", "issued", "periods", "qvl", "tee")
+    __slots__ = (
+        "_end",
+        "_start",
+        "ca",
+        "evaluation_data_number",
+        "expiry_datetime",
+        "fmspc",
+        "issued",
+        "periods",
+        "qvl",
+        "tee",
+    )
 
     def __init__(self, qvl: dcap_qvl.QuoteCollateralV3) -> None:
         self.qvl = qvl
@@ -108,6 +126,10 @@ class Collateral:
         self.ca = ca
         self.periods = (tcb_period, qe_period, pck_period, _crl_period(qvl.root_ca_crl, "root_ca_crl")[1])
         self.issued = max(tcb_period.not_before or 0, qe_period.not_before or 0)
+        # The evaluation both items belong to; the lower one if they differ (the older judges).
+        self.evaluation_data_number = min(
+            _evaluation_number(tcb, "tcb_info"), _evaluation_number(qe, "qe_identity")
+        )
         self._start = max(p.not_before for p in self.periods if p.not_before is not None)
         self._end = min(p.not_after for p in self.periods)
         self.expiry_datetime = to_datetime(self._end)
@@ -168,6 +190,13 @@ def _json_period(text: str, item: str) -> tuple[dict[str, Any], ValidityPeriod]:
     return obj, ValidityPeriod(item, int(start.timestamp()), int(end.timestamp()))
 
 
+def _evaluation_number(obj: dict[str, Any], item: str) -> int:
+    number = obj.get("tcbEvaluationDataNumber")
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise CollateralError(f"collateral {item} has no valid tcbEvaluationDataNumber ({number!r})")
+    return number
+
+
 def _crl_period(der: bytes, item: str) -> tuple[x509.CertificateRevocationList, ValidityPeriod]:
     try:
         crl = x509.load_der_x509_crl(der)
@@ -190,11 +219,11 @@ def _normalise(tee: TeeType, fmspc: str, ca: str) -> tuple[TeeType, str, str]:
 
 
 def _pick(candidates: list[Collateral], now: int) -> Collateral:
-    # Prefer the newest collateral valid at `now`; otherwise the one that ends last, so the
-    # verifier's error names the window the operator actually has.
+    # Prefer the newest collateral valid at `now` (latest TCB evaluation, then latest issue);
+    # otherwise the one that ends last, so the verifier's error names the window the operator has.
     valid = [c for c in candidates if c.valid_at(now)]
     if valid:
-        return max(valid, key=lambda c: c.issued)
+        return max(valid, key=lambda c: (c.evaluation_data_number, c.issued))
     return max(candidates, key=lambda c: c.expiry)
 
 

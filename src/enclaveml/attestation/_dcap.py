@@ -184,6 +184,7 @@ def _claims(
         "qe_tcb_status": qe_status.get("status"),
         "platform_tcb_status": platform_status.get("status"),
         "quote_version": version,
+        "tcb_evaluation_data_number": collateral.evaluation_data_number,
     }
     h = bytes.fromhex
     if tee is TeeType.SGX:

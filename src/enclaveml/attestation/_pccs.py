@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from enclaveml._files import write_atomically
-from enclaveml.attestation._collateral import Collateral, _normalise
+from enclaveml.attestation._collateral import Collateral, _normalise, utc_text
 from enclaveml.attestation.evidence import TeeType
 from enclaveml.errors import CollateralError, ConfigurationError
 
@@ -36,10 +36,13 @@ class PccsCollateral:
 
     A cached set is reused without asking the server while it is valid at ``now`` and younger
     than ``max_age`` seconds (Intel publishes TCB recoveries before ``nextUpdate``, so we
-    re-check daily by default). When a fetch fails, a cached set still valid at ``now`` is
-    used, a warning logged, and the server left alone for ``retry_after`` seconds so that
-    verifications do not each wait on a dead server; otherwise CollateralError names the URL
-    and the failure.
+    re-check daily by default). A fetched set of an older TCB evaluation (lower
+    ``tcbEvaluationDataNumber``, or the same one issued earlier) than a cached set still valid
+    at ``now`` does not replace it: a PCCS run by the party being verified could otherwise roll
+    the verifier back to the evaluation before a TCB recovery. When a fetch fails, a cached set
+    still valid at ``now`` is used, a warning logged, and the server left alone for
+    ``retry_after`` seconds so that verifications do not each wait on a dead server; otherwise
+    CollateralError names the URL and the failure.
     """
 
     def __init__(
@@ -93,6 +96,15 @@ class PccsCollateral:
                 raise
             self._quiet_until[key] = wall + self._retry_after
             _log.warning("using cached DCAP collateral for %s: %s", "/".join(map(str, key)), exc)
+            return cached
+        if cached is not None and _age(fresh) < _age(cached):
+            _log.warning(
+                "%s served older DCAP collateral for %s (TCB evaluation %d, issued %s) than the cached "
+                "set (%d, issued %s); keeping the cached set",
+                self._base, "/".join(map(str, key)), fresh.evaluation_data_number, utc_text(fresh.issued),
+                cached.evaluation_data_number, utc_text(cached.issued),
+            )  # fmt: skip
+            self._memory[key] = (cached, wall)  # asked now: not again before max_age
             return cached
         self._store(key, fresh, wall)
         # A just-published set may start after `now` (clock skew); the cached one still serves.
@@ -176,6 +188,11 @@ class PccsCollateral:
             write_atomically(path, payload, mode=0o600)
         except OSError as exc:
             _log.warning("could not cache DCAP collateral in %s: %s", path, exc)
+
+
+def _age(collateral: Collateral) -> tuple[int, int]:
+    """Orders collateral sets by TCB evaluation, then issue time: larger is newer."""
+    return collateral.evaluation_data_number, collateral.issued
 
 
 def _signed_json(response: httpx.Response, key: str, url: str) -> tuple[str, bytes]:

@@ -105,13 +105,27 @@ class TcbStatus(Policy):
     closed, but silently useless), and a misspelt advisory id would never reject anything (fail
     open: ``intel-sa-00615`` or ``INTEL-SA-615`` would let the advisory through). Advisory ids are
     compared upper-case, in Intel's form ``INTEL-SA-NNNNN``.
+
+    ``min_evaluation_data_number`` (0: any) requires the status to come from collateral of at least
+    that TCB evaluation: older collateral stays valid for weeks after a TCB recovery and still
+    calls the platforms the recovery downgraded ``UpToDate``.
     """
 
     type_name = "tcb_status"
 
     def __init__(
-        self, accepted: Iterable[str] = ("UpToDate",), rejected_advisories: Iterable[str] = ()
+        self,
+        accepted: Iterable[str] = ("UpToDate",),
+        rejected_advisories: Iterable[str] = (),
+        min_evaluation_data_number: int = 0,
     ) -> None:
+        if (
+            isinstance(min_evaluation_data_number, bool)
+            or not isinstance(min_evaluation_data_number, int)
+            or min_evaluation_data_number < 0
+        ):
+            raise ConfigurationError("tcb_status.min_evaluation_data_number must be an integer >= 0")
+        self.min_evaluation_data_number = min_evaluation_data_number
         self.accepted = _strings(accepted, "tcb_status.accepted")
         unknown = [status for status in self.accepted if status not in TCB_STATUSES]
         if unknown:
@@ -138,12 +152,27 @@ class TcbStatus(Policy):
                 f"tcb_status={claims.tcb_status} advisories={list(claims.advisory_ids)}",
                 f"status in {list(self.accepted)}",
             )
+        if self.min_evaluation_data_number:
+            number = getattr(claims, "tcb_evaluation_data_number", None)
+            if number is None or number < self.min_evaluation_data_number:
+                raise PolicyRejectedError(
+                    self.type_name,
+                    f"collateral of TCB evaluation {number}",
+                    f"TCB evaluation >= {self.min_evaluation_data_number}",
+                    detail="fetch current collateral (after the TCB recovery the policy names)",
+                )
         hit = sorted({a.upper() for a in claims.advisory_ids} & set(self.rejected_advisories))
         if hit:
             raise PolicyRejectedError(self.type_name, f"advisories {hit}", "none of the rejected advisories")
 
     def _params(self) -> dict[str, Any]:
-        return {"accepted": list(self.accepted), "rejected_advisories": list(self.rejected_advisories)}
+        params: dict[str, Any] = {
+            "accepted": list(self.accepted),
+            "rejected_advisories": list(self.rejected_advisories),
+        }
+        if self.min_evaluation_data_number:  # absent when unset: older policies keep their JSON
+            params["min_evaluation_data_number"] = self.min_evaluation_data_number
+        return params
 
 
 class SnpMinimumTcb(Policy):

@@ -71,6 +71,7 @@ class SgxClaims(Claims):
     qe_tcb_status: str | None = None
     platform_tcb_status: str | None = None
     quote_version: int = 3
+    tcb_evaluation_data_number: int | None = None  # Intel's TCB evaluation the collateral belongs to
 
     @property
     def mrenclave(self) -> bytes:
@@ -97,6 +98,7 @@ class TdxClaims(Claims):
     qe_tcb_status: str | None = None
     platform_tcb_status: str | None = None
     quote_version: int = 4
+    tcb_evaluation_data_number: int | None = None  # Intel's TCB evaluation the collateral belongs to
 
     @property
     def mrtd(self) -> bytes:

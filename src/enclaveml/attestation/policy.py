@@ -100,7 +100,10 @@ _FACTORIES: dict[str, tuple[_Factory, frozenset[str]]] = {
     "measurement": (lambda d: MeasurementAllowlist(_list(d, "values")), frozenset({"values"})),
     "sgx_signer": (lambda d: SgxSigner(**d), frozenset({"mrsigner", "isv_prod_id", "min_isv_svn"})),
     "debug": (lambda d: DebugMode(**d), frozenset({"allow"})),
-    "tcb_status": (lambda d: TcbStatus(**d), frozenset({"accepted", "rejected_advisories"})),
+    "tcb_status": (
+        lambda d: TcbStatus(**d),
+        frozenset({"accepted", "rejected_advisories", "min_evaluation_data_number"}),
+    ),
     "snp_min_tcb": (lambda d: SnpMinimumTcb(**d), frozenset({"bootloader", "tee", "snp", "microcode"})),
     "snp_guest": (
         lambda d: SnpGuest(**d),
