@@ -10,11 +10,11 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import uvicorn
@@ -33,6 +33,7 @@ from enclaveml.errors import (
     KeyNotFoundError,
     KeyReleaseDeniedError,
 )
+from enclaveml.kms import client as client_module
 from enclaveml.kms._rootkey import RootKey
 from enclaveml.kms._tokens import SCOPES
 from enclaveml.kms.admin import KeyBrokerAdmin
@@ -203,20 +204,23 @@ def test_retired_versions_stop_older_artifacts_from_unsealing(
 
 
 def test_a_maximum_key_age_makes_a_broker_side_disable_reach_a_long_lived_reader(
-    broker: RunningBroker, sim_provider: SimulationProvider
+    broker: RunningBroker, sim_provider: SimulationProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    clock = [1000.0]  # the client's monotonic clock, moved by hand: no sleeps, no timing races
+    monkeypatch.setattr(client_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     with broker.admin() as admin:
         admin.create_key("data", allow_only(sim_provider))
         sealed = seal_bytes(b"day 1 partition", wrapper=admin, key_id="data")
         with (
             broker.client(sim_provider) as forever,
-            KeyBrokerClient(broker.url, sim_provider, verify=str(broker.ca), max_key_age_s=0.3) as bounded,
+            KeyBrokerClient(broker.url, sim_provider, verify=str(broker.ca), max_key_age_s=60) as bounded,
         ):
             for client in (forever, bounded):
                 assert unseal_bytes(sealed, unwrapper=client) == b"day 1 partition"
             admin.disable_key("data")
+            clock[0] += 60
             assert unseal_bytes(sealed, unwrapper=bounded) == b"day 1 partition"  # still young
-            time.sleep(0.4)
+            clock[0] += 0.5
             with pytest.raises(KeyDisabledError):
                 unseal_bytes(sealed, unwrapper=bounded)
             assert bounded.cached_versions == []  # the old key is gone, not kept for later

@@ -14,6 +14,7 @@ import cbor2
 import numpy as np
 import pytest
 
+from enclaveml.fl._round import take_over
 from enclaveml.fl._wire import MAX_EXAMPLES, decode_update, weights_item
 from enclaveml.fl.aggregator import Aggregator
 from enclaveml.fl.strategies import (
@@ -250,3 +251,15 @@ def test_float_results_for_integer_arrays_are_rounded_and_refused_when_they_do_n
     after = aggregator.global_model().weights
     for old, new in zip(before, after, strict=True):
         np.testing.assert_array_equal(old, new)
+
+
+def test_integer_results_of_another_dtype_are_checked_too() -> None:
+    """A strategy of one's own summing a counter in int64: 2**32 + 7 must not become 7 in int32."""
+    previous = [np.zeros(3, np.float32), np.array([5], np.int32), np.array([True, False])]
+    fits = take_over(
+        [np.ones(3, np.float32), np.array([41], np.int64), np.array([1, 0], np.int64)], previous, None
+    )
+    assert (fits[1].dtype, fits[1].tolist(), fits[2].tolist()) == (np.dtype(np.int32), [41], [True, False])
+    for wide in ([np.array([2**32 + 7], np.int64), np.array([1, 0])], [np.array([5]), np.array([2, 0])]):
+        with pytest.raises(ValueError, match="do not fit"):
+            take_over([np.ones(3, np.float32), *wide], previous, None)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import pickle
+import sqlite3
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -489,6 +491,45 @@ def test_a_key_deleted_while_keys_are_listed_does_not_fail_the_list(broker: KeyB
         assert [k.key_id for k in broker.list_keys()] == ["a", "b", "c"]
     finally:
         broker.store.get_key = real_get  # type: ignore[method-assign]
+
+
+def test_a_stored_policy_that_no_longer_loads_is_an_audited_denial(
+    tmp_path: Path,
+    root_key: RootKey,
+    sim_key: SimulationKey,
+    sim_provider,
+    policy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A policy an older enclaveml stored (an advisory id that could never match) is refused now."""
+    path = tmp_path / "kbs.sqlite"
+    verifier = EvidenceVerifier(simulation=SimulationVerifier(sim_key.public_key()))
+    store = SqliteKeyStore(path)
+    KeyBroker(store, root_key, verifier).create_key("k", policy)
+    store.close()
+    old = '{"accepted":["UpToDate"],"rejected_advisories":["INTEL-SA-615"],"type":"tcb_status"}'
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        raw.execute("UPDATE key_policies SET policy = ? WHERE key_id = 'k'", (old,))
+        raw.commit()
+    store = SqliteKeyStore(path)
+    try:
+        broker = KeyBroker(store, root_key, verifier)  # starts, and says which key cannot be released
+        assert "key 'k' has a stored release policy that does not load" in caplog.text
+        workload = Workload(sim_provider)
+        c = broker.challenge()
+        error = _denied(
+            broker,
+            "policy_invalid",
+            key_id="k",
+            nonce=c.nonce,
+            evidence=workload.evidence(c.nonce),
+            public_key=workload.public,
+        )
+        assert "INTEL-SA-615" in str(error)
+        broker.set_policy("k", policy)  # the owner sets it again
+        assert len(_release(broker, workload)) == 32
+    finally:
+        store.close()
 
 
 class _Crashing:

@@ -262,6 +262,11 @@ def test_a_minimum_tcb_evaluation_is_optional_and_checked() -> None:
             TcbStatus(min_evaluation_data_number=bad)  # type: ignore[arg-type]
 
 
+def test_every_status_dcap_qvl_reports_can_be_accepted() -> None:
+    for status in ("TDRelaunchAdvised", "TDRelaunchAdvisedConfigurationNeeded", "Revoked"):
+        TcbStatus(accepted=[status]).check(tdx(tcb_status=status))
+
+
 def test_rejected_advisories_are_compared_upper_case() -> None:
     policy = policy_from_dict({"type": "tcb_status", "rejected_advisories": [" intel-sa-00615"]})
     assert policy.to_dict()["rejected_advisories"] == ["INTEL-SA-00615"]

@@ -85,7 +85,8 @@ class DebugMode(Policy):
         return {"allow": self.allow}
 
 
-# Intel's TCB statuses (the TCB Info / QE Identity specification), as dcap-qvl reports them.
+# Intel's TCB statuses (the TCB Info / QE Identity specification; the TDRelaunch* ones are TDX
+# module statuses), as dcap-qvl reports them.
 TCB_STATUSES = (
     "UpToDate",
     "SWHardeningNeeded",
@@ -94,6 +95,8 @@ TCB_STATUSES = (
     "OutOfDate",
     "OutOfDateConfigurationNeeded",
     "Revoked",
+    "TDRelaunchAdvised",
+    "TDRelaunchAdvisedConfigurationNeeded",
 )
 _ADVISORY_ID = re.compile(r"INTEL-[A-Z]+-[0-9]{5}")
 

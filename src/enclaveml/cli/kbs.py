@@ -143,7 +143,7 @@ def key_create(
 def key_rotate(
     key_id: str, url: UrlOpt = "", token: TokenOpt = "", ca: CaOpt = None, as_json: JsonOpt = False
 ) -> None:
-    """Add a version to KEY_ID; new seals use it, older versions still unseal."""
+    """Add a version to KEY_ID; new seals use it, older versions still unseal (until `key min-version`)."""
     version = _admin_call(url, token, ca, as_json, lambda a: a.rotate_key(key_id))
     _done(as_json, {"key_id": key_id, "version": version}, f"key {key_id!r} is now at version {version}")
 

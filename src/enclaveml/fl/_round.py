@@ -179,8 +179,8 @@ def take_over(weights: Sequence[np.ndarray], previous: Weights, rows: RoundUpdat
     no memory with the previous model or the round's rows; anything else is copied. A strategy
     must therefore not keep and later change the arrays it returns.
 
-    Floats returned for an integer or bool array are rounded, and refused (ValueError: the round's
-    attempt fails, the model stays) where the dtype cannot hold them, as in
+    Values of another dtype returned for an integer or bool array are rounded (floats), and
+    refused (ValueError: the round's attempt fails, the model stays) where the dtype cannot hold them, as in
     :func:`~enclaveml.fl.strategies._kernels.cast_like`: a plain cast would truncate, and wrap
     2**63 to -2**63 (a strategy of one's own that averages a counter gets there).
     """
@@ -201,10 +201,11 @@ def take_over(weights: Sequence[np.ndarray], previous: Weights, rows: RoundUpdat
 
 
 def _copy_as(value: np.ndarray, old: np.ndarray) -> np.ndarray:
-    """A copy of ``value`` in ``old``'s dtype; floats for integers through :func:`cast_like`
-    (whose rounding already makes a new array)."""
-    if old.dtype.kind in "iub" and np.asarray(value).dtype.kind in "fc":
-        return cast_like([value], [old])[0]
+    """A copy of ``value`` in ``old``'s dtype; any other dtype for an integer or bool array goes
+    through :func:`cast_like` (rounding floats, refusing what the dtype cannot hold: an int64
+    2**32 + 7 must not become 7 in an int32 array)."""
+    if old.dtype.kind in "iub" and np.asarray(value).dtype != old.dtype:
+        return cast_like([value], [old])[0]  # rounded and range-checked, never wrapped
     return np.array(value, dtype=old.dtype)
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "parse_public_key",
     "release_info",
     "seal_kek",
+    "unloadable_policy",
 ]
 
 _log = logging.getLogger(__name__)
@@ -128,11 +129,21 @@ def appraise_release(
     """Decode, verify, check the binding and appraise; every refusal becomes KeyReleaseDeniedError.
 
     The rule is ``evidence`` (undecodable or unverifiable), ``binding`` (report data is not
-    ``expected_report_data``) or the name of the policy rule that rejected the claims. Evidence
+    ``expected_report_data``), ``policy_invalid`` (the stored policy no longer loads, e.g. one
+    written by an older enclaveml that this one refuses) or the name of the policy rule that
+    rejected the claims. Evidence
     comes from whoever asks, so an exception no verifier should raise (a parser bug on hostile
     input) is a denial too, audited like any other, not a 500 without an audit record.
     """
-    policy = _load_policy(policy_json)
+    try:
+        policy = _load_policy(policy_json)
+    except StorageError as exc:
+        raise KeyReleaseDeniedError(
+            f"{exc}: {exc.__cause__}",
+            rule="policy_invalid",
+            observed="a stored policy this enclaveml cannot load",
+            expected="a valid release policy (enclaveml kbs policy set)",
+        ) from None
     try:
         evidence = Evidence.from_bytes(evidence_bytes)
         return appraise_evidence(
@@ -162,6 +173,15 @@ def appraise_release(
             observed=type(exc).__name__,
             expected="valid evidence",
         ) from None
+
+
+def unloadable_policy(policy_json: str) -> str | None:
+    """Why a stored policy does not load (for the broker's check at start-up), or None."""
+    try:
+        _load_policy(policy_json)
+    except StorageError as exc:
+        return str(exc.__cause__)
+    return None
 
 
 @functools.lru_cache(maxsize=256)

@@ -47,6 +47,7 @@ from enclaveml.kms._release import (
     expected_report_data,
     parse_public_key,
     seal_kek,
+    unloadable_policy,
 )
 from enclaveml.kms._rootkey import RootKey
 from enclaveml.kms._storage import KeyStore, NonceStatus, StoredKey, StoredToken
@@ -141,6 +142,23 @@ class KeyBroker:
         self._clock = clock
         self.tokens = TokenAuthority(store, clock=clock)
         store.bind_root_key(root_key.fingerprint())
+        self._check_stored_policies()
+
+    def _check_stored_policies(self) -> None:
+        """Say loudly at start-up which keys cannot be released: their stored policy does not load.
+
+        A policy an older enclaveml accepted may be refused now (a TCB status or advisory id that
+        could never match); its releases are denied (rule ``policy_invalid``) until it is set again.
+        """
+        for key in self.store.list_keys():
+            reason = unloadable_policy(key.policy)
+            if reason is not None:
+                _log.error(
+                    "key %r has a stored release policy that does not load (%s): every release of it "
+                    "is denied until its policy is set again",
+                    key.key_id,
+                    reason,
+                )
 
     # -- admin: keys ------------------------------------------------------------------------------
 
@@ -278,9 +296,10 @@ class KeyBroker:
     ) -> Release:
         """Release one KEK version to an attested workload, HPKE-sealed to ``public_key``.
 
-        Raises KeyReleaseDeniedError (rule ``nonce``, ``evidence``, ``binding`` or the policy
-        rule), KeyNotFoundError, KeyDisabledError or InvalidRequestError; every outcome is audited
-        except a malformed key id, which is refused before anything is read, consumed or written.
+        Raises KeyReleaseDeniedError (rule ``nonce``, ``version_retired``, ``policy_invalid``,
+        ``evidence``, ``binding``, ``key_changed`` or the policy rule), KeyNotFoundError,
+        KeyDisabledError or InvalidRequestError; every outcome is audited except a malformed key
+        id, which is refused before anything is read, consumed or written.
         """
         _check_key_id(key_id)
         now = self._clock()
