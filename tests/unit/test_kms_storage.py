@@ -395,6 +395,7 @@ def test_a_schema_1_database_is_migrated_and_its_keys_get_revisions_on_change(tm
     store.create_key("old", POLICY, b"w", now=1.0, audit=_event(key_id="old"))
     store.close()
     with contextlib.closing(sqlite3.connect(path)) as raw:  # what a version-1 broker left behind
+        raw.execute("DROP TRIGGER audit_no_release_of_retired_versions")
         raw.execute("ALTER TABLE keys DROP COLUMN min_version")
         raw.execute("ALTER TABLE keys DROP COLUMN revision")
         raw.execute("PRAGMA user_version = 1")
@@ -415,6 +416,26 @@ def test_a_schema_1_database_is_migrated_and_its_keys_get_revisions_on_change(tm
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
 
 
+def _released(key_id: str, version: int) -> AuditEvent:
+    return AuditEvent(3.0, "release", "released", key_id=key_id, version=version)
+
+
+def test_the_database_refuses_a_release_record_of_a_retired_version(store: SqliteKeyStore) -> None:
+    """What a broker that does not know minimum versions (schema 2, still running) would write."""
+    store.create_key("k", POLICY, b"w", now=1.0, audit=_event())
+    store.add_version("k", lambda version: b"w2", now=2.0, audit=_event("key.rotate"))
+    store.set_min_version("k", 2, now=3.0, audit=_event("key.min_version"))
+    with pytest.raises(StorageError, match="retired key version"):
+        store.append_audit(_released("k", 1))  # no release_of guard: the old broker's write
+    store.append_audit(_released("k", 2))
+    store.append_audit(AuditEvent(3.0, "release", "denied", key_id="k", version=1, rule="version_retired"))
+    assert [(r.version, r.verdict) for r in store.audit_records(limit=100)][-2:] == [
+        (2, "released"),
+        (1, "denied"),
+    ]
+    assert store.verify_audit()[0]
+
+
 def test_a_schema_2_database_is_migrated_and_releases_every_version_until_told(tmp_path: Path) -> None:
     path = tmp_path / "kbs.sqlite"
     store = SqliteKeyStore(path)
@@ -423,6 +444,7 @@ def test_a_schema_2_database_is_migrated_and_releases_every_version_until_told(t
     revision = store.get_key("old").revision
     store.close()
     with contextlib.closing(sqlite3.connect(path)) as raw:  # what a version-2 broker left behind
+        raw.execute("DROP TRIGGER audit_no_release_of_retired_versions")
         raw.execute("ALTER TABLE keys DROP COLUMN min_version")
         raw.execute("PRAGMA user_version = 2")
         raw.commit()
@@ -432,6 +454,8 @@ def test_a_schema_2_database_is_migrated_and_releases_every_version_until_told(t
         assert (old.min_version, old.revision, old.versions) == (1, revision, (1, 2))
         store.set_min_version("old", 2, now=3.0, audit=_event("key.min_version", "old"))
         assert store.get_key("old").min_version == 2
+        with pytest.raises(StorageError, match="retired key version"):  # the migration added the trigger
+            store.append_audit(_released("old", 1))
         store.create_key("new", POLICY, b"w", now=4.0, audit=_event(key_id="new"))
         assert store.get_key("new").min_version == 1
     finally:

@@ -23,7 +23,9 @@ Version 1 had no ``revision``, version 2 no ``min_version``; opening an older fi
 (existing keys get revision 0 and minimum version 1). Stop brokers of an earlier enclaveml before
 one of this version opens their database: a schema-1 broker cannot create keys in the new schema
 and sets no revisions, and a schema-2 broker does not know minimum versions, so it would release
-versions an administrator retired.
+versions an administrator retired, were it not for a trigger (``audit_no_release_of_retired_versions``)
+that refuses the "released" audit record of a retired version, which every release writes before
+its key leaves the broker: such a broker's release then fails instead.
 
 Pragmas and why:
 
@@ -105,12 +107,26 @@ CREATE TABLE audit (
     hash BLOB NOT NULL
 )
 """
+# The database itself refuses a "released" audit record for a retired version. Releases write that
+# record before any key leaves the broker, so a broker of schema 2 still running on a migrated
+# file (it knows nothing of min_version) cannot release a retired version either: its write fails.
+_RETIRED_VERSION_TRIGGER = """
+CREATE TRIGGER audit_no_release_of_retired_versions BEFORE INSERT ON audit
+WHEN NEW.event = 'release' AND NEW.verdict = 'released'
+    AND NEW.version < (SELECT min_version FROM keys WHERE key_id = NEW.key_id)
+BEGIN
+    SELECT RAISE(ABORT, 'release of a retired key version refused');
+END
+"""
 # from-version -> statements upgrading to from-version + 1, each run in the migration transaction.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 1 -> 2: key revisions; existing keys start at 0, their next change sets a real one.
     1: ("ALTER TABLE keys ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",),
     # 2 -> 3: minimum released versions (rollback protection); existing keys release every version.
-    2: ("ALTER TABLE keys ADD COLUMN min_version INTEGER NOT NULL DEFAULT 1 CHECK (min_version >= 1)",),
+    2: (
+        "ALTER TABLE keys ADD COLUMN min_version INTEGER NOT NULL DEFAULT 1 CHECK (min_version >= 1)",
+        _RETIRED_VERSION_TRIGGER,
+    ),
 }
 
 
@@ -190,6 +206,7 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
                 raise StorageError(f"{path} is an SQLite database, but not a key broker database")
             for statement in _SCHEMA.split(";"):
                 conn.execute(statement)
+            conn.execute(_RETIRED_VERSION_TRIGGER)
             conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
             version = SCHEMA_VERSION
         elif app_id != _APPLICATION_ID:
