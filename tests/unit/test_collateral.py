@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from enclaveml.attestation._collateral import Collateral, CollateralSource, Loca
 from enclaveml.attestation._dcap import DcapVerifier
 from enclaveml.attestation._pccs import PccsCollateral, _signed_json
 from enclaveml.attestation.evidence import Evidence, TeeType
-from enclaveml.errors import CollateralError, CollateralExpiredError, ConfigurationError
+from enclaveml.errors import CollateralError, CollateralExpiredError, ConfigurationError, VerificationError
 from tests.vectors._dcap_helpers import (
     AUTOMATA,
     DCAP_CASES,
@@ -32,7 +33,6 @@ from tests.vectors._dcap_helpers import (
     case_dir,
     collateral_path,
     now_for,
-    pcs_routes,
     quote_bytes,
     unix,
 )
@@ -298,28 +298,58 @@ def _evaluation(route: Route, number: int) -> Route:
     return Route(body, route.headers, query=route.query)
 
 
+TCB_ROUTE = "/tdx/certification/v4/tcb"
+
+
+def _dates(route: Route, issued: str, next_update: str) -> Route:
+    """The route's TCB info with other dates (signature now wrong: a negative case)."""
+    body = re.sub(rb'"issueDate":"[^"]*"', b'"issueDate":"%s"' % issued.encode(), route.body)
+    body = re.sub(rb'"nextUpdate":"[^"]*"', b'"nextUpdate":"%s"' % next_update.encode(), body)
+    return Route(body, route.headers, query=route.query)
+
+
 def test_pccs_does_not_roll_back_to_an_older_tcb_evaluation(
     pcs: FakePcs, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A PCCS run by the party being verified serves the set from before a TCB recovery again."""
     now = now_for(AUTOMATA)
+    cache_file = tmp_path / "tdx-00806F050000-platform.json"
     with PccsCollateral(pcs.url, cache_dir=tmp_path, max_age=0) as source:
-        assert source.get(**AUTOMATA_KEY, now=now).evaluation_data_number == 17
-        cached = (tmp_path / "tdx-00806F050000-platform.json").read_bytes()
-        pcs.routes["/tdx/certification/v4/tcb"] = _evaluation(pcs.routes["/tdx/certification/v4/tcb"], 16)
+        assert _verify_automata(source).tcb_evaluation_data_number == 17  # verified: the floor is 17
+        assert json.loads(cache_file.read_text())["floor"] == 17
+        cached = cache_file.read_bytes()
+        pcs.routes[TCB_ROUTE] = _evaluation(pcs.routes[TCB_ROUTE], 16)
         with caplog.at_level(logging.WARNING):
-            kept = source.get(**AUTOMATA_KEY, now=now)
-        assert kept.evaluation_data_number == 17
-        assert "served older DCAP collateral" in caplog.text
-        assert (tmp_path / "tdx-00806F050000-platform.json").read_bytes() == cached
+            assert source.get(**AUTOMATA_KEY, now=now).evaluation_data_number == 17
+        assert "older than the verified cached set" in caplog.text
+        assert cache_file.read_bytes() == cached
         assert _verify_automata(source).tcb_evaluation_data_number == 17  # the real set still verifies
-    with PccsCollateral(pcs.url, cache_dir=tmp_path, max_age=0) as restarted:  # from the disk cache
-        assert restarted.get(**AUTOMATA_KEY, now=now).evaluation_data_number == 17
-        pcs.routes["/tdx/certification/v4/qe/identity"] = _evaluation(
-            pcs.routes["/tdx/certification/v4/qe/identity"], 18
-        )
-        pcs.routes["/tdx/certification/v4/tcb"] = _evaluation(pcs_routes()["/tdx/certification/v4/tcb"], 18)
-        assert restarted.get(**AUTOMATA_KEY, now=now).evaluation_data_number == 18  # newer replaces it
+    # Once the verified set has expired, an older evaluation is still refused (the floor stays).
+    later = now + 40 * 86400
+    pcs.routes[TCB_ROUTE] = _dates(pcs.routes[TCB_ROUTE], "2025-11-20T00:00:00Z", "2026-01-20T00:00:00Z")
+    with (
+        PccsCollateral(pcs.url, cache_dir=tmp_path, max_age=0) as restarted,
+        pytest.raises(CollateralError, match="refusing to go back to an older TCB evaluation"),
+    ):
+        restarted.get(**AUTOMATA_KEY, now=later)
+    assert cache_file.read_bytes() == cached
+
+
+def test_pccs_a_forged_set_raises_no_floor_and_is_fetched_again(pcs: FakePcs, tmp_path: Path) -> None:
+    """Signatures are checked at verification: a set that verified nothing is not trusted yet."""
+    genuine = pcs.routes[TCB_ROUTE]
+    pcs.routes[TCB_ROUTE] = _evaluation(genuine, 9999)
+    with PccsCollateral(pcs.url, cache_dir=tmp_path) as source:
+        with pytest.raises(VerificationError):
+            _verify_automata(source)  # dcap-qvl refuses the forged TCB info
+        pcs.routes[TCB_ROUTE] = genuine  # the PCCS is honest again (or the operator switched it)
+        assert _verify_automata(source).tcb_evaluation_data_number == 17
+    entry = json.loads((tmp_path / "tdx-00806F050000-platform.json").read_text())
+    assert (entry["verified"], entry["floor"]) == (True, 17)
+    with PccsCollateral(pcs.url, cache_dir=tmp_path) as restarted:  # the verified set, from disk
+        requests = len(pcs.requests)
+        assert _verify_automata(restarted).tcb_evaluation_data_number == 17
+        assert len(pcs.requests) == requests
 
 
 def test_pccs_unreachable_without_cache_names_the_url(tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ Age: Intel numbers each TCB evaluation (``tcbEvaluationDataNumber`` in TCB info 
 identity) and raises it with every TCB recovery. An older set stays valid for weeks after a
 newer one is published, and judges the platform by the older evaluation (a platform that needs
 a microcode update after a recovery is still ``UpToDate`` there). So sources prefer the highest
-number, the PCCS cache never goes back to a lower one, and policies can require a minimum
-(``tcb_status.min_evaluation_data_number``).
+number, the PCCS cache never goes back below the highest one that has verified a quote, and
+policies can require a minimum (``tcb_status.min_evaluation_data_number``).
 """
 
 from __future__ import annotations

@@ -111,6 +111,9 @@ class DcapVerifier:
                     f"collateral or certificate not valid at {utc_text(unix)}: {reason}"
                 ) from exc
             raise VerificationError(f"DCAP quote verification failed: {reason}") from exc
+        confirm = getattr(self._source, "confirm", None)
+        if confirm is not None:  # the collateral's signatures held: a source may now rely on it
+            confirm(collateral)
         try:
             return _claims(tee, version, json.loads(result.to_json()), fmspc, collateral)
         except (KeyError, ValueError, TypeError, IndexError) as exc:

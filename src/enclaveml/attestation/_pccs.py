@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import re
+import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote, urlencode
 
@@ -22,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from enclaveml._files import write_atomically
-from enclaveml.attestation._collateral import Collateral, _normalise, utc_text
+from enclaveml.attestation._collateral import Collateral, _normalise
 from enclaveml.attestation.evidence import TeeType
 from enclaveml.errors import CollateralError, ConfigurationError
 
@@ -34,12 +36,15 @@ _log = logging.getLogger(__name__)
 class PccsCollateral:
     """Collateral fetched from a PCCS or Intel PCS (v4 API), cached on disk under ``cache_dir``.
 
-    A cached set is reused without asking the server while it is valid at ``now`` and younger
-    than ``max_age`` seconds (Intel publishes TCB recoveries before ``nextUpdate``, so we
-    re-check daily by default). A fetched set of an older TCB evaluation (lower
-    ``tcbEvaluationDataNumber``, or the same one issued earlier) than a cached set still valid
-    at ``now`` does not replace it: a PCCS run by the party being verified could otherwise roll
-    the verifier back to the evaluation before a TCB recovery. When a fetch fails, a cached set
+    A cached set that has verified a quote (:meth:`confirm`) is reused without asking the server
+    while it is valid at ``now`` and younger than ``max_age`` seconds (Intel publishes TCB
+    recoveries before ``nextUpdate``, so we re-check daily by default); one that has not is
+    fetched again, since its signatures are only checked when it verifies a quote. The highest
+    TCB evaluation (``tcbEvaluationDataNumber``) that has verified a quote of a platform is kept
+    as its floor, also after that set expires: a set of an older evaluation is never used again
+    (the verified cached set is kept if still valid, otherwise CollateralError), so a PCCS run by
+    the party being verified cannot roll the verifier back to the evaluation before a TCB
+    recovery, and a forged set claiming a high evaluation raises no floor. When a fetch fails, a cached set
     still valid at ``now`` is used, a warning logged, and the server left alone for
     ``retry_after`` seconds so that verifications do not each wait on a dead server; otherwise
     CollateralError names the URL and the failure.
@@ -68,8 +73,10 @@ class PccsCollateral:
         self._max_age = max_age
         self._retry_after = retry_after
         self._quiet_until: dict[tuple[TeeType, str, str], float] = {}
-        # Plain dicts: each update is a single atomic store under the GIL.
-        self._memory: dict[tuple[TeeType, str, str], tuple[Collateral, float]] = {}
+        # Plain dicts: each update is a single atomic store under the GIL; confirm() also reads
+        # the entry it replaces, so it holds the lock.
+        self._memory: dict[tuple[TeeType, str, str], _Entry] = {}
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         """Close the HTTP client if this object created it."""
@@ -85,10 +92,15 @@ class PccsCollateral:
     def get(self, *, tee: TeeType, fmspc: str, ca: str, now: int) -> Collateral:
         key = _normalise(tee, fmspc, ca)
         entry = self._memory.get(key) or self._load(key)
-        cached, fetched_at = entry if entry is not None and entry[0].valid_at(now) else (None, 0.0)
+        cached = entry if entry is not None and entry.collateral.valid_at(now) else None
         wall = time.time()
-        if cached is not None and (wall - fetched_at < self._max_age or wall < self._quiet_until.get(key, 0)):
-            return cached
+        # Only a set that has verified a quote is reused without asking: one that has not may be
+        # a forgery (signatures are checked by dcap-qvl, at verification), so it is fetched again.
+        fresh_enough = cached is not None and (
+            wall - cached.fetched_at < self._max_age or wall < self._quiet_until.get(key, 0)
+        )
+        if cached is not None and cached.verified and fresh_enough:
+            return cached.collateral
         try:
             fresh = self._fetch(*key)
         except CollateralError as exc:
@@ -96,19 +108,45 @@ class PccsCollateral:
                 raise
             self._quiet_until[key] = wall + self._retry_after
             _log.warning("using cached DCAP collateral for %s: %s", "/".join(map(str, key)), exc)
-            return cached
-        if cached is not None and _age(fresh) < _age(cached):
-            _log.warning(
-                "%s served older DCAP collateral for %s (TCB evaluation %d, issued %s) than the cached "
-                "set (%d, issued %s); keeping the cached set",
-                self._base, "/".join(map(str, key)), fresh.evaluation_data_number, utc_text(fresh.issued),
-                cached.evaluation_data_number, utc_text(cached.issued),
-            )  # fmt: skip
-            self._memory[key] = (cached, wall)  # asked now: not again before max_age
-            return cached
-        self._store(key, fresh, wall)
+            return cached.collateral
+        floor = entry.floor if entry is not None else 0
+        if fresh.evaluation_data_number < floor:
+            if cached is not None and cached.verified and cached.collateral.evaluation_data_number >= floor:
+                _log.warning(
+                    "%s served DCAP collateral of TCB evaluation %d for %s, older than the verified "
+                    "cached set (%d); keeping the cached set",
+                    self._base, fresh.evaluation_data_number, "/".join(map(str, key)),
+                    cached.collateral.evaluation_data_number,
+                )  # fmt: skip
+                self._memory[key] = replace(cached, fetched_at=wall)  # asked now: not again before max_age
+                return cached.collateral
+            raise CollateralError(
+                f"{self._base} served DCAP collateral of TCB evaluation {fresh.evaluation_data_number} for "
+                f"{'/'.join(map(str, key))}, but collateral of evaluation {floor} has already verified "
+                "quotes of this platform: refusing to go back to an older TCB evaluation (rollback)"
+            )
+        self._store(key, _Entry(fresh, wall, verified=False, floor=floor))
         # A just-published set may start after `now` (clock skew); the cached one still serves.
-        return fresh if cached is None or fresh.valid_at(now) else cached
+        if cached is not None and not fresh.valid_at(now):
+            return cached.collateral
+        return fresh
+
+    def confirm(self, collateral: Collateral) -> None:
+        """Record that ``collateral`` verified a quote: its signatures are Intel's.
+
+        From then on it is reused without refetching (until ``max_age``) and its TCB evaluation
+        is this platform's floor: sets of an older evaluation are refused, also after it expires.
+        Called by :class:`~enclaveml.attestation._dcap.DcapVerifier` after each verification.
+        """
+        key = (collateral.tee, collateral.fmspc, collateral.ca)
+        with self._lock:
+            entry = self._memory.get(key) or self._load(key)
+            if entry is None:
+                return
+            floor = max(entry.floor, collateral.evaluation_data_number)
+            verified = entry.verified or entry.collateral is collateral
+            if (floor, verified) != (entry.floor, entry.verified):
+                self._store(key, replace(entry, verified=verified, floor=floor))
 
     # -- HTTP -----------------------------------------------------------------------------
 
@@ -165,34 +203,50 @@ class PccsCollateral:
     def _cache_file(self, key: tuple[TeeType, str, str]) -> Path:
         return self._cache_dir / f"{key[0].value}-{key[1]}-{key[2]}.json"
 
-    def _load(self, key: tuple[TeeType, str, str]) -> tuple[Collateral, float] | None:
+    def _load(self, key: tuple[TeeType, str, str]) -> _Entry | None:
         path = self._cache_file(key)
         try:
-            entry = json.loads(path.read_bytes())
-            loaded = (Collateral.from_json(entry["collateral"]), float(entry["fetched_at"]))
+            raw = json.loads(path.read_bytes())
+            entry = _Entry(
+                Collateral.from_json(raw["collateral"]),
+                float(raw["fetched_at"]),
+                verified=raw.get("verified") is True,
+                floor=int(raw.get("floor", 0)),
+            )
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, CollateralError) as exc:
             # A damaged cache entry is only a missed optimisation; the next fetch replaces it.
             _log.warning("ignoring unreadable DCAP collateral cache file %s: %s", path, exc)
             return None
-        self._memory[key] = loaded
-        return loaded
+        self._memory[key] = entry
+        return entry
 
-    def _store(self, key: tuple[TeeType, str, str], collateral: Collateral, fetched_at: float) -> None:
-        self._memory[key] = (collateral, fetched_at)
+    def _store(self, key: tuple[TeeType, str, str], entry: _Entry) -> None:
+        self._memory[key] = entry
         path = self._cache_file(key)
-        payload = json.dumps({"fetched_at": fetched_at, "collateral": collateral.to_json()}).encode()
+        payload = {
+            "fetched_at": entry.fetched_at,
+            "collateral": entry.collateral.to_json(),
+            "verified": entry.verified,
+            "floor": entry.floor,
+        }
         try:
             self._cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_atomically(path, payload, mode=0o600)
+            write_atomically(path, json.dumps(payload).encode(), mode=0o600)
         except OSError as exc:
             _log.warning("could not cache DCAP collateral in %s: %s", path, exc)
 
 
-def _age(collateral: Collateral) -> tuple[int, int]:
-    """Orders collateral sets by TCB evaluation, then issue time: larger is newer."""
-    return collateral.evaluation_data_number, collateral.issued
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A cached set: when it was fetched, whether it has verified a quote (its signatures are
+    then Intel's), and the platform's floor: the highest TCB evaluation that has verified one."""
+
+    collateral: Collateral
+    fetched_at: float
+    verified: bool = False
+    floor: int = 0
 
 
 def _signed_json(response: httpx.Response, key: str, url: str) -> tuple[str, bytes]:
