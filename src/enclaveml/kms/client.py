@@ -14,8 +14,9 @@ The client also implements :class:`~enclaveml.crypto.keys.DataKeyUnwrapper`: uns
 for ``(key_id, version)`` and the client releases that version once, then keeps its handle in
 memory (never on disk) for later files. Key bytes appear in no log line, repr or exception.
 With ``max_key_age_s`` a handle older than that is released afresh before its next use, so a
-long-lived reader (a Parquet dataset scanned for days) stops opening new files within that time
-once the owner disables the key, retires the version or changes the policy at the broker.
+long-lived reader (``kms.parquet.read_table`` on new files for days) stops opening them within
+that time once the owner disables the key, retires the version or changes the policy at the
+broker. (A pyarrow dataset object keeps the keys it unwrapped itself: docs/formats.md.)
 """
 
 from __future__ import annotations
