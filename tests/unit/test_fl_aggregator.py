@@ -344,14 +344,31 @@ def test_example_counts_and_metrics_no_float_can_hold_are_refused_on_arrival() -
         (2**53 + 1, {}),
         (1, {"loss": 10**400}),
         (1, {"loss": float("nan")}),
+        (1, {f"m{i}": 0.0 for i in range(65)}),  # a metrics map pinned until the round closes
+        (1, {"x" * 65: 0.0}),
     ):
         with pytest.raises(InvalidUpdateError):
             aggregator.submit("c0", 1, filled(1), num_examples=examples, metrics=metrics)
         with pytest.raises(InvalidUpdateError):  # and over the wire, before the aggregator
             decode_update(_update_bytes(examples, metrics))
-    aggregator.submit("c0", 1, filled(1), num_examples=2**53, metrics={"loss": 0.5})
+    aggregator.submit("c0", 1, filled(1), num_examples=2**53, metrics={f"m{i}": 0.5 for i in range(64)})
     aggregator.submit("c1", 1, filled(3), num_examples=1, metrics={"loss": 1e300})
     assert aggregator.completed_rounds == 1  # the round closed; nothing overflowed
+
+
+@pytest.mark.parametrize("shape", [[0, 2**62, 2**62], [0, 2**64], [0, 2**40, 2**40], [2**41]])
+def test_shapes_numpy_cannot_hold_are_invalid_updates(shape: list[int]) -> None:
+    body = {"v": 1, "round": 1, "num_examples": 1, "metrics": {}, "weights": [["<f4", shape, b""]]}
+    with pytest.raises(InvalidUpdateError, match="shape"):
+        decode_update(bytes(cbor2.dumps(body, canonical=True)))
+
+
+def test_an_upload_rejected_on_arrival_keeps_no_metrics() -> None:
+    aggregator, _ = make(clients=2)
+    aggregator.submit("c0", 1, [], num_examples=1, metrics={"loss": 0.5})  # wrong layout: rejected
+    upload = aggregator._round.committed["c0"]
+    assert upload.reason is not None
+    assert upload.metrics == {}
 
 
 def _update_bytes(examples: int, metrics: dict[str, Any]) -> bytes:
@@ -504,3 +521,17 @@ def test_a_pinned_run_resumes_under_a_plan_with_a_replaced_credential_but_not_ot
         make(clients=0, participants=rotated, checkpoints=store, min_clients=3)
     # A plan without participants keeps digest == rules digest (its checkpoints load as before).
     assert make(clients=0)[0].plan.rules_digest == make(clients=0)[0].plan.digest
+
+
+def test_big_endian_initial_weights_take_uploads() -> None:
+    """Uploads decode little-endian; the aggregator's model must compare equal to them."""
+    aggregator = Aggregator(
+        FedAvg(), [np.zeros(4, dtype=">f4")], rounds=1, min_clients=2, round_timeout_s=1e9
+    )
+    for i in range(2):
+        connection = InProcessConnection(aggregator, aggregator.enrol(f"c{i}"))
+        model = connection.fetch_model()
+        connection.upload(model.round, [model.weights[0] + 1], 10, {})
+    assert aggregator.completed_rounds == 1
+    assert aggregator.history[-1].status == "completed"
+    np.testing.assert_allclose(aggregator.global_model().weights[0], np.ones(4))

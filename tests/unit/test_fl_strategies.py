@@ -176,6 +176,27 @@ def test_server_optimizer_state_round_trip(cls: type[Strategy]) -> None:
     assert b.state() == {}
 
 
+@pytest.mark.parametrize("cls", [FedAdam, FedYogi])
+def test_a_large_step_does_not_freeze_a_float16_weight(cls: type[Strategy]) -> None:
+    """300**2 overflows float16: moments kept in float16 left v at inf and the weight stuck."""
+    strategy = cls(eta=0.1)
+    g = [np.zeros(2, np.float16)]
+    g = strategy.aggregate_train(1, g, [up("a", np.array([300.0, 1.0], np.float16))])
+    assert g[0].dtype == np.float16
+    assert np.isfinite(strategy.state()["v/0"]).all()
+    assert strategy.state()["v/0"].dtype == np.float32
+    before = g[0].copy()
+    for r in range(2, 5):  # every later round pulls both weights up
+        g = strategy.aggregate_train(r, g, [up("a", g[0] + np.float16(1.0))])
+    assert (g[0] > before).all()
+    # State an older enclaveml checkpointed in float16 continues in float32.
+    old = {k: (v.astype(np.float16) if k != "rounds" else v) for k, v in strategy.state().items()}
+    resumed = cls(eta=0.1)
+    resumed.load_state(old)
+    resumed.aggregate_train(5, g, [up("a", g[0] + np.float16(1.0))])
+    assert resumed.state()["m/0"].dtype == np.float32
+
+
 # --- robust strategies ---------------------------------------------------------------------------
 
 

@@ -70,6 +70,11 @@ MAX_EXAMPLES = 2**53
 _DTYPES = frozenset({"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "|b1"})
 _MAX_TENSORS = 4096
 _MAX_DIMS = 8
+_MAX_DIM = 2**40  # numpy cannot even describe some larger shapes ([0, 2**62, 2**62])
+# An update's metrics are a few named numbers (loss, accuracy); the aggregator keeps them until
+# the round closes, so their count and names are bounded like the weights are.
+MAX_METRICS = 64
+MAX_METRIC_NAME = 64
 
 
 @dataclass(frozen=True)
@@ -128,15 +133,18 @@ def _array(item: Any, copy: bool = True) -> np.ndarray:
     if not (
         isinstance(shape, list)
         and len(shape) <= _MAX_DIMS
-        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM for d in shape)
     ):
-        raise InvalidUpdateError("tensor shape must be a list of at most 8 non-negative integers")
+        raise InvalidUpdateError("tensor shape must be a list of at most 8 integers from 0 to 2**40")
     if not isinstance(data, bytes):
         raise InvalidUpdateError("tensor data must be a byte string")
     dtype = np.dtype(dtype_str)
     if len(data) != math.prod(shape) * dtype.itemsize:
         raise InvalidUpdateError(f"tensor data is {len(data)} bytes, shape {shape} of {dtype_str} needs more")
-    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:  # numpy refuses shapes whose non-zero dimensions multiply past its limits
+        array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as exc:
+        raise InvalidUpdateError(f"tensor shape {shape} cannot be represented: {exc}") from None
     return array.copy() if copy else array
 
 
@@ -178,12 +186,24 @@ def decode_update(data: bytes, *, copy: bool = True) -> UpdateMessage:
         raise InvalidUpdateError(
             f"update 'round' and 'num_examples' must be non-negative integers, num_examples <= {MAX_EXAMPLES}"
         )
-    if not isinstance(metrics, dict) or not all(
-        isinstance(k, str) and finite_number(v) for k, v in metrics.items()
-    ):
+    if not isinstance(metrics, dict):
         raise InvalidUpdateError("update 'metrics' must map names to finite numbers")
+    checked = check_metrics(metrics)
     weights = weights_from_item(body.get("weights"), copy=copy)
-    return UpdateMessage(round_, weights, examples, {k: float(v) for k, v in metrics.items()})
+    return UpdateMessage(round_, weights, examples, checked)
+
+
+def check_metrics(metrics: Mapping[Any, Any]) -> dict[str, float]:
+    """``metrics`` as a dict of floats; InvalidUpdateError unless at most :data:`MAX_METRICS`
+    names of at most :data:`MAX_METRIC_NAME` characters map to finite numbers."""
+    if len(metrics) > MAX_METRICS or not all(
+        isinstance(k, str) and len(k) <= MAX_METRIC_NAME and finite_number(v) for k, v in metrics.items()
+    ):
+        raise InvalidUpdateError(
+            f"update 'metrics' must map at most {MAX_METRICS} names (at most {MAX_METRIC_NAME} "
+            "characters each) to finite numbers"
+        )
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def encode_model(message: ModelMessage) -> bytes:

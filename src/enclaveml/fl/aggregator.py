@@ -46,7 +46,7 @@ from enclaveml.fl._errors import (
     TrainingFinishedError,
 )
 from enclaveml.fl._round import RoundUploads, take_over, weighted_metrics
-from enclaveml.fl._wire import MAX_EXAMPLES, ModelMessage, finite_number
+from enclaveml.fl._wire import MAX_EXAMPLES, ModelMessage, check_metrics
 from enclaveml.fl.plan import TrainingPlan, token_sha256
 from enclaveml.fl.strategies._round_updates import RoundUpdates
 from enclaveml.fl.strategy import Strategy, Weights
@@ -83,7 +83,9 @@ class Aggregator:
     ) -> None:
         if not isinstance(strategy, Strategy):
             raise ConfigurationError("strategy must be an enclaveml.fl.strategy.Strategy")
-        weights = [np.array(w, copy=True) for w in initial_weights]
+        # In the wire's byte order (little-endian), as every decoded upload is: big-endian initial
+        # weights (an .npz written elsewhere) would otherwise reject every upload as "wrong dtype".
+        weights = [_little_endian_copy(w) for w in initial_weights]
         if not weights:
             raise ConfigurationError("initial_weights must hold at least one array")
         self.plan = TrainingPlan.create(
@@ -225,7 +227,8 @@ class Aggregator:
         The arrays are copied (the caller may reuse them). Returns how many updates the round
         holds now. Raises TrainingFinishedError, RoundMismatchError (also if the round closed
         while this update was being copied), DuplicateUpdateError or NotEnrolledError, and
-        InvalidUpdateError for an example count or metric no float can hold; never because of
+        InvalidUpdateError for an example count or metric no float can hold, or more metrics than
+        :data:`~enclaveml.fl._wire.MAX_METRICS` (names of at most 64 characters); never because of
         the weights' values or layout, which only get the update rejected at round close.
         """
         if (
@@ -234,8 +237,7 @@ class Aggregator:
             or not 0 < num_examples <= MAX_EXAMPLES
         ):
             raise InvalidUpdateError(f"num_examples must be an integer from 1 to {MAX_EXAMPLES}")
-        if metrics is not None and not all(finite_number(v) for v in metrics.values()):
-            raise InvalidUpdateError("metrics must be finite numbers")
+        checked = check_metrics(metrics or {})
         reason = structure_problem(self._weights, weights)  # the layout never changes: no lock
         with self._cond:
             current = self._check_open_locked(client_id, round_)
@@ -257,7 +259,8 @@ class Aggregator:
                 raise RoundMismatchError(
                     f"round {round_} closed while this update was being stored", current=current
                 )
-            count = uploads.commit(upload, num_examples, metrics or {})
+            # An upload already known to be rejected keeps no metrics: they would never be used.
+            count = uploads.commit(upload, num_examples, {} if upload.reason else checked)
             self._tick_locked()
             return count
 
@@ -438,3 +441,8 @@ class Aggregator:
         self._history = list(checkpoint.history)
         self.resumed_from = checkpoint.completed_rounds
         _log.info("resumed after round %d from %s", self._completed, store.path)
+
+
+def _little_endian_copy(value: Any) -> np.ndarray:
+    array = np.asarray(value)
+    return np.array(array, dtype=array.dtype.newbyteorder("<"), copy=True)

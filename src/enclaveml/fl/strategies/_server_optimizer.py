@@ -66,6 +66,13 @@ class ServerOptimizer(Strategy):
             self._m = [np.zeros(g.shape, _state_dtype(g)) for g in global_weights]
             self._v = [np.full(g.shape, self.tau**2, _state_dtype(g)) for g in global_weights]
         self._check_state(global_weights)
+        # State kept by an older enclaveml in float16 (checkpoints) continues in float32.
+        self._m = [
+            m.astype(_state_dtype(g), copy=False) for m, g in zip(self._m, global_weights, strict=True)
+        ]
+        self._v = [
+            v.astype(_state_dtype(g), copy=False) for v, g in zip(self._v, global_weights, strict=True)
+        ]
         new: Weights = []
         for j, (g, mean, m, v) in enumerate(zip(global_weights, means, self._m, self._v, strict=True)):
             mean = mean.reshape(g.shape)
@@ -126,5 +133,12 @@ class ServerOptimizer(Strategy):
 
 
 def _state_dtype(array: np.ndarray) -> np.dtype:
-    """Moments in the model's float dtype (float32 stays float32); float64 for non-float arrays."""
-    return array.dtype if array.dtype.kind == "f" else np.dtype(np.float64)
+    """Moments in the model's float dtype, at least float32; float64 for non-float arrays.
+
+    Not float16: the second moment squares a change, and float16 overflows past 256 (65504), so
+    one large step (one participant's, or an honest BatchNorm statistic's) would leave ``v`` at
+    infinity and freeze that weight for the rest of the run, checkpoints included.
+    """
+    if array.dtype.kind == "f":
+        return np.promote_types(array.dtype, np.float32)
+    return np.dtype(np.float64)
