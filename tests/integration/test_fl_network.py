@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -28,6 +29,7 @@ from enclaveml.attestation.simulation import (
 from enclaveml.crypto import KeyHandle, read_header
 from enclaveml.errors import PolicyRejectedError
 from enclaveml.fl._errors import NotEnrolledError
+from enclaveml.fl._wire import UPDATE_CONTENT_TYPE, encode_update
 from enclaveml.fl.aggregator import Aggregator, token_sha256
 from enclaveml.fl.client import AggregatorClient, Trainer, TrainResult, participate
 from enclaveml.fl.plan import TrainingPlan
@@ -178,6 +180,56 @@ def test_a_client_that_rejects_the_aggregator_sends_nothing(
             assert good.server_plan()["plan"] == plan
         assert stats.request_bytes() == 0  # verification and enrolment carry no body
     finally:
+        server.stop()
+
+
+def test_an_upload_that_would_be_refused_is_refused_before_its_body_is_read(sim_key: SimulationKey) -> None:
+    """One credential cannot make the aggregator hold many model-sized bodies at once."""
+    aggregator = Aggregator(
+        FedAvg(), [np.zeros(50_000, np.float32)], rounds=2, min_clients=2, round_timeout_s=600
+    )
+    token = aggregator.enrol("c0")
+    aggregator.enrol("c1")
+    provider = SimulationProvider(key=sim_key, entry_point=ENTRY_POINT, config=aggregator.plan.to_dict())
+    server = serve_aggregator(aggregator, provider)
+    body = encode_update(1, [np.ones(50_000, np.float32)], 1, {})
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": UPDATE_CONTENT_TYPE}
+    release = threading.Event()
+
+    def slow_body() -> Iterator[bytes]:
+        yield body[:1000]
+        release.wait(30)
+        yield body[1000:]
+
+    stats = server.app.state.stats
+    # The server's test of the protocol, not of the client: TLS without pinning is enough here.
+    try:
+        with httpx.Client(base_url=server.url, verify=False, headers=headers, timeout=60) as http:
+            assert http.get("/v1/fl/plan").status_code == 200  # a connection up for the slow upload
+            with ThreadPoolExecutor(1) as pool:
+                first = pool.submit(http.post, "/v1/fl/rounds/1/update", content=slow_body())
+                time.sleep(0.3)  # its headers and first bytes are in
+                deadline = time.monotonic() + 10
+                while True:  # until the first upload is being received
+                    second = http.post("/v1/fl/rounds/1/update", content=body)
+                    if second.status_code == 409 or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+                assert second.status_code == 409
+                assert "already being received" in second.json()["error"]
+                release.set()
+                assert first.result(timeout=30).status_code == 202
+            read = stats.request_bytes()
+            again = http.post("/v1/fl/rounds/1/update", content=body)
+            assert (again.status_code, again.json()["error"]) == (
+                409,
+                "client 'c0' already uploaded for round 1",
+            )
+            wrong_round = http.post("/v1/fl/rounds/2/update", content=body)
+            assert wrong_round.status_code == 409
+            assert stats.request_bytes() - read < len(body)  # neither body was read
+    finally:
+        release.set()
         server.stop()
 
 

@@ -196,6 +196,18 @@ class Aggregator:
         """
         return client_id in self._round.committed
 
+    def check_upload(self, client_id: str, round_: int) -> None:
+        """Raise what :meth:`submit` would for ``client_id`` and ``round_`` before reading any weights.
+
+        For transports that receive the update body after this: a client whose upload would be
+        refused anyway (wrong round, already uploaded, training over) is refused before it sends
+        a model-sized body. :meth:`submit` checks again; this is only the early answer.
+        """
+        with self._cond:
+            current = self._check_open_locked(client_id, round_)
+            if client_id in self._round:
+                raise DuplicateUpdateError(f"client {client_id!r} already uploaded for round {current}")
+
     def global_model(self, client_id: str | None = None) -> ModelMessage:
         """The aggregate and the config for the open round; ``uploaded`` is about ``client_id``."""
         with self._cond:

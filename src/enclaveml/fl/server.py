@@ -52,7 +52,7 @@ from enclaveml._web import (
     serve_ratls_app,
 )
 from enclaveml.attestation import EvidenceProvider, RatlsCertificate, create_ratls_certificate
-from enclaveml.fl._errors import FederatedError, NotEnrolledError, RoundMismatchError
+from enclaveml.fl._errors import DuplicateUpdateError, FederatedError, NotEnrolledError, RoundMismatchError
 from enclaveml.fl._wire import MODEL_CONTENT_TYPE, decode_update, encode_model, encode_weights
 from enclaveml.fl.aggregator import Aggregator
 from enclaveml.fl.plan import certificate_nonce, fresh_nonce
@@ -149,11 +149,22 @@ def create_aggregator_app(
         body = await run_in_threadpool(encode_model, message)
         return Response(body, media_type=MODEL_CONTENT_TYPE, headers={"Cache-Control": "no-store"})
 
+    receiving: set[str] = set()  # clients whose update body is being read (event loop only)
+
     @app.post("/v1/fl/rounds/{round_}/update", status_code=202)
     async def update(round_: int, request: Request, authorization: Auth = None) -> dict[str, int]:
-        client_id = client_of(authorization)  # before reading the body: strangers send nothing big
-        body = await request.body()
-        count = await run_in_threadpool(_ingest, aggregator, client_id, round_, body)
+        # Before reading the body: strangers, and uploads that would be refused anyway (wrong
+        # round, already uploaded, one already arriving from this client), send nothing big.
+        client_id = client_of(authorization)
+        if client_id in receiving:
+            raise DuplicateUpdateError(f"an update from client {client_id!r} is already being received")
+        receiving.add(client_id)
+        try:
+            await run_in_threadpool(aggregator.check_upload, client_id, round_)  # the lock may be held
+            body = await request.body()
+            count = await run_in_threadpool(_ingest, aggregator, client_id, round_, body)
+        finally:
+            receiving.discard(client_id)
         return {"round": round_, "uploads": count}
 
     @app.get("/v1/fl/status")
