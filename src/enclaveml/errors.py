@@ -17,7 +17,8 @@ original kept as ``__cause__``.
     │   │   ├── CollateralError     collateral missing, malformed or unfetchable
     │   │   └── CollateralExpiredError  `now` lies outside the collateral's validity window
     │   ├── PolicyRejectedError     verified claims do not satisfy the appraisal policy
-    │   └── BindingError            evidence is not bound to the expected key / nonce
+    │   ├── BindingError            evidence is not bound to the expected key / nonce
+    │   └── AttestationBusyError    the server cannot produce fresh evidence now: retry later
     ├── CryptoError
     │   └── DecryptionError         authentication failed; says nothing more (no oracle)
     └── KeyBrokerError              the key broker refused or failed a request
@@ -33,6 +34,7 @@ Messages say what failed and what to do. They never contain key material or plai
 from __future__ import annotations
 
 __all__ = [
+    "AttestationBusyError",
     "AttestationError",
     "AuthorizationError",
     "BindingError",
@@ -106,6 +108,18 @@ class PolicyRejectedError(AttestationError):
 
 class BindingError(AttestationError):
     """The evidence does not bind the expected public key, nonce or report data."""
+
+
+class AttestationBusyError(AttestationError):
+    """The server refused to produce fresh evidence for now (429/503); nothing was verified.
+
+    Not a verdict on the server: ``retry_after_s`` (from its ``Retry-After``) says when to ask
+    again. Until a check passes the server is still not trusted with data.
+    """
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class CryptoError(EnclaveMLError):

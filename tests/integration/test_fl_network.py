@@ -233,6 +233,43 @@ def test_an_upload_that_would_be_refused_is_refused_before_its_body_is_read(sim_
         server.stop()
 
 
+class _SlowQuotes(SimulationProvider):
+    """Hardware-like evidence latency, so that concurrent connections fill the attestation slots."""
+
+    def collect(self, report_data: bytes) -> Any:
+        time.sleep(0.3)
+        return super().collect(report_data)
+
+
+def test_participants_reconnecting_at_once_wait_for_busy_attestation_slots(
+    sim_key: SimulationKey, sim_verifier: SimulationVerifier
+) -> None:
+    """Twelve participants after a restart find the aggregator's 8 attestation slots full (429)."""
+    aggregator = Aggregator(FedAvg(), [np.zeros(4, np.float32)], rounds=1, min_clients=2, round_timeout_s=600)
+    tokens = {f"c{i}": aggregator.enrol(f"c{i}") for i in range(12)}
+    provider = _SlowQuotes(key=sim_key, entry_point=ENTRY_POINT, config=aggregator.plan.to_dict())
+    server = serve_aggregator(aggregator, provider)
+
+    def connect(client_id: str) -> str:
+        with AggregatorClient(
+            server.url,
+            credential=tokens[client_id],
+            policy=policy_for(provider),
+            verifier=sim_verifier,
+            expected_plan=aggregator.plan.to_dict(),
+            wait_for_aggregator_s=30,
+        ) as connection:
+            return connection.client_id
+
+    try:
+        with ThreadPoolExecutor(len(tokens)) as pool:
+            connected = sorted(pool.map(connect, tokens))
+        assert connected == sorted(tokens)
+        assert server.app.state.stats.status_count(429) > 0  # the slots were full, and waited out
+    finally:
+        server.stop()
+
+
 def test_nan_and_scaled_updates_move_the_model_no_further_than_the_median_bound(
     sim_key: SimulationKey, sim_verifier: SimulationVerifier
 ) -> None:

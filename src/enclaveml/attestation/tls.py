@@ -15,7 +15,9 @@ so no request body can go to a server that was not verified.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import random
 import socket
 import ssl
 from collections.abc import Iterator
@@ -40,7 +42,7 @@ from enclaveml.attestation.ratls import (
     verify_ratls_certificate,
 )
 from enclaveml.attestation.verifier import Verifier
-from enclaveml.errors import AttestationError, ConfigurationError, VerificationError
+from enclaveml.errors import AttestationBusyError, AttestationError, ConfigurationError, VerificationError
 
 __all__ = [
     "AttestedServer",
@@ -176,6 +178,11 @@ class AttestedSession:
         fails a re-attestation is not trusted with data again until it passes one.
         """
         self.fresh = False
+        if response.status_code in (429, 503):
+            raise AttestationBusyError(
+                f"server is busy producing attestations ({response.status_code}); retry later",
+                _retry_after(response.headers.get("Retry-After")),
+            )
         if response.status_code != 200:
             raise AttestationError(f"server refused fresh attestation ({response.status_code})")
         try:
@@ -203,3 +210,27 @@ class AttestedSession:
                 "the server's most recent attestation check failed or never ran; nothing is sent to it "
                 "until a re-attestation passes"
             )
+
+
+def retry_delay(exc: AttestationError) -> float | None:
+    """Seconds to wait before connecting again after ``exc``, or None when ``exc`` is final.
+
+    Worth waiting out: a server that cannot be reached (not started yet, restarting) and one
+    whose attestation slots are full (``AttestationBusyError``: its ``Retry-After``, with jitter
+    so that many clients reconnecting after a restart do not come back together). Any failed
+    check is final: a server that fails one is refused, never retried into acceptance.
+    """
+    if isinstance(exc, AttestationBusyError):
+        return exc.retry_after_s * (1.0 + random.random())  # noqa: S311 - jitter, not a secret
+    if type(exc) is AttestationError and isinstance(exc.__cause__, OSError):
+        return 0.5
+    return None
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds from a ``Retry-After`` in seconds (dates and nonsense: 1 s), within 0.1..60."""
+    try:
+        seconds = float(value) if value is not None else 1.0
+    except ValueError:
+        seconds = 1.0
+    return min(max(seconds, 0.1), 60.0) if math.isfinite(seconds) else 1.0

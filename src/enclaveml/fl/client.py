@@ -32,7 +32,7 @@ import httpx
 
 from enclaveml.attestation import Claims, Policy, Verifier
 from enclaveml.attestation._time import Instant
-from enclaveml.attestation.tls import AttestedSession
+from enclaveml.attestation.tls import AttestedSession, retry_delay
 from enclaveml.errors import AttestationError, ConfigurationError, PolicyRejectedError
 from enclaveml.fl._errors import (
     DuplicateUpdateError,
@@ -148,21 +148,22 @@ class AggregatorClient:
             self._connect_until(deadline)
 
     def _connect_until(self, deadline: float) -> None:
-        """Connect (all four steps), retrying while the aggregator is unreachable until ``deadline``."""
+        """Connect (all four steps), retrying until ``deadline`` while the aggregator is down or busy."""
         while True:
             try:
                 self._connect()
                 return
             except AttestationError as exc:
-                # Only "cannot connect" is worth waiting out; a failed check is final.
-                if type(exc) is not AttestationError or not isinstance(exc.__cause__, OSError):
+                pause = retry_delay(exc)
+                if pause is None:  # a failed check is final
                     raise
-                if time.monotonic() > deadline:
-                    raise FederatedError(f"aggregator {self.url} is unreachable: {exc}") from exc
+                if time.monotonic() + pause > deadline:
+                    raise FederatedError(f"aggregator {self.url} is unreachable or busy: {exc}") from exc
             except httpx.TransportError as exc:
+                pause = 0.5
                 if time.monotonic() > deadline:
                     raise FederatedError(f"aggregator {self.url} is unreachable: {exc}") from exc
-            time.sleep(0.5)
+            time.sleep(pause)
 
     # --- the AggregatorConnection interface ----------------------------------------------------
 

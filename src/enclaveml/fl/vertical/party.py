@@ -31,7 +31,7 @@ import httpx
 
 from enclaveml.attestation import Claims, Policy, Verifier
 from enclaveml.attestation._time import Instant
-from enclaveml.attestation.tls import AttestedSession
+from enclaveml.attestation.tls import AttestedSession, retry_delay
 from enclaveml.errors import AttestationError, ConfigurationError, PolicyRejectedError
 from enclaveml.fl.plan import certificate_nonce, fresh_nonce
 from enclaveml.fl.vertical._channel import Exchange, PartyEndpoint, answer
@@ -91,11 +91,10 @@ class ServerConnection:
                 self._http, self.claims = self._connect(policy, verifier, now)
                 return
             except AttestationError as exc:
-                # Only "cannot connect" is worth waiting out; a failed check is final.
-                unreachable = type(exc) is AttestationError and isinstance(exc.__cause__, OSError)
-                if not unreachable or time.monotonic() > deadline:
+                pause = retry_delay(exc)  # None: a failed check, final
+                if pause is None or time.monotonic() + pause > deadline:
                     raise
-            time.sleep(0.5)
+            time.sleep(pause)
 
     def _connect(self, policy: Policy, verifier: Verifier, now: Instant) -> tuple[httpx.Client, Claims]:
         attested = AttestedSession(self.url, policy, verifier, now, self._timeout)
