@@ -8,6 +8,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -23,7 +24,13 @@ from enclaveml.attestation.simulation import SimulationProvider, SimulationVerif
 from enclaveml.crypto import KeyHandle, seal_file
 from enclaveml.errors import AttestationError, ConfigurationError, PolicyRejectedError
 from enclaveml.serving.client import AsyncClient, Client
-from enclaveml.serving.secure import MODEL_NAME_METADATA, RunningServer, load_sealed_models, serve_in_thread
+from enclaveml.serving.secure import (
+    BATCHABLE_METADATA,
+    MODEL_NAME_METADATA,
+    RunningServer,
+    load_sealed_models,
+    serve_in_thread,
+)
 from tests.serving_models import digits_model
 
 CANARY_KEY = KeyHandle.generate("digits-key")
@@ -185,6 +192,54 @@ def test_a_server_on_an_ipv6_address_is_attested_and_used(
             assert client.infer("digits", {"X": digits_model()[1][:2]})["label"].shape == (2,)
     finally:
         running.stop()
+
+
+def _centring_model() -> bytes:
+    """y = x - mean(x, axis=0): dim 0 is dynamic but a set axis, not a batch of independent rows."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["x"], ["m"], axes=[0], keepdims=1),
+            helper.make_node("Sub", ["x", "m"], ["y"]),
+        ],
+        "centre",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 4])],
+    )
+    return bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString())
+
+
+def test_requests_of_different_clients_are_batched_only_if_the_owner_sealed_it_batchable(
+    tmp_path: Path, sim_provider: SimulationProvider, sim_policy, sim_verifier: SimulationVerifier
+) -> None:
+    """Batched with another client's rows, a set model answers from both inputs (a leak)."""
+    plain = tmp_path / "centre.onnx"
+    plain.write_bytes(_centring_model())
+    sealed, batchable = tmp_path / "centre.sealed", tmp_path / "centre-batchable.sealed"
+    seal_file(plain, sealed, wrapper=CANARY_KEY, key_id="digits-key", content_type="application/onnx")
+    seal_file(plain, batchable, wrapper=CANARY_KEY, key_id="digits-key", content_type="application/onnx",
+              metadata={BATCHABLE_METADATA: "true"})  # fmt: skip
+    assert load_sealed_models({"centre": batchable}, CANARY_KEY, intra_op_threads=1).get("centre").batchable
+    repository = load_sealed_models({"centre": sealed}, CANARY_KEY, intra_op_threads=1)
+    assert not repository.get("centre").batchable
+    running = serve_in_thread(repository, sim_provider, max_batch_size=16, max_delay_ms=50)
+    try:
+        victim, other = np.array([[11.0, 22.0, 33.0, 44.0]], np.float32), np.zeros((1, 4), np.float32)
+        with (
+            Client(running.url, policy=sim_policy, verifier=sim_verifier) as client,
+            ThreadPoolExecutor(8) as pool,
+        ):
+            answers = list(pool.map(lambda x: client.infer("centre", {"x": x})["y"], [victim, other] * 8))
+        for answer in answers:  # each request alone: one row minus its own mean
+            np.testing.assert_array_equal(answer, np.zeros((1, 4), np.float32))
+    finally:
+        running.stop()
+    bad = tmp_path / "bad.sealed"
+    seal_file(plain, bad, wrapper=CANARY_KEY, key_id="digits-key", content_type="application/onnx",
+              metadata={BATCHABLE_METADATA: "yes"})  # fmt: skip
+    with pytest.raises(ConfigurationError, match="batchable='yes'"):
+        load_sealed_models({"centre": bad}, CANARY_KEY, intra_op_threads=1)
 
 
 def test_a_sealed_model_loads_only_under_the_name_it_was_sealed_as(tmp_path: Path) -> None:

@@ -38,7 +38,12 @@ from enclaveml.kms import KeyBrokerAdmin, KeyBrokerClient
 from enclaveml.kms._rootkey import RootKey
 from enclaveml.kms.server import BrokerConfig, create_app, create_self_signed_certificate
 from enclaveml.serving.client import Client
-from enclaveml.serving.secure import MODEL_NAME_METADATA, load_sealed_models, serve_in_thread
+from enclaveml.serving.secure import (
+    BATCHABLE_METADATA,
+    MODEL_NAME_METADATA,
+    load_sealed_models,
+    serve_in_thread,
+)
 
 _MODEL = "digits"
 _KEY_ID = "digits-model"
@@ -116,7 +121,8 @@ def run_demo() -> None:
                 wrapper=admin,
                 key_id=_KEY_ID,
                 content_type="application/onnx",
-                metadata={MODEL_NAME_METADATA: _MODEL},  # served only under this name
+                # Served only under this name; its rows (digits images) are independent: batched.
+                metadata={MODEL_NAME_METADATA: _MODEL, BATCHABLE_METADATA: "true"},
             )
             write_atomically(sealed, artifact)
             admin.close()

@@ -64,6 +64,14 @@ def seal(
         str | None,
         typer.Option(help="Model name the artifact may be served as (`serve --model NAME=...` checks it)."),
     ] = None,
+    batchable: Annotated[
+        bool,
+        typer.Option(
+            "--batchable",
+            help="The model's rows along dim 0 are independent: requests of different clients may "
+            "be run as one batch (never for models that mix rows: sets, sequences over dim 0).",
+        ),
+    ] = False,
     url: UrlOpt = "",
     token: TokenOpt = "",
     ca: CaOpt = None,
@@ -72,9 +80,11 @@ def seal(
     """Seal SOURCE into DESTINATION under broker key --key (the broker wraps the data key)."""
     from enclaveml.crypto.sealed import read_header, seal_file
     from enclaveml.kms.admin import KeyBrokerAdmin
-    from enclaveml.serving.secure import MODEL_NAME_METADATA
+    from enclaveml.serving.secure import BATCHABLE_METADATA, MODEL_NAME_METADATA
 
     metadata = {} if model_name is None else {MODEL_NAME_METADATA: model_name}
+    if batchable:
+        metadata[BATCHABLE_METADATA] = "true"
     with reporting(as_json), _file_errors():
         with (
             KeyBrokerAdmin(require_url(url), token, verify=ca_of(ca)) as admin,

@@ -15,6 +15,7 @@ Order of operations, and where each secret lives:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from enclaveml.serving._engine import ModelRepository, OnnxModel
 from enclaveml.serving.app import create_app
 
 __all__ = [
+    "BATCHABLE_METADATA",
     "MODEL_NAME_METADATA",
     "RunningServer",
     "attestation_hook",
@@ -39,6 +41,11 @@ __all__ = [
 
 MODEL_NAME_METADATA = "model_name"
 """Sealed-header metadata naming the model an artifact may be served as (checked once verified)."""
+_log = logging.getLogger(__name__)
+
+BATCHABLE_METADATA = "batchable"
+"""Sealed-header metadata, ``"true"``: the owner says rows along dim 0 are independent, so requests
+of different clients may be run as one batch (``enclaveml seal --batchable``)."""
 
 
 def load_sealed_models(
@@ -52,6 +59,11 @@ def load_sealed_models(
     The checks run on the header that was verified with the content, not on one read before: an
     artifact sealed with a ``model_name`` (``enclaveml seal --model-name``) loads only under that
     name, so the host cannot swap two sealed models between the names they are served under.
+
+    Requests of different clients are batched together only for artifacts sealed with
+    ``batchable`` (``enclaveml seal --batchable``): a model that mixes rows along dim 0 (a set,
+    sequence or attention over the batch axis, a normalisation over it) would otherwise give one
+    client an answer computed from another's input. Only the owner knows; the host cannot turn it on.
     """
     if not models:
         raise ConfigurationError("at least one --model NAME=PATH is required")
@@ -59,15 +71,18 @@ def load_sealed_models(
     for name, path in models.items():
         header, model_bytes = unseal_file_with_header(Path(path), unwrapper=unwrapper)
         try:
-            _check_model_header(header, name, path)
-            model = OnnxModel.from_bytes(name, model_bytes, intra_op_threads=intra_op_threads)
+            batchable = _check_model_header(header, name, path)
+            model = OnnxModel.from_bytes(
+                name, model_bytes, intra_op_threads=intra_op_threads, batchable=batchable
+            )
         finally:
             del model_bytes  # ORT holds its own copy; drop ours now rather than at the end of the loop.
         repository.add(model)
     return repository
 
 
-def _check_model_header(header: SealedHeader, name: str, path: str | Path) -> None:
+def _check_model_header(header: SealedHeader, name: str, path: str | Path) -> bool:
+    """Check content type and name; return whether the owner allows batching across requests."""
     if header.content_type not in ("application/onnx", "application/octet-stream"):
         raise ConfigurationError(f"sealed artifact {path} holds {header.content_type!r}, not an ONNX model")
     sealed_as = header.metadata.get(MODEL_NAME_METADATA)
@@ -76,6 +91,14 @@ def _check_model_header(header: SealedHeader, name: str, path: str | Path) -> No
             f"sealed artifact {path} was sealed as model {sealed_as!r}, not {name!r}: "
             "refusing to serve one model under another's name"
         )
+    batchable = header.metadata.get(BATCHABLE_METADATA)
+    if batchable not in (None, "true"):
+        raise ConfigurationError(
+            f"sealed artifact {path} has batchable={batchable!r}; only 'true' is defined"
+        )
+    if batchable is None:
+        _log.info("model %r runs one request at a time (sealed without --batchable)", name)
+    return batchable == "true"
 
 
 def serve_in_thread(
