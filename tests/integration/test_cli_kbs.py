@@ -144,10 +144,11 @@ def test_token_serve_key_policy_seal_unseal_round_trip(tmp_path: Path, served: S
     assert _cli(env, "kbs", "key", "rotate", "model", "--json")[1] == {"key_id": "model", "version": 2}
     code, out, text = _cli(
         env, "seal", str(model), str(tmp_path / "model.v2.sealed"), "--key", "model",
-        "--model-name", "fraud", "--json",
+        "--model-name", "fraud", "--batchable", "--json",
     )  # fmt: skip
     assert out["version"] == 2, text
-    assert read_header(tmp_path / "model.v2.sealed").metadata == {"model_name": "fraud"}  # for `serve`
+    metadata = read_header(tmp_path / "model.v2.sealed").metadata
+    assert metadata == {"model_name": "fraud", "batchable": "true"}  # for `serve`
     code, _, text = _cli(
         env,
         "unseal",
