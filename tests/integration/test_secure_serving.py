@@ -120,24 +120,29 @@ def test_client_refuses_server_outside_policy_and_sends_no_body(
 
 
 @contextlib.contextmanager
-def replaying_attestation(server: RunningServer) -> Iterator[None]:
-    """The server's fresh evidence stops verifying: it ignores the nonce, as a replay would."""
+def replaying_attestation(server: RunningServer, how: str = "replayed") -> Iterator[None]:
+    """The server's fresh evidence stops verifying: it ignores the nonce, as a replay would; or
+    (``stalled``) it never comes, as when the host stalls quote generation past the client's timeout."""
     state = server.app.state.serving
     honest = state.attestation
-    state.attestation = lambda nonce: honest(b"\x01" * 32)
+    if how == "stalled":
+        state.attestation = lambda nonce: time.sleep(2.5) or honest(nonce)
+    else:
+        state.attestation = lambda nonce: honest(b"\x01" * 32)
     try:
         yield
     finally:
         state.attestation = honest
 
 
+@pytest.mark.parametrize("how", ["replayed", "stalled"])
 def test_after_a_failed_reattestation_the_client_sends_nothing_until_one_passes(
-    server: RunningServer, sim_verifier: SimulationVerifier, sim_policy
+    server: RunningServer, sim_verifier: SimulationVerifier, sim_policy, how: str
 ) -> None:
     rows = digits_model()[1][:2]
-    with Client(server.url, policy=sim_policy, verifier=sim_verifier) as client:
+    with Client(server.url, policy=sim_policy, verifier=sim_verifier, timeout=1.0) as client:
         assert client.infer("digits", {"X": rows})["label"].shape == (2,)
-        with replaying_attestation(server):
+        with replaying_attestation(server, how):
             with pytest.raises(AttestationError):
                 client.reattest()
             stats = server.app.state.stats
@@ -151,16 +156,17 @@ def test_after_a_failed_reattestation_the_client_sends_nothing_until_one_passes(
         assert client.infer("digits", {"X": rows})["label"].shape == (2,)
 
 
+@pytest.mark.parametrize("how", ["replayed", "stalled"])
 def test_the_async_client_refuses_too_after_a_failed_reattestation(
-    server: RunningServer, sim_verifier: SimulationVerifier, sim_policy
+    server: RunningServer, sim_verifier: SimulationVerifier, sim_policy, how: str
 ) -> None:
     rows = digits_model()[1][:2]
 
     async def scenario() -> None:
-        client = await AsyncClient.connect(server.url, policy=sim_policy, verifier=sim_verifier)
+        client = await AsyncClient.connect(server.url, policy=sim_policy, verifier=sim_verifier, timeout=1.0)
         try:
             assert (await client.infer("digits", {"X": rows}))["label"].shape == (2,)
-            with replaying_attestation(server):
+            with replaying_attestation(server, how):
                 with pytest.raises(AttestationError):
                     await client.reattest()
                 with pytest.raises(AttestationError, match="nothing is sent"):

@@ -205,7 +205,8 @@ def create_ratls_certificate(
     from the evidence, not from a validity period: the key is generated in the TEE, lives in its
     memory and ends with the process, verifiers appraise the evidence against their current
     collateral and policy whenever they check the certificate, and the clients of every enclaveml
-    server ask for fresh evidence bound to a nonce and this key on each connection. A bounded
+    server ask for fresh evidence bound to a nonce and this key when they connect (and again on
+    each ``reattest()``; a client that fails one sends nothing until one passes). A bounded
     period would only make long-running servers unreachable once it ran out: the clients pin
     this exact certificate, so a re-issued one (same key, new dates) fails their handshake.
     Pass ``validity`` for a certificate that expires that long after now. ``dns_names`` and

@@ -171,6 +171,11 @@ class AttestedSession:
         self.claims: Claims = self.server.peer.claims
         self.fresh = False  # whether the most recent check_fresh passed
 
+    def invalidate(self) -> None:
+        """Distrust the server until a check passes: call before asking for fresh evidence, so a
+        request that fails in transport (reset, timeout) does not leave the last verdict standing."""
+        self.fresh = False
+
     def check_fresh(self, nonce: bytes, response: httpx.Response) -> Claims:
         """Verify the answer to ``GET /attestation?nonce=...``; the claims, or an AttestationError.
 

@@ -26,6 +26,7 @@ import numpy as np
 from enclaveml.attestation import Claims, Policy, Verifier
 from enclaveml.attestation._time import Instant
 from enclaveml.attestation.tls import AttestedSession
+from enclaveml.errors import AttestationError
 from enclaveml.serving._oip_codec import HEADER_LENGTH, InferenceError, decode_response, encode_request
 
 __all__ = ["AsyncClient", "Client", "InferenceError"]
@@ -77,11 +78,18 @@ class Client:
         return self._attested.server.peer.fingerprint
 
     def reattest(self) -> Claims:
-        """Ask for fresh evidence bound to a new nonce and verify it against the policy."""
+        """Ask for fresh evidence bound to a new nonce and verify it against the policy.
+
+        Until it passes, nothing is sent: a failure of any kind (the check, or the request in
+        transport) leaves the client refusing to infer (AttestationError) until a reattest passes.
+        """
         nonce = os.urandom(_NONCE_SIZE)
-        return self._attested.check_fresh(
-            nonce, self._http.get("/attestation", params={"nonce": nonce.hex()})
-        )
+        self._attested.invalidate()
+        try:
+            response = self._http.get("/attestation", params={"nonce": nonce.hex()})
+        except httpx.HTTPError as exc:
+            raise AttestationError(f"fresh attestation request failed ({type(exc).__name__})") from exc
+        return self._attested.check_fresh(nonce, response)
 
     def model_metadata(self, model: str) -> dict[str, Any]:
         self._attested.require_fresh()
@@ -141,8 +149,13 @@ class AsyncClient:
         return self._attested.claims
 
     async def reattest(self) -> Claims:
+        """As :meth:`Client.reattest`: nothing is sent until it passes."""
         nonce = os.urandom(_NONCE_SIZE)
-        response = await self._http.get("/attestation", params={"nonce": nonce.hex()})
+        self._attested.invalidate()
+        try:
+            response = await self._http.get("/attestation", params={"nonce": nonce.hex()})
+        except httpx.HTTPError as exc:
+            raise AttestationError(f"fresh attestation request failed ({type(exc).__name__})") from exc
         return self._attested.check_fresh(nonce, response)
 
     async def infer(
