@@ -338,3 +338,18 @@ def test_binary_round_trip_of_any_numeric_tensor(array: np.ndarray) -> None:
     )
     assert encoded.header_length is not None
     assert encoded.body[encoded.header_length :] == body[header:]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"inputs": [{"name": "X", "shape": [1], "datatype": "BYTES", "data": ["\\ud800"]}]}',
+        b'{"id": "\\udfff", "inputs": [{"name": "X", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}',
+        b'{"parameters": {"p": "\\ud800x"}, "inputs": [{"name": "X", "shape": [1], "datatype": "BYTES", '
+        b'"data": ["a"]}]}',
+    ],
+)
+def test_text_utf8_cannot_encode_is_a_bad_request(body: bytes) -> None:
+    """JSON escapes let a lone surrogate through; it used to fail later, in ONNX Runtime, as a 500."""
+    with pytest.raises(InvalidRequestError, match="valid Unicode"):
+        parse_infer_request(body, one_input("BYTES", (-1,)))

@@ -141,8 +141,8 @@ def parse_infer_request(
     document = _load_json(json_part)
     _check_keys(document, _REQUEST_KEYS, "request")
     request_id = document.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidRequestError("'id' must be a string")
+    if request_id is not None and not (isinstance(request_id, str) and _is_utf8(request_id)):
+        raise InvalidRequestError("'id' must be a string of valid Unicode")
     parameters = _parameters(document.get("parameters"), "request")
 
     raw_inputs = document.get("inputs")
@@ -227,6 +227,8 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
     for key, item in value.items():
         if not isinstance(item, str | int | float | bool):
             raise InvalidRequestError(f"{where} parameter {key!r} must be a string, number or boolean")
+        if not _is_utf8(key) or (isinstance(item, str) and not _is_utf8(item)):
+            raise InvalidRequestError(f"{where} parameters must be valid Unicode text")
     return value
 
 
@@ -330,10 +332,22 @@ def _flatten_strings(data: Any, name: str) -> list[str]:
         if isinstance(item, list):
             stack.extend(reversed(item))
         elif isinstance(item, str):
+            if not _is_utf8(item):
+                raise InvalidRequestError(f"input {name!r}: BYTES data must be valid Unicode text")
             out.append(item)
         else:
             raise InvalidRequestError(f"input {name!r}: BYTES data must be strings")
     return out
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text UTF-8 cannot encode: JSON's escapes let a lone surrogate (\\ud800) through,
+    which would fail later, in ONNX Runtime or the queue's encoding, as a server error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _from_binary(
