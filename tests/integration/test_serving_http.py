@@ -387,3 +387,30 @@ def test_attestation_work_is_bounded(digits: tuple[bytes, np.ndarray]) -> None:
         statuses = sorted(f.result().status_code for f in pending)
     assert statuses.count(200) == 4
     assert statuses.count(429) == 4
+
+
+def test_a_body_that_stops_arriving_is_answered_408_and_its_connection_closed(
+    digits: tuple[bytes, np.ndarray],
+) -> None:
+    """A client sending all but the last bytes of a body, then waiting, must not hold the server."""
+    import socket
+
+    model = OnnxModel.from_bytes("digits", digits[0], intra_op_threads=1)
+    app = create_app({"digits": model}, body_timeout_s=0.5)
+    with serve(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as slow:
+            slow.sendall(
+                b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n" + b"{" * 100
+            )
+            started = time.monotonic()
+            answer = b""
+            while chunk := slow.recv(4096):  # the server closes the connection after answering
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert time.monotonic() - started < 5
+        assert app.state.stats.status_count(408) == 1
+        with httpx.Client(base_url=url, timeout=10) as http:  # the server is fine
+            rows = digits[1][:2]
+            assert http.post("/v2/models/digits/infer", json=json_request(rows)).status_code == 200

@@ -5,7 +5,7 @@ and the vertical-FL server use it; applications use those packages instead.
 """
 
 from enclaveml._web._attestation import add_bound_attestation_route
-from enclaveml._web._limits import LimitAndCount, RouteStats, ServingStats
+from enclaveml._web._limits import DEFAULT_BODY_TIMEOUT_S, LimitAndCount, RouteStats, ServingStats
 from enclaveml._web._server import (
     RunningServer,
     ServerThread,
@@ -16,6 +16,7 @@ from enclaveml._web._server import (
 )
 
 __all__ = [
+    "DEFAULT_BODY_TIMEOUT_S",
     "LimitAndCount",
     "RouteStats",
     "RunningServer",

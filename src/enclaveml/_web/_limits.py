@@ -4,7 +4,9 @@
 a byte of the body. It answers 413 from ``Content-Length`` alone when that is too large (the body
 is never read), and otherwise counts body bytes as the application receives them, raising the app's own "too
 large" error (``too_large(message)``, answered 413 by the app) the moment a streamed body (no
-``Content-Length``) passes the limit.
+``Content-Length``) passes the limit. A body must also arrive within ``body_timeout_s`` of the
+request's start: a client that sends all but the last byte of a large body and then waits would
+otherwise hold the buffered bytes and its connection for ever (408, connection closed).
 
 :class:`ServingStats` records, per route template, the requests, the body bytes received and the
 response statuses. Tests use it to prove what a client did or did not send; ``/metrics`` exports
@@ -14,6 +16,7 @@ never collide). The inference server, the FL aggregator and the vertical-FL serv
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import time
@@ -88,8 +91,15 @@ class ServingStats:
         return sum(s.statuses[status] for r, s in list(self.routes.items()) if route in (None, r))
 
 
+DEFAULT_BODY_TIMEOUT_S = 60.0
+
+
+class _BodyTimeout(Exception):
+    """The request body did not arrive in time (raised into the app, answered 408 here)."""
+
+
 class LimitAndCount:
-    """ASGI middleware: enforce ``max_request_bytes`` and feed :class:`ServingStats`."""
+    """ASGI middleware: enforce ``max_request_bytes`` and the body deadline, feed :class:`ServingStats`."""
 
     def __init__(
         self,
@@ -99,12 +109,14 @@ class LimitAndCount:
         routes: Callable[[], list[BaseRoute]],
         max_request_bytes: int,
         too_large: Callable[[str], Exception],
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     ) -> None:
         self.app = app
         self._too_large = too_large
         self._stats = stats
         self._routes = routes
         self.max_request_bytes = max_request_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -113,21 +125,50 @@ class LimitAndCount:
         started = time.perf_counter()
         received = 0
         status = 500  # if the app dies before starting a response, uvicorn answers 500
+        responded = False
         limit = self.max_request_bytes
+        # The body deadline: one timer per request (armed at the first read of the body, disarmed
+        # when it is complete) that cancels the request task if it is still waiting for the body.
+        # A timeout around each read would cost a task per chunk (dozens for an image).
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        deadline = loop.time() + self.body_timeout_s
+        timer: asyncio.TimerHandle | None = None
+        expired = body_done = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            if task is not None:
+                task.cancel()
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done, timer
+            if body_done:  # after the body, receive() waits for a disconnect: no deadline
+                return await receive()
+            if timer is None:
+                timer = loop.call_at(deadline, expire)
+            try:
+                message = await receive()
+            except asyncio.CancelledError:
+                if expired and task is not None and task.uncancel() == 0:
+                    raise _BodyTimeout from None
+                raise
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise self._too_large(f"request body exceeds the {limit}-byte limit")
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
+            if body_done:
+                timer.cancel()
             return message
 
         async def tracking_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
             await send(message)
 
         try:
@@ -136,8 +177,20 @@ class LimitAndCount:
                 status = 413
                 await _reject(send, 413, f"request body of {declared} bytes exceeds the {limit}-byte limit")
             else:
-                await self.app(scope, counting_receive, tracking_send)
+                try:
+                    await self.app(scope, counting_receive, tracking_send)
+                except (_BodyTimeout, asyncio.CancelledError) as exc:
+                    # (A cancellation by the deadline timer outside a read of the body ends here too.)
+                    timed_out = isinstance(exc, _BodyTimeout) or (
+                        expired and task is not None and task.uncancel() == 0
+                    )
+                    if responded or not timed_out:
+                        raise
+                    status = 408
+                    await _reject(send, 408, f"request body not received within {self.body_timeout_s:g} s")
         finally:
+            if timer is not None:
+                timer.cancel()
             route = scope.get("route")
             label = getattr(route, "path", None) or self._match(scope)
             self._stats().record(label, status, received, time.perf_counter() - started)

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from enclaveml import __version__
-from enclaveml._web import LimitAndCount, ServingStats
+from enclaveml._web import DEFAULT_BODY_TIMEOUT_S, LimitAndCount, ServingStats
 from enclaveml.errors import AttestationError, ConfigurationError
 from enclaveml.serving._batching import (
     BatcherClosedError,
@@ -138,6 +138,7 @@ def create_app(
     attestation: Callable[[bytes], bytes] | None = None,
     server_name: str = "enclaveml",
     queue: RequestQueue | None = None,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> FastAPI:
     """Build the OIP inference app.
 
@@ -147,10 +148,12 @@ def create_app(
     ``/attestation`` is 404. Batching, queue, body-size and timeout limits apply per model;
     ``instances`` batches of a model may run at once (see :class:`DynamicBatcher`).
     With ``queue`` (scale-out), inference is not run here: parsed inputs go through the queue to
-    workers (:func:`enclaveml.serving.worker.run_worker`), which batch and run them.
+    workers (:func:`enclaveml.serving.worker.run_worker`), which batch and run them. A request
+    body must arrive within ``body_timeout_s`` (408 otherwise), so slow senders cannot hold
+    buffered bodies and connections indefinitely.
     """
-    if max_request_bytes < 1 or request_timeout_s <= 0:
-        raise ConfigurationError("max_request_bytes must be >= 1 and request_timeout_s > 0")
+    if max_request_bytes < 1 or request_timeout_s <= 0 or not body_timeout_s > 0:
+        raise ConfigurationError("max_request_bytes must be >= 1, request_timeout_s and body_timeout_s > 0")
     if isinstance(models, ModelRepository):
         repository = models
     else:
@@ -201,6 +204,7 @@ def create_app(
         routes=lambda: app.router.routes,
         max_request_bytes=max_request_bytes,
         too_large=RequestTooLargeError,
+        body_timeout_s=body_timeout_s,
     )
     # Our errors are answered by ExceptionMiddleware; a handler for bare Exception would sit in
     # ServerErrorMiddleware, which re-raises after answering (that is what an unexpected bug should do).
