@@ -9,6 +9,7 @@ in the ``Inference-Header-Content-Length`` HTTP header. Responses come back the 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -79,27 +80,71 @@ def encode_request(
 
 
 def decode_response(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
-    """Decode a JSON or binary-extension infer response into named arrays."""
-    split = int(header_length) if header_length is not None else len(body)
+    """Decode a JSON or binary-extension infer response into named arrays.
+
+    Strict, since the answer is only as good as its framing: every output's shape must be
+    non-negative dims, its binary size exactly what shape and datatype need, the binary parts
+    must account for every byte after the header, and names are unique; anything else is an
+    :class:`~enclaveml.errors.EnclaveMLError` naming what is wrong (never a bare ValueError).
+    """
+    try:
+        split = int(header_length) if header_length is not None else len(body)
+    except ValueError:
+        raise EnclaveMLError("malformed inference response: bad header length") from None
     if not 0 <= split <= len(body):
         raise EnclaveMLError("malformed inference response: bad header length")
     try:
         header = json.loads(body[:split])
     except ValueError as exc:
         raise EnclaveMLError("malformed inference response: header is not JSON") from exc
+    outputs = header.get("outputs", []) if isinstance(header, dict) else None
+    if not isinstance(outputs, list):
+        raise EnclaveMLError("malformed inference response: 'outputs' is not a list")
     results: dict[str, np.ndarray] = {}
     offset = split
-    for item in header.get("outputs", []):
-        name, datatype, shape = item["name"], item["datatype"], tuple(item["shape"])
-        if datatype not in _NUMPY:
-            raise EnclaveMLError(f"output {name!r}: unsupported datatype {datatype}")
-        dtype = np.dtype(_NUMPY[datatype]).newbyteorder("<")
-        size = (item.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            chunk = body[offset : offset + int(size)]
-            offset += int(size)
-            array = np.frombuffer(chunk, dtype=dtype)
-        else:
-            array = np.asarray(item["data"], dtype=dtype)
-        results[name] = array.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+    for item in outputs:
+        name, array, used = _decode_output(item, body, offset)
+        if name in results:
+            raise EnclaveMLError(f"malformed inference response: output {name!r} appears twice")
+        results[name] = array
+        offset += used
+    if offset != len(body):
+        raise EnclaveMLError(f"malformed inference response: {len(body) - offset} bytes follow the outputs")
     return results
+
+
+def _decode_output(item: Any, body: bytes, offset: int) -> tuple[str, np.ndarray, int]:
+    """One output: its name, its array and the binary bytes it used."""
+    if not isinstance(item, dict):
+        raise EnclaveMLError("malformed inference response: an output is not an object")
+    name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
+    if not isinstance(name, str):
+        raise EnclaveMLError("malformed inference response: an output has no name")
+    if datatype not in _NUMPY:
+        raise EnclaveMLError(f"output {name!r}: unsupported datatype {datatype}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise EnclaveMLError(f"malformed inference response: output {name!r} has a bad shape {shape!r}")
+    dtype = np.dtype(_NUMPY[datatype]).newbyteorder("<")
+    count = math.prod(shape)
+    parameters = item.get("parameters") or {}
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    try:
+        if size is not None:
+            if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(body):
+                raise EnclaveMLError(
+                    f"malformed inference response: output {name!r} declares {size!r} binary bytes, "
+                    f"its shape {shape} of {datatype} needs {count * dtype.itemsize}"
+                )
+            array = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+            used = size
+        else:
+            array, used = np.asarray(item.get("data"), dtype=dtype), 0
+            if array.size != count:
+                raise EnclaveMLError(
+                    f"malformed inference response: output {name!r} has {array.size} values for shape {shape}"
+                )
+        return name, array.reshape(shape).astype(dtype.newbyteorder("="), copy=False), used
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise EnclaveMLError(f"malformed inference response: output {name!r}: {exc}") from None
