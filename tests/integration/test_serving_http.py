@@ -414,3 +414,32 @@ def test_a_body_that_stops_arriving_is_answered_408_and_its_connection_closed(
         with httpx.Client(base_url=url, timeout=10) as http:  # the server is fine
             rows = digits[1][:2]
             assert http.post("/v2/models/digits/infer", json=json_request(rows)).status_code == 200
+
+
+def _filler_model() -> bytes:
+    """y = zeros(n): a tiny request for an output as large as it asks."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["n"], ["y"])],
+        "filler",
+        [helper.make_tensor_value_info("n", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["count"])],
+    )
+    return bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+
+
+def test_outputs_too_large_for_json_must_be_asked_for_as_binary() -> None:
+    model = OnnxModel.from_bytes("filler", _filler_model(), intra_op_threads=1, batchable=False)
+    with serve(create_app({"filler": model})) as url, httpx.Client(base_url=url, timeout=60) as http:
+        ask = {"inputs": [{"name": "n", "shape": [1], "datatype": "INT64", "data": [3_000_000]}]}
+        refused = http.post("/v2/models/filler/infer", json=ask)
+        assert refused.status_code == 400
+        assert "as binary data" in refused.json()["error"]
+        binary = http.post(
+            "/v2/models/filler/infer", json={**ask, "parameters": {"binary_data_output": True}}
+        )
+        assert binary.status_code == 200
+        assert len(binary.content) > 3_000_000 * 4
+        small = {"inputs": [{"name": "n", "shape": [1], "datatype": "INT64", "data": [10]}]}
+        assert http.post("/v2/models/filler/infer", json=small).json()["outputs"][0]["data"] == [0.0] * 10

@@ -46,6 +46,7 @@ __all__ = ["add_routes"]
 # the request to a thread would cost more than parsing it inline.
 _OFFLOAD_JSON_BYTES = 256 * 1024
 # JSON output elements above this many are encoded in a worker thread (each becomes text).
+MAX_JSON_OUTPUT_ELEMENTS = 1 << 21  # 2M elements: ~40 MB of JSON text
 _OFFLOAD_JSON_ELEMENTS = 32 * 1024
 _HEX = re.compile(r"[0-9a-fA-F]*")
 _NONCE_BYTES = (16, 64)
@@ -187,6 +188,13 @@ async def infer(request: Request) -> Response:
     else:
         outputs = await state.batcher(model).submit(parsed.inputs, timeout_s=parsed.timeout_s)
     json_elements = sum(outputs[o.name].size for o in parsed.outputs if not o.binary and o.name in outputs)
+    if json_elements > MAX_JSON_OUTPUT_ELEMENTS:
+        # As JSON text each element costs ~20 bytes, and its Python list ~25x the array: a small
+        # request for a big output (an embedding table) would make the server allocate gigabytes.
+        raise InvalidRequestError(
+            f"the outputs hold {json_elements} elements, more than {MAX_JSON_OUTPUT_ELEMENTS} are sent "
+            "as JSON: request them as binary data (parameters.binary_data_output or per output binary_data)"
+        )
     if json_elements > _OFFLOAD_JSON_ELEMENTS:
         encoded = await asyncio.to_thread(encode_infer_response, model, parsed, outputs)
     else:
