@@ -237,9 +237,11 @@ class OnnxModel:
         """Run the graph; thread-safe (ORT sessions may be run concurrently)."""
         try:
             results = self._session.run(self._output_names, dict(inputs))
-        except _OrtInvalidArgument as exc:
-            _log.debug("model %s rejected its inputs: %s", self.name, exc)
-            raise ModelInputError(f"model {self.name!r} rejected the input values") from exc
+        except _OrtInvalidArgument:
+            # ONNX Runtime's message may quote input values (an out-of-range Gather index): it is
+            # neither logged nor chained, so no log line or traceback carries a client's data.
+            _log.debug("model %s rejected its inputs", self.name)
+            raise ModelInputError(f"model {self.name!r} rejected the input values") from None
         return {n: np.asarray(r) for n, r in zip(self._output_names, results, strict=True)}
 
     def metadata(self) -> dict[str, Any]:
