@@ -443,3 +443,30 @@ def test_outputs_too_large_for_json_must_be_asked_for_as_binary() -> None:
         assert len(binary.content) > 3_000_000 * 4
         small = {"inputs": [{"name": "n", "shape": [1], "datatype": "INT64", "data": [10]}]}
         assert http.post("/v2/models/filler/infer", json=small).json()["outputs"][0]["data"] == [0.0] * 10
+
+
+def test_a_rejected_input_value_reaches_neither_the_log_nor_the_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ONNX Runtime quotes an out-of-range Gather index in its message: a client's data."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(3, dtype=np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "i"], ["y"])],
+        "lookup",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        initializer=[table],
+    )
+    model_bytes = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    model = OnnxModel.from_bytes("lookup", model_bytes, intra_op_threads=1, batchable=False)
+    caplog.set_level("DEBUG")
+    with serve(create_app({"lookup": model})) as url, httpx.Client(base_url=url, timeout=30) as http:
+        secret = 987654321
+        ask = {"inputs": [{"name": "i", "shape": [1], "datatype": "INT64", "data": [secret]}]}
+        answer = http.post("/v2/models/lookup/infer", json=ask)
+        assert answer.status_code == 400
+        assert str(secret) not in answer.text
+    assert "rejected its inputs" in caplog.text
+    assert str(secret) not in caplog.text
