@@ -264,6 +264,42 @@ def test_back_pressure_and_deadlines(redis_url: str, cluster_key: KeyHandle) -> 
     assert (stats.executed, stats.answered, stats.expired) == (4, 4, 1)
 
 
+def test_a_handler_is_stopped_at_its_request_deadline(redis_url: str, cluster_key: KeyHandle) -> None:
+    """Past the deadline the front end has answered 504: the worker stops the work, answers nothing."""
+    finished: list[bytes] = []
+
+    async def stuck(model: str, payload: bytes) -> bytes:
+        await asyncio.sleep(5)
+        finished.append(payload)
+        return payload
+
+    async def main() -> WorkerStats:
+        queue = RedisStreamsQueue(redis_url, cluster_key=cluster_key, block_ms=50)
+        stop = asyncio.Event()
+        task = asyncio.create_task(queue.run_worker(stuck, stop_event=stop))
+        started = time.monotonic()
+        with pytest.raises(QueueTimeoutError):
+            await queue.submit(MODEL, make_payload(1), timeout_s=0.5)
+        for _ in range(100):  # the worker gives up at the same deadline
+            if queue_worker_idle(redis_url):
+                break
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - started < 3
+        stop.set()
+        stats = await task
+        await queue.aclose()
+        return stats
+
+    stats = run(main)
+    assert (stats.executed, stats.answered, stats.expired) == (1, 0, 1)
+    assert finished == []
+
+
+def queue_worker_idle(redis_url: str) -> bool:
+    """No entry left in the stream (acknowledged and deleted)."""
+    return int(sync_client(redis_url).xlen(STREAM)) == 0
+
+
 def test_heartbeat_keeps_slow_requests_from_being_claimed_and_poison_is_dead_lettered(
     redis_url: str, cluster_key: KeyHandle
 ) -> None:

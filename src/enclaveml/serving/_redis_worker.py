@@ -287,12 +287,17 @@ class RedisWorker:
                 return
             self.stats.executed += 1
             try:
-                reply = ReplyRecord(
-                    ok=True,
-                    body=await call_handler(
+                # The request's own deadline bounds the handler (its batcher's wait included): past
+                # it the front end has answered 504 and stopped listening, so the work is wasted.
+                async with asyncio.timeout((request.deadline_ms - _now_ms()) / 1000):
+                    body = await call_handler(
                         self._handler, request.model, request.payload, handler_is_async=self._handler_is_async
-                    ),
-                )
+                    )
+                reply = ReplyRecord(ok=True, body=body)
+            except TimeoutError:
+                self.stats.expired += 1
+                await self._discard_entry(entry_id, fields, b"")
+                return
             except Exception as exc:  # noqa: BLE001 - sealed into the reply; the worker goes on
                 self.stats.handler_errors += 1
                 _log.info("worker %s: handler raised %s", self._consumer, type(exc).__name__)
