@@ -59,3 +59,16 @@ def test_inconsistent_responses_are_typed_errors(outputs: list[Any], blobs: byte
 def test_malformed_headers_are_typed_errors(body: bytes, length: str | None) -> None:
     with pytest.raises(EnclaveMLError, match="malformed inference response"):
         decode_response(body, length)
+
+
+def test_the_client_accepts_only_the_outputs_it_asked_for() -> None:
+    import httpx
+
+    from enclaveml.serving.client import _result
+
+    body, length = _binary([_out("y", [1], 4), _out("z", [1], 4)], bytes(8))
+    answer = httpx.Response(200, content=body, headers={"Inference-Header-Content-Length": length})
+    assert set(_result(answer)) == {"y", "z"}  # no selection: every output the model has
+    assert set(_result(answer, ["z", "y"])) == {"y", "z"}
+    with pytest.raises(EnclaveMLError, match=r"answer a request for \['y'\]"):
+        _result(answer, ["y"])

@@ -26,7 +26,7 @@ import numpy as np
 from enclaveml.attestation import Claims, Policy, Verifier
 from enclaveml.attestation._time import Instant
 from enclaveml.attestation.tls import AttestedSession
-from enclaveml.errors import AttestationError
+from enclaveml.errors import AttestationError, EnclaveMLError
 from enclaveml.serving._oip_codec import HEADER_LENGTH, InferenceError, decode_response, encode_request
 
 __all__ = ["AsyncClient", "Client", "InferenceError"]
@@ -43,14 +43,19 @@ def _as_inputs(inputs: Inputs, default_name: str | None) -> Mapping[str, np.ndar
     return inputs
 
 
-def _result(response: httpx.Response) -> dict[str, np.ndarray]:
+def _result(response: httpx.Response, asked: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     if response.status_code != 200:
         try:
             message = str(response.json().get("error", response.text))
         except ValueError:
             message = response.text[:200]
         raise InferenceError(response.status_code, message)
-    return decode_response(response.content, response.headers.get(HEADER_LENGTH))
+    results = decode_response(response.content, response.headers.get(HEADER_LENGTH))
+    if asked is not None and set(results) != set(asked):
+        raise EnclaveMLError(
+            f"malformed inference response: outputs {sorted(results)} answer a request for {sorted(asked)}"
+        )
+    return results
 
 
 class Client:
@@ -111,7 +116,7 @@ class Client:
             names = [i["name"] for i in self.model_metadata(model)["inputs"]]
             self._input_names[model] = names[0] if len(names) == 1 else None
         body, headers = encode_request(_as_inputs(inputs, self._input_names.get(model)), outputs)
-        return _result(self._http.post(f"/v2/models/{model}/infer", content=body, headers=headers))
+        return _result(self._http.post(f"/v2/models/{model}/infer", content=body, headers=headers), outputs)
 
     def close(self) -> None:
         self._http.close()
@@ -163,7 +168,8 @@ class AsyncClient:
     ) -> dict[str, np.ndarray]:
         self._attested.require_fresh()
         body, headers = encode_request(inputs, outputs)
-        return _result(await self._http.post(f"/v2/models/{model}/infer", content=body, headers=headers))
+        response = await self._http.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+        return _result(response, outputs)
 
     async def aclose(self) -> None:
         await self._http.aclose()
