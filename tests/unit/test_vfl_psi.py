@@ -485,3 +485,19 @@ def test_a_plan_bound_on_set_sizes_bounds_the_guesses_a_relay_can_test() -> None
         PsiParty("m", ids[:5], max_ids=10).handle(
             "psi.ecdh.answer", {**session, "over": "all", "blinded": guesses}
         )
+
+
+@pytest.mark.parametrize("mode", ["tee", "ecdh"])
+def test_the_server_enforces_the_plan_bound_on_every_set(key: KeyHandle, mode: str) -> None:
+    """A party that ignores psi_max_ids (tags a whole ID space) fails the run at the server."""
+    honest = canaries(np.random.default_rng(21), 8, "h")
+    guesses = honest + canaries(np.random.default_rng(22), 40, "g")  # more than the plan's 10
+    options = {"key": key} if mode == "tee" else {}
+    greedy = PsiParty("m", guesses, **options)  # built without the plan's bound: it ignores it
+    parties = [PsiParty("a", honest, parties=2, max_ids=10, **options), greedy]
+    channels = [InProcessChannel(p) for p in parties]
+    with pytest.raises(ProtocolError, match="the plan allows at most 10"):
+        run_psi(channels, mode, max_ids=10)  # type: ignore[arg-type]
+    assert run_psi(
+        [InProcessChannel(PsiParty(n, honest, parties=2, **options)) for n in "ab"], mode, max_ids=10
+    )

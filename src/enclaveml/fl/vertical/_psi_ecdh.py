@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from enclaveml.fl.vertical._channel import PartyChannel, call_all, require
 from enclaveml.fl.vertical._codec import Payload
 from enclaveml.fl.vertical._errors import MessageError, ProtocolError
-from enclaveml.fl.vertical._psi_ids import Rows
+from enclaveml.fl.vertical._psi_ids import Rows, check_set_size
 
 __all__ = ["POINT_SIZE", "EcdhRun", "run_ecdh"]
 
@@ -208,22 +208,27 @@ def _size(party: str, payload: Payload, most: int) -> int:
     return size
 
 
-def run_ecdh(channels: Sequence[PartyChannel], session: bytes) -> tuple[int, list[int]]:
+def run_ecdh(
+    channels: Sequence[PartyChannel], session: bytes, max_ids: int | None = None
+) -> tuple[int, list[int]]:
     """Relay one cryptographic-mode run: the intersection size and each party's set size.
 
     ``channels[0]`` is the coordinator. The relay checks every array's shape against what it has
-    seen so far, and that every party ends with the same intersection size.
+    seen so far, and that every party ends with the same intersection size; with ``max_ids`` (the
+    plan's ``psi_max_ids``) no set may be larger, here as well as at each honest party.
     """
     coordinator, members = channels[0], list(channels[1:])
     c = coordinator.name
     base = {"session": session}
     request = _points(c, "blind", coordinator.call("psi.ecdh.blind", base), "blinded", None)
     n_coordinator = len(request)
+    check_set_size(c, n_coordinator, max_ids)
     answers = call_all(members, "psi.ecdh.answer", {**base, "over": "all", "blinded": request})
     sizes: list[int] = []
     for member, answer in zip(members, answers, strict=True):
         setup = _points(member.name, "answer", answer, "setup", None)
         reblinded = _points(member.name, "answer", answer, "reblinded", n_coordinator)
+        check_set_size(member.name, len(setup), max_ids)
         sizes.append(len(setup))
         coordinator.call("psi.ecdh.intersect", {**base, "setup": setup, "reblinded": reblinded})
     del answers

@@ -25,8 +25,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from enclaveml.errors import ConfigurationError
+from enclaveml.fl.vertical._errors import ProtocolError
 
-__all__ = ["canonical_rows", "normalise_ids"]
+__all__ = ["canonical_rows", "check_set_size", "normalise_ids"]
 
 Rows = NDArray[np.int64]
 
@@ -95,3 +96,11 @@ def canonical_rows(ids: Sequence[bytes], rows: Iterable[int] | Rows) -> Rows:
     result = np.asarray(ordered, dtype=np.int64)
     result.flags.writeable = False
     return result
+
+
+def check_set_size(party: str, size: int, max_ids: int | None) -> None:
+    """The server's check of the plan's ``psi_max_ids`` on a set a party sent (ProtocolError)."""
+    if max_ids is not None and size > max_ids:
+        raise ProtocolError(
+            f"party {party!r} sent {size} IDs; the plan allows at most {max_ids} (psi_max_ids)"
+        )

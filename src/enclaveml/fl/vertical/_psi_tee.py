@@ -35,7 +35,7 @@ from enclaveml.crypto import KeyHandle
 from enclaveml.fl.vertical._channel import PartyChannel, call_all, require
 from enclaveml.fl.vertical._codec import Payload
 from enclaveml.fl.vertical._errors import MessageError, ProtocolError
-from enclaveml.fl.vertical._psi_ids import Rows, canonical_rows
+from enclaveml.fl.vertical._psi_ids import Rows, canonical_rows, check_set_size
 
 __all__ = ["SESSION_SIZE", "TAG_SIZE", "TeeRun", "run_tee"]
 
@@ -132,15 +132,21 @@ def intersect_sorted(sets: Sequence[NDArray[np.bytes_]]) -> list[Rows]:
     return [np.searchsorted(tags, common).astype(np.int64) for tags in sets]
 
 
-def run_tee(channels: Sequence[PartyChannel]) -> tuple[int, list[int]]:
+def run_tee(channels: Sequence[PartyChannel], max_ids: int | None = None) -> tuple[int, list[int]]:
     """Drive one TEE-mode run: the intersection size and each party's set size.
 
-    :raises ProtocolError: a party sent malformed tags, or the parties' confirmation values differ
-        (they did not end with the same aligned order).
+    ``max_ids`` (the plan's ``psi_max_ids``) is enforced here, in the TEE: every party holds the
+    PSI key, so one that tagged a whole low-entropy ID space would learn which of its guesses the
+    others hold; the bound every party approved in the plan stops that.
+
+    :raises ProtocolError: a party sent malformed tags or more than ``max_ids``, or the parties'
+        confirmation values differ (they did not end with the same aligned order).
     """
     session = secrets.token_bytes(SESSION_SIZE)
     answers = call_all(channels, "psi.hashes", {"session": session})
     sets = [_sorted_tags(ch.name, a) for ch, a in zip(channels, answers, strict=True)]
+    for channel, tags in zip(channels, sets, strict=True):
+        check_set_size(channel.name, len(tags), max_ids)
     positions = intersect_sorted(sets)
     size = len(positions[0])
     results = call_all(

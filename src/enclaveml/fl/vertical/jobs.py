@@ -90,7 +90,10 @@ def server_job(plan: VerticalPlan, *, server_model: bytes | None = None) -> Job:
     :raises ConfigurationError: the model does not match the plan's ``model_sha256``, or is missing.
     """
     if plan.task == "psi":
-        return lambda channels: JobResult("psi", psi=run_psi(channels, mode=plan.psi_mode))  # type: ignore[arg-type]
+        return lambda channels: JobResult(
+            "psi",
+            psi=run_psi(channels, mode=plan.psi_mode, max_ids=plan.psi_max_ids),  # type: ignore[arg-type]
+        )
     if plan.algorithm == "logreg":
         return _logreg_job(plan)
     return _boosting_job(plan, server_model)

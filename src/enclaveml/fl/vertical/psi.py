@@ -254,8 +254,12 @@ class PsiParty(PartyEndpoint):
         return {"size": len(rows)}
 
 
-def run_psi(channels: Sequence[PartyChannel], mode: PsiMode = "tee") -> PsiSummary:
+def run_psi(
+    channels: Sequence[PartyChannel], mode: PsiMode = "tee", *, max_ids: int | None = None
+) -> PsiSummary:
     """Run PSI over ``channels`` (two or more; in ``"ecdh"`` mode the first is the coordinator).
+
+    ``max_ids`` is the plan's ``psi_max_ids``: a party sending a larger set fails the run.
 
     :raises ConfigurationError: an unknown mode, fewer than two parties, or repeated party names.
     :raises ProtocolError: a party answered with malformed data, or the parties disagree.
@@ -267,7 +271,7 @@ def run_psi(channels: Sequence[PartyChannel], mode: PsiMode = "tee") -> PsiSumma
     if len(names) < 2 or len(set(names)) != len(names):
         raise ConfigurationError("PSI needs two or more parties with distinct names")
     if mode == "tee":
-        size, sizes = run_tee(channels)
+        size, sizes = run_tee(channels, max_ids)
     else:
-        size, sizes = run_ecdh(channels, secrets.token_bytes(SESSION_SIZE))
+        size, sizes = run_ecdh(channels, secrets.token_bytes(SESSION_SIZE), max_ids)
     return PsiSummary(mode=mode, parties=names, set_sizes=tuple(sizes), intersection_size=size)
