@@ -470,3 +470,27 @@ def test_a_rejected_input_value_reaches_neither_the_log_nor_the_answer(
         assert str(secret) not in answer.text
     assert "rejected its inputs" in caplog.text
     assert str(secret) not in caplog.text
+
+
+def test_a_slow_body_that_keeps_arriving_is_not_cut_off(digits: tuple[bytes, np.ndarray]) -> None:
+    """The deadline is between chunks, not for the whole body: a slow link is not a stalled one."""
+    import socket
+
+    model = OnnxModel.from_bytes("digits", digits[0], intra_op_threads=1)
+    app = create_app({"digits": model}, body_timeout_s=0.5)
+    body = json.dumps(json_request(digits[1][:1])).encode()
+    with serve(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as slow:
+            slow.sendall(
+                b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+            )
+            pieces = [body[i : i + len(body) // 6 + 1] for i in range(0, len(body), len(body) // 6 + 1)]
+            for piece in pieces:  # 1.5 s in all, 0.25 s between chunks
+                slow.sendall(piece)
+                time.sleep(0.25)
+            answer = b""
+            while chunk := slow.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]

@@ -4,9 +4,10 @@
 a byte of the body. It answers 413 from ``Content-Length`` alone when that is too large (the body
 is never read), and otherwise counts body bytes as the application receives them, raising the app's own "too
 large" error (``too_large(message)``, answered 413 by the app) the moment a streamed body (no
-``Content-Length``) passes the limit. A body must also arrive within ``body_timeout_s`` of the
-request's start: a client that sends all but the last byte of a large body and then waits would
-otherwise hold the buffered bytes and its connection for ever (408, connection closed).
+``Content-Length``) passes the limit. A body must also keep arriving: no chunk may take longer
+than ``body_timeout_s`` after the previous read (408, connection closed), or a client that sends all
+but the last byte of a large body and then waits would hold the buffered bytes and its connection
+for ever; a large upload on a slow link that keeps progressing is never cut off.
 
 :class:`ServingStats` records, per route template, the requests, the body bytes received and the
 response statuses. Tests use it to prove what a client did or did not send; ``/metrics`` exports
@@ -127,12 +128,14 @@ class LimitAndCount:
         status = 500  # if the app dies before starting a response, uvicorn answers 500
         responded = False
         limit = self.max_request_bytes
-        # The body deadline: one timer per request (armed at the first read of the body, disarmed
-        # when it is complete) that cancels the request task if it is still waiting for the body.
-        # A timeout around each read would cost a task per chunk (dozens for an image).
+        # The body deadline: no body chunk may take longer than body_timeout_s to arrive (an idle
+        # timeout, as nginx's client_body_timeout: a large upload on a slow link keeps going while
+        # it progresses), counted from the first read, so the server's own work before reading
+        # (a lock, a check) is not charged to the client. One timer per request, moved with each
+        # chunk (a timeout around each read would cost a task per chunk), cancels the request
+        # task if it is still waiting for the body; the cancellation is taken back exactly once.
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
-        deadline = loop.time() + self.body_timeout_s
         timer: asyncio.TimerHandle | None = None
         expired = body_done = False
 
@@ -142,18 +145,29 @@ class LimitAndCount:
             if task is not None:
                 task.cancel()
 
+        def deadline_cancelled() -> bool:
+            """Whether a CancelledError is the deadline's alone (then taken back, once)."""
+            nonlocal expired
+            if not expired or task is None:
+                return False
+            expired = False
+            return task.uncancel() == 0
+
         async def counting_receive() -> Message:
             nonlocal received, body_done, timer
             if body_done:  # after the body, receive() waits for a disconnect: no deadline
                 return await receive()
-            if timer is None:
-                timer = loop.call_at(deadline, expire)
+            if timer is not None:
+                timer.cancel()
+            timer = loop.call_later(self.body_timeout_s, expire)
             try:
                 message = await receive()
             except asyncio.CancelledError:
-                if expired and task is not None and task.uncancel() == 0:
+                if deadline_cancelled():
                     raise _BodyTimeout from None
                 raise
+            finally:
+                timer.cancel()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
@@ -161,8 +175,6 @@ class LimitAndCount:
                 body_done = not message.get("more_body", False)
             else:
                 body_done = True
-            if body_done:
-                timer.cancel()
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -181,9 +193,7 @@ class LimitAndCount:
                     await self.app(scope, counting_receive, tracking_send)
                 except (_BodyTimeout, asyncio.CancelledError) as exc:
                     # (A cancellation by the deadline timer outside a read of the body ends here too.)
-                    timed_out = isinstance(exc, _BodyTimeout) or (
-                        expired and task is not None and task.uncancel() == 0
-                    )
+                    timed_out = isinstance(exc, _BodyTimeout) or deadline_cancelled()
                     if responded or not timed_out:
                         raise
                     status = 408

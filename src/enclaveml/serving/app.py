@@ -149,8 +149,8 @@ def create_app(
     ``instances`` batches of a model may run at once (see :class:`DynamicBatcher`).
     With ``queue`` (scale-out), inference is not run here: parsed inputs go through the queue to
     workers (:func:`enclaveml.serving.worker.run_worker`), which batch and run them. A request
-    body must arrive within ``body_timeout_s`` (408 otherwise), so slow senders cannot hold
-    buffered bodies and connections indefinitely.
+    body may not stall for ``body_timeout_s`` between chunks (408 otherwise), so slow senders
+    cannot hold buffered bodies and connections indefinitely.
     """
     if max_request_bytes < 1 or request_timeout_s <= 0 or not body_timeout_s > 0:
         raise ConfigurationError("max_request_bytes must be >= 1, request_timeout_s and body_timeout_s > 0")
