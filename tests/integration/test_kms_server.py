@@ -731,3 +731,29 @@ def test_canary_key_material_never_in_database_logs_or_error_bodies(
             assert form not in stored
             assert form not in logs
             assert form not in bodies
+
+
+def test_a_stalled_request_body_gets_408_and_its_connection_closed(
+    env: Env, strict: InProcessBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends part of a body and waits must not hold a broker connection for ever."""
+    from enclaveml.kms import server as kms_server
+
+    monkeypatch.setattr(kms_server, "DEFAULT_BODY_TIMEOUT_S", 0.5)
+    host, port = strict.url.removeprefix("https://").split(":")
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        env.trust().wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        tls.sendall(
+            b"POST /v1/challenge HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        started = time.monotonic()
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - started < 5
+    with strict.client() as http:  # the broker is fine
+        assert http.get("/healthz").status_code == 200

@@ -34,6 +34,7 @@ request carries a data key.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -53,6 +54,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from enclaveml._web import DEFAULT_BODY_TIMEOUT_S
 from enclaveml.attestation import Verifier
 from enclaveml.errors import (
     AuthorizationError,
@@ -252,7 +254,12 @@ class _BodyLimit:
         chunks: list[bytes] = []
         total = 0
         while True:
-            message = await receive()
+            try:  # no chunk may stall longer than the deadline (the inference server's rule too)
+                async with asyncio.timeout(DEFAULT_BODY_TIMEOUT_S):
+                    message = await receive()
+            except TimeoutError:
+                await _send_json(send, 408, self.limit)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -279,10 +286,14 @@ class _BodyLimit:
 async def _send_json(send: _Send, status: int, limit: int) -> None:
     if status == 413:
         payload = f'{{"error":"too_large","message":"request body exceeds {limit} bytes"}}'
+    elif status == 408:
+        payload = f'{{"error":"timeout","message":"request body stalled for {DEFAULT_BODY_TIMEOUT_S:g} s"}}'
     else:
         payload = '{"error":"bad_request","message":"invalid Content-Length"}'
     body = payload.encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status in (408, 413):  # the rest of the body is still on the wire: do not reuse the connection
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
