@@ -27,6 +27,7 @@ __all__ = [
     "NotEnrolledError",
     "RoundMismatchError",
     "TrainingFinishedError",
+    "UploadInProgressError",
 ]
 
 
@@ -59,6 +60,16 @@ class DuplicateUpdateError(FederatedError):
     """This client already uploaded for this round; wait for the next one."""
 
     status = 409
+
+
+class UploadInProgressError(FederatedError):
+    """An earlier upload of this client is still being received: send the same update again later.
+
+    Not a duplicate (nothing is counted yet): a client whose first attempt timed out on its side
+    while the aggregator still reads it retries the same update after ``Retry-After``.
+    """
+
+    status = 503
 
 
 class InvalidUpdateError(FederatedError):

@@ -41,6 +41,7 @@ from enclaveml.fl._errors import (
     NotEnrolledError,
     RoundMismatchError,
     TrainingFinishedError,
+    UploadInProgressError,
 )
 from enclaveml.fl._participant import (
     AggregatorConnection,
@@ -74,6 +75,7 @@ _ERRORS: dict[int, type[FederatedError]] = {
     401: NotEnrolledError,
     410: TrainingFinishedError,
     413: InvalidUpdateError,
+    503: UploadInProgressError,
 }
 
 
@@ -136,12 +138,19 @@ class AggregatorClient:
         self._http = http
 
     def _call(self, operation: Callable[[httpx.Client], _T]) -> _T:
-        """Run ``operation``; if the aggregator is unreachable, re-attest a new one and retry."""
+        """Run ``operation``; if the aggregator is unreachable, re-attest a new one and retry; if it
+        is still receiving an earlier upload of ours (503), send the same request again later."""
         deadline = time.monotonic() + self._reconnect_s
         while True:
             try:
                 assert self._http is not None
                 return operation(self._http)
+            except UploadInProgressError as exc:
+                if time.monotonic() + 1.0 > deadline:
+                    raise
+                _log.info("aggregator %s is still receiving an earlier upload (%s); retrying", self.url, exc)
+                time.sleep(1.0)
+                continue
             except httpx.TransportError as exc:
                 _log.warning("aggregator %s unreachable (%s); reconnecting", self.url, exc)
             time.sleep(0.5)

@@ -52,7 +52,7 @@ from enclaveml._web import (
     serve_ratls_app,
 )
 from enclaveml.attestation import EvidenceProvider, RatlsCertificate, create_ratls_certificate
-from enclaveml.fl._errors import DuplicateUpdateError, FederatedError, NotEnrolledError, RoundMismatchError
+from enclaveml.fl._errors import FederatedError, NotEnrolledError, RoundMismatchError, UploadInProgressError
 from enclaveml.fl._wire import MODEL_CONTENT_TYPE, decode_update, encode_model, encode_weights
 from enclaveml.fl.aggregator import Aggregator
 from enclaveml.fl.plan import certificate_nonce, fresh_nonce
@@ -157,7 +157,7 @@ def create_aggregator_app(
         # round, already uploaded, one already arriving from this client), send nothing big.
         client_id = client_of(authorization)
         if client_id in receiving:
-            raise DuplicateUpdateError(f"an update from client {client_id!r} is already being received")
+            raise UploadInProgressError(f"an update from client {client_id!r} is already being received")
         receiving.add(client_id)
         try:
             await run_in_threadpool(aggregator.check_upload, client_id, round_)  # the lock may be held
@@ -176,7 +176,8 @@ def create_aggregator_app(
         body: dict[str, Any] = {"error": str(exc)}
         if isinstance(exc, RoundMismatchError):
             body["current_round"] = exc.current
-        return JSONResponse(body, status_code=exc.status)
+        headers = {"Retry-After": "1"} if isinstance(exc, UploadInProgressError) else None
+        return JSONResponse(body, status_code=exc.status, headers=headers)
 
     async def too_large(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=413, headers={"Connection": "close"})
