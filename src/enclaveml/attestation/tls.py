@@ -172,8 +172,8 @@ class AttestedSession:
         self.fresh = False  # whether the most recent check_fresh passed
 
     def invalidate(self) -> None:
-        """Distrust the server until a check passes: call before asking for fresh evidence, so a
-        request that fails in transport (reset, timeout) does not leave the last verdict standing."""
+        """Distrust the server until a check passes: call when asking for fresh evidence failed
+        before :meth:`check_fresh` (reset, timeout), so the last verdict does not stand."""
         self.fresh = False
 
     def check_fresh(self, nonce: bytes, response: httpx.Response) -> Claims:

@@ -85,15 +85,19 @@ class Client:
     def reattest(self) -> Claims:
         """Ask for fresh evidence bound to a new nonce and verify it against the policy.
 
-        Until it passes, nothing is sent: a failure of any kind (the check, or the request in
-        transport) leaves the client refusing to infer (AttestationError) until a reattest passes.
+        A failure of any kind (the check, or the request in transport) leaves the client refusing
+        to infer (AttestationError) until a reattest passes; while it is under way, calls made in
+        between still go out on the previous verdict (as they would have an instant before).
         """
         nonce = os.urandom(_NONCE_SIZE)
-        self._attested.invalidate()
         try:
             response = self._http.get("/attestation", params={"nonce": nonce.hex()})
         except httpx.HTTPError as exc:
+            self._attested.invalidate()
             raise AttestationError(f"fresh attestation request failed ({type(exc).__name__})") from exc
+        except BaseException:
+            self._attested.invalidate()
+            raise
         return self._attested.check_fresh(nonce, response)
 
     def model_metadata(self, model: str) -> dict[str, Any]:
@@ -156,11 +160,14 @@ class AsyncClient:
     async def reattest(self) -> Claims:
         """As :meth:`Client.reattest`: nothing is sent until it passes."""
         nonce = os.urandom(_NONCE_SIZE)
-        self._attested.invalidate()
         try:
             response = await self._http.get("/attestation", params={"nonce": nonce.hex()})
         except httpx.HTTPError as exc:
+            self._attested.invalidate()
             raise AttestationError(f"fresh attestation request failed ({type(exc).__name__})") from exc
+        except BaseException:  # cancelled: the check did not pass
+            self._attested.invalidate()
+            raise
         return self._attested.check_fresh(nonce, response)
 
     async def infer(
