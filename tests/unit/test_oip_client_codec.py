@@ -72,3 +72,16 @@ def test_the_client_accepts_only_the_outputs_it_asked_for() -> None:
     assert set(_result(answer, ["z", "y"])) == {"y", "z"}
     with pytest.raises(EnclaveMLError, match=r"answer a request for \['y'\]"):
         _result(answer, ["y"])
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [("FP32", None), ("FP32", ["7.5"]), ("INT64", [1.9, -2.7]), ("BOOL", [5]), ("INT32", [True])],
+)
+def test_json_values_of_the_wrong_kind_are_refused(datatype: str, data: Any) -> None:
+    item = {"name": "y", "datatype": datatype, "shape": [len(data or [0])]}
+    if data is not None:
+        item["data"] = data
+    body, length = _binary([item], b"")
+    with pytest.raises(EnclaveMLError, match="output 'y'"):
+        decode_response(body, length)

@@ -79,6 +79,11 @@ def encode_request(
     }
 
 
+# JSON values numpy may read for each kind of datatype: integers never from floats or text,
+# booleans only from booleans, floats from numbers.
+_JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+
+
 def decode_response(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
     """Decode a JSON or binary-extension infer response into named arrays.
 
@@ -140,7 +145,16 @@ def _decode_output(item: Any, body: bytes, offset: int) -> tuple[str, np.ndarray
             array = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
             used = size
         else:
-            array, used = np.asarray(item.get("data"), dtype=dtype), 0
+            data = item.get("data")
+            if not isinstance(data, list):
+                raise EnclaveMLError(f"malformed inference response: output {name!r} has no 'data' list")
+            raw = np.asarray(data)  # numpy's own reading of the JSON values, before any conversion
+            if raw.size and raw.dtype.kind not in _JSON_KINDS[dtype.kind]:
+                raise EnclaveMLError(
+                    f"malformed inference response: output {name!r} holds {raw.dtype.kind!r} values "
+                    f"for {datatype}"
+                )
+            array, used = raw.astype(dtype), 0
             if array.size != count:
                 raise EnclaveMLError(
                     f"malformed inference response: output {name!r} has {array.size} values for shape {shape}"
