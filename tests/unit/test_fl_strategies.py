@@ -195,6 +195,14 @@ def test_a_large_step_does_not_freeze_a_float16_weight(cls: type[Strategy]) -> N
     resumed.load_state(old)
     resumed.aggregate_train(5, g, [up("a", g[0] + np.float16(1.0))])
     assert resumed.state()["m/0"].dtype == np.float32
+    # A run whose float16 v already overflowed (saved so by an older enclaveml) moves again.
+    frozen = {**old, "v/0": np.array([np.inf, 1.0], np.float16)}
+    thawed = cls(eta=0.1)
+    thawed.load_state(frozen)
+    before = g[0].copy()
+    after = thawed.aggregate_train(6, g, [up("a", g[0] + np.float16(1.0))])[0]
+    assert np.isfinite(thawed.state()["v/0"]).all()
+    assert after[0] > before[0]
 
 
 # --- robust strategies ---------------------------------------------------------------------------

@@ -66,13 +66,18 @@ class ServerOptimizer(Strategy):
             self._m = [np.zeros(g.shape, _state_dtype(g)) for g in global_weights]
             self._v = [np.full(g.shape, self.tau**2, _state_dtype(g)) for g in global_weights]
         self._check_state(global_weights)
-        # State kept by an older enclaveml in float16 (checkpoints) continues in float32.
+        # State kept by an older enclaveml in float16 (checkpoints) continues in float32, and moments
+        # that already overflowed there (v = inf froze the weight) start again from m = 0, v = tau**2.
         self._m = [
             m.astype(_state_dtype(g), copy=False) for m, g in zip(self._m, global_weights, strict=True)
         ]
         self._v = [
             v.astype(_state_dtype(g), copy=False) for v, g in zip(self._v, global_weights, strict=True)
         ]
+        for m, v in zip(self._m, self._v, strict=True):
+            broken = ~(np.isfinite(m) & np.isfinite(v))
+            if broken.any():
+                m[broken], v[broken] = 0.0, self.tau**2
         new: Weights = []
         for j, (g, mean, m, v) in enumerate(zip(global_weights, means, self._m, self._v, strict=True)):
             mean = mean.reshape(g.shape)
