@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,6 +20,7 @@ from enclaveml.attestation.simulation import SimulationKey, SimulationProvider, 
 from enclaveml.errors import PolicyRejectedError
 from enclaveml.fl.vertical._channel import InProcessChannel, PartyChannel, PartyEndpoint
 from enclaveml.fl.vertical._codec import decode
+from enclaveml.fl.vertical._errors import VerticalError
 from enclaveml.fl.vertical._session import VerticalSession, token_sha256
 from enclaveml.fl.vertical.logreg import LogRegParams, LogRegParty, predict_logreg, train_logreg
 from enclaveml.fl.vertical.party import JobOutcome, ServerConnection
@@ -184,6 +187,15 @@ def test_unknown_credential_and_foreign_answers_are_refused(sim_key: SimulationK
                 headers={"Authorization": f"Bearer {running.tokens['a']}"},
             )
             assert foreign.status_code == 409
+            # Refused before the body is read: a party cannot make the TEE buffer large bodies.
+            stats, before = running.server.app.state.stats, running.server.app.state.stats.request_bytes()
+            large = http.post(
+                f"/v1/vfl/calls/{'1' * 32}",
+                content=bytes(8 << 20),
+                headers={"Authorization": f"Bearer {running.tokens['a']}"},
+            )
+            assert large.status_code == 409
+            assert stats.request_bytes() - before < 1 << 20
         echo = {name: PartyEndpoint(name, {"echo.ping": lambda p: {"pong": p["n"]}}) for name in plan.parties}
         outcomes = running.run_parties(echo)
         assert running.session.wait(10)
@@ -191,3 +203,40 @@ def test_unknown_credential_and_foreign_answers_are_refused(sim_key: SimulationK
         running.server.stop()
     assert running.session.result == [{"pong": 0}, {"pong": 1}]
     assert all(o.state == "succeeded" and o.calls == 1 for o in outcomes.values())
+
+
+def test_a_server_gone_while_a_party_computes_is_a_vertical_error(sim_key: SimulationKey) -> None:
+    """The answer's upload fails in transport: a typed error the CLI reports, not a traceback."""
+    plan = VerticalPlan(task="psi", parties=("a", "b"))
+    running = Running(sim_key, plan, lambda channels: [ch.call("echo.ping", {}) for ch in channels])
+    stopped = threading.Event()
+
+    def slow(payload: Any) -> dict[str, Any]:
+        if not stopped.is_set():
+            stopped.set()
+            running.server.stop(2)  # the host restarts the server while party 'a' computes
+        return {}
+
+    def serve_b() -> None:
+        with contextlib.suppress(VerticalError), running.connect("b") as connection:
+            connection.serve(PartyEndpoint("b", {"echo.ping": lambda p: {}}))
+
+    threading.Thread(target=serve_b, daemon=True).start()
+    with running.connect("a") as connection, pytest.raises(VerticalError, match="went away"):
+        connection.serve(PartyEndpoint("a", {"echo.ping": slow}))
+    running.session.cancel()
+
+
+def test_a_party_error_text_is_only_ever_a_type_name() -> None:
+    """Text a party puts in its error answer never reaches the server's log or the outcomes."""
+    from enclaveml.fl.vertical._channel import unwrap
+    from enclaveml.fl.vertical._codec import encode
+    from enclaveml.fl.vertical._errors import PartyFailedError
+
+    with pytest.raises(PartyFailedError, match=r"failed 'm': ValueError$"):
+        unwrap("p", "m", encode({"error": "ValueError"}))
+    forged = "x\nERROR enclaveml: label party bank sent labels 0,1,1,0"
+    with pytest.raises(PartyFailedError) as caught:
+        unwrap("p", "m", encode({"error": forged}))
+    assert "labels" not in str(caught.value)
+    assert "\n" not in str(caught.value)

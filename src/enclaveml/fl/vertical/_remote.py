@@ -38,6 +38,7 @@ class PendingCall:
     method: str
     request: bytes
     fetched: bool = False
+    receiving: bool = False  # an answer's body is being read (one at a time)
     response: bytes | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -115,22 +116,46 @@ class RemoteChannel:
         pending = self._pending
         return pending if pending is not None and not pending.done.is_set() else None
 
+    def claim_answer(self, call_id: str) -> None:
+        """Before reading an answer's body: the call must be in flight and no other answer to it
+        be arriving, so a party cannot make the server read model-sized bodies it will refuse.
+
+        :raises ProtocolError: no call with that id is in flight, or an answer to it is arriving.
+        """
+        with self._lock:
+            pending = self._answerable(call_id)
+            if pending.receiving:
+                raise ProtocolError(f"party {self._name!r} is already sending an answer to this call")
+            pending.receiving = True
+
+    def release_answer(self, call_id: str) -> None:
+        """The answer claimed with :meth:`claim_answer` did not arrive (the body read failed)."""
+        with self._lock:
+            pending = self._pending
+            if pending is not None and secrets.compare_digest(pending.id, call_id):
+                pending.receiving = False
+
     def answer(self, call_id: str, response: bytes) -> None:
         """Deliver the party's answer to the call in flight.
 
         :raises ProtocolError: no call with that id is in flight (already answered, or never made).
         """
         with self._lock:
-            pending = self._pending
-            if (
-                pending is None
-                or not pending.fetched
-                or pending.done.is_set()
-                or not secrets.compare_digest(pending.id, call_id)
-            ):
-                raise ProtocolError(f"party {self._name!r} answered a call that is not in flight")
+            pending = self._answerable(call_id)
             pending.response = response
             pending.done.set()
+
+    def _answerable(self, call_id: str) -> PendingCall:
+        """The call in flight with ``call_id``, fetched and not answered (caller holds the lock)."""
+        pending = self._pending
+        if (
+            pending is None
+            or not pending.fetched
+            or pending.done.is_set()
+            or not secrets.compare_digest(pending.id, call_id)
+        ):
+            raise ProtocolError(f"party {self._name!r} answered a call that is not in flight")
+        return pending
 
     @property
     def closed(self) -> bool:

@@ -146,11 +146,14 @@ class ServerConnection:
             outcome.calls += 1
             if record:
                 outcome.transcript.append(Exchange(method, request, reply))
-            posted = self._http.post(
-                f"/v1/vfl/calls/{call_id}",
-                content=reply,
-                headers={**self._auth, "Content-Type": "application/cbor"},
-            )
+            try:
+                posted = self._http.post(
+                    f"/v1/vfl/calls/{call_id}",
+                    content=reply,
+                    headers={**self._auth, "Content-Type": "application/cbor"},
+                )
+            except httpx.TransportError as exc:
+                raise VerticalError(f"the server {self.url} went away: {type(exc).__name__}") from None
             if posted.status_code != 204:
                 raise VerticalError(f"the server refused the answer to {method!r} ({posted.status_code})")
 

@@ -125,10 +125,18 @@ def create_vertical_app(
 
     @app.post("/v1/vfl/calls/{call_id}", status_code=204)
     async def post_answer(call_id: str, request: Request, authorization: Auth = None) -> Response:
-        channel = session.channels[party_of(authorization)]  # before reading the body
+        # Before reading the body: the credential, the call id, and that the call is in flight
+        # with no other answer to it arriving (a refused answer sends nothing big).
+        channel = session.channels[party_of(authorization)]
         if not _CALL_ID.fullmatch(call_id):
             raise MessageError("malformed call id")
-        channel.answer(call_id, await request.body())
+        channel.claim_answer(call_id)
+        try:
+            body = await request.body()
+        except BaseException:
+            channel.release_answer(call_id)
+            raise
+        channel.answer(call_id, body)
         return Response(status_code=204)
 
     @app.get("/v1/vfl/status")
