@@ -225,6 +225,13 @@ def test_boosting_with_early_stopping_sealed_server_model_and_pinned_prediction(
                          "-o", str(plan))  # fmt: skip
     assert code == 0, text
     # The server's model part is sealed under a key that admits the server running this plan.
+    # Without --model-out the server refuses to start: the parties would train and seal parts of a
+    # model whose server part is then lost.
+    code, _, text = _cli(
+        env, "vfl", "server", "--plan", str(plan), "--parties", str(registry), "--tee", "simulation"
+    )
+    assert code == 3, text
+    assert "needs --model-out" in text
     server_policy = _policy_toml(tmp_path / "model-key.toml", server_measurement(env, plan))
     assert _cli(env, "kbs", "key", "create", "vfl-model", "--policy", str(server_policy), "--json")[0] == 0
     train_args = {

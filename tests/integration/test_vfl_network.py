@@ -6,6 +6,7 @@ import contextlib
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -240,3 +241,26 @@ def test_a_party_error_text_is_only_ever_a_type_name() -> None:
         unwrap("p", "m", encode({"error": forged}))
     assert "labels" not in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_the_server_stays_until_every_party_has_its_outcome(sim_key: SimulationKey) -> None:
+    """A party 150 ms away polls once more after the job ends: the server waits for it (as the CLI does)."""
+    plan = VerticalPlan(task="psi", parties=("a", "b"))
+    running = Running(sim_key, plan, lambda channels: [ch.call("echo.ping", {}) for ch in channels])
+
+    def server_main() -> None:  # what `enclaveml vfl server` does once serving
+        running.session.wait()
+        assert running.session.wait_told(30)
+        running.server.stop(timeout=5.0)
+
+    threading.Thread(target=server_main, daemon=True).start()
+
+    def party(name: str) -> str:
+        with running.connect(name) as connection:
+            if name == "b":
+                connection._http.event_hooks = {"request": [lambda request: time.sleep(0.15)]}
+            return connection.serve(PartyEndpoint(name, {"echo.ping": lambda p: {}})).state
+
+    with ThreadPoolExecutor(2) as pool:
+        states = list(pool.map(party, plan.parties))
+    assert states == ["succeeded", "succeeded"]

@@ -137,6 +137,9 @@ def enrol(
     console.print_json(json.dumps(issued))
 
 
+_TELL_GRACE_S = 30.0
+
+
 @app.command("server")
 def server(
     plan: PlanOpt,
@@ -168,6 +171,11 @@ def server(
         provider = _provider(tee, ENTRY_POINT, expected.to_dict(), print_measurement)
         if print_measurement:
             return
+        if expected.task == "train" and expected.algorithm == "boosting" and model_out is None:
+            # Checked now, not after training: the parties would seal parts of a model that is lost.
+            raise ConfigurationError(
+                "boosting training needs --model-out (and --kbs): the server's part is sealed"
+            )
         hashes = _party_hashes(expected, parties)
         broker = _broker(kbs, kbs_ca, provider) if (model is not None or model_out is not None) else None
         server_model = _unseal_server_model(model, broker, expected.model_sha256) if model else None
@@ -181,6 +189,7 @@ def server(
         err_console.print(f"vertical job {expected.task} ({expected.digest.hex()[:16]}…) on {running.url}")
         try:
             session.wait()
+            session.wait_told(_TELL_GRACE_S)  # every party's last poll gets the outcome
         finally:
             running.stop(timeout=5.0)
         if session.state != "succeeded":

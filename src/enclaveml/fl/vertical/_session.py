@@ -72,6 +72,8 @@ class VerticalSession:
         self.result: Any = None
         self.error: BaseException | None = None
         self.finished = threading.Event()
+        self._told: set[str] = set()  # parties that have fetched the outcome
+        self._all_told = threading.Event()
         self._thread: threading.Thread | None = None
 
     def authenticate(self, token: str) -> str:
@@ -106,6 +108,20 @@ class VerticalSession:
         """Block until the job has finished (True) or ``timeout`` passed (False)."""
         return self.finished.wait(timeout)
 
+    def told(self, party: str) -> None:
+        """``party`` has fetched the outcome (the server calls this when it hands it out)."""
+        self._told.add(party)
+        if self._told >= set(self.plan.parties):
+            self._all_told.set()
+
+    def wait_told(self, timeout: float) -> bool:
+        """After the job: block until every party has fetched the outcome, or ``timeout`` passed.
+
+        A server that stops as soon as the job ends leaves a party whose last poll comes a moment
+        later without its outcome (it then writes no aligned rows and seals no model part).
+        """
+        return self._all_told.wait(timeout)
+
     def outcome(self) -> dict[str, Any]:
         """What a party may know: the state, and for a failure the error's type and message.
 
@@ -136,9 +152,10 @@ class VerticalSession:
             detail = str(exc) if isinstance(exc, EnclaveMLError) else ""
             _log.error("vertical job failed: %s %s", type(exc).__name__, detail)
         finally:
+            # Finished first: a poll that the closing wakes must find the outcome, not a 204.
+            self.finished.set()
             for channel in self.channels.values():
                 channel.close(f"the job has {self.state}")
-            self.finished.set()
 
     def _await_parties(self) -> None:
         deadline = time.monotonic() + self._connect_timeout_s

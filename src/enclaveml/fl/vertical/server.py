@@ -110,13 +110,15 @@ def create_vertical_app(
 
     @app.get("/v1/vfl/calls")
     async def next_call(authorization: Auth = None, wait_s: Annotated[float, Query(ge=0)] = 0.0) -> Response:
-        channel = session.channels[party_of(authorization)]
+        party = party_of(authorization)
+        channel = session.channels[party]
         pending = await run_in_threadpool(channel.next_call, min(wait_s, _MAX_WAIT_S))
         body: dict[str, Any]
         if pending is not None:
             body = {"id": pending.id, "method": pending.method, "request": pending.request}
         elif session.finished.is_set():
             body = {"done": session.outcome()}
+            session.told(party)
         else:
             return Response(status_code=204)
         return Response(
