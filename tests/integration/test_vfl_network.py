@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer
@@ -159,7 +160,20 @@ def test_stopping_the_server_cancels_a_job_still_waiting_for_its_parties(
     running = Running(sim_key, plan, logreg_job)  # waits up to 60 s for parties that never come
     with running.connect("bank"):
         pass  # one party came and went; the others never connect
-    running.server.stop()
+
+    def long_poll() -> None:  # the server's side is under test here: TLS without pinning will do
+        with httpx.Client(base_url=running.server.url, verify=False, timeout=60) as http:
+            auth = {"Authorization": f"Bearer {running.tokens['bank']}"}
+            http.get("/v1/vfl/calls", params={"wait_s": 30}, headers=auth)
+
+    polling = threading.Thread(target=long_poll)
+    polling.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    running.server.stop()  # cancels first: the long-poll ends, it is not waited out (30 s)
+    assert time.monotonic() - started < 5
+    assert not running.server.thread.is_alive()
+    polling.join(10)
     assert running.session.wait(5), "the job outlived its server"  # it would wait 60 s
     assert running.session.state == "cancelled"
     assert running.session.outcome()["state"] == "cancelled"

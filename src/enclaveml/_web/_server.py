@@ -127,11 +127,19 @@ class RunningServer:
     ratls: RatlsCertificate
     app: FastAPI
     _exit: contextlib.ExitStack = field(repr=False)
+    _stopping: list[Callable[[], object]] = field(default_factory=list, repr=False)
 
     def stop(self, timeout: float = 10.0) -> None:
+        for callback in self._stopping:
+            callback()
         self.server.should_exit = True
         self.thread.join(timeout)
         self._exit.close()
+
+    def before_stop(self, callback: Callable[[], object]) -> None:
+        """Have :meth:`stop` call ``callback`` first, before the server drains its requests (so that
+        work the requests wait on, such as a job's long-polls, ends instead of being waited out)."""
+        self._stopping.append(callback)
 
     def on_stop(self, callback: Callable[[], object]) -> None:
         """Have :meth:`stop` call ``callback`` once the server has stopped serving."""

@@ -181,6 +181,8 @@ def serve_vertical(
     running = serve_ratls_app(
         app, ratls, name="enclaveml-vfl-server", host=host, port=port, startup_timeout=startup_timeout
     )
-    running.on_stop(session.cancel)  # a job still waiting or running must not outlive its server
+    # A job still waiting or running must not outlive its server; cancelled first, so that the
+    # parties' long-polls end at once instead of holding the shutdown for their full wait.
+    running.before_stop(session.cancel)
     session.start()
     return running
