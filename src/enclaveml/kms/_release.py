@@ -158,20 +158,16 @@ def appraise_release(
         raise KeyReleaseDeniedError(
             str(exc), rule="binding", observed=observed, expected=report_data.hex()
         ) from None
-    except (AttestationError, ConfigurationError) as exc:
+    except Exception as exc:  # noqa: BLE001 - fail closed, audited
+        if isinstance(exc, AttestationError | ConfigurationError):
+            message = f"evidence rejected: {exc}"  # our messages carry no data
+        else:  # a verifier bug on hostile input: its text stays out, its traceback goes to the log
+            _log.error(
+                "evidence verification raised %s; the release is denied", type(exc).__name__, exc_info=exc
+            )
+            message = f"evidence could not be verified ({type(exc).__name__})"
         raise KeyReleaseDeniedError(
-            f"evidence rejected: {exc}",
-            rule="evidence",
-            observed=type(exc).__name__,
-            expected="valid evidence",
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - fail closed, audited; the traceback goes to the log
-        _log.error("evidence verification raised %s; the release is denied", type(exc).__name__, exc_info=exc)
-        raise KeyReleaseDeniedError(
-            f"evidence could not be verified ({type(exc).__name__})",
-            rule="evidence",
-            observed=type(exc).__name__,
-            expected="valid evidence",
+            message, rule="evidence", observed=type(exc).__name__, expected="valid evidence"
         ) from None
 
 
