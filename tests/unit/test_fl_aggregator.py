@@ -535,3 +535,27 @@ def test_big_endian_initial_weights_take_uploads() -> None:
     assert aggregator.completed_rounds == 1
     assert aggregator.history[-1].status == "completed"
     np.testing.assert_allclose(aggregator.global_model().weights[0], np.ones(4))
+
+
+def test_a_request_that_keeps_failing_in_transport_gives_up_at_the_reconnect_deadline() -> None:
+    """Reconnecting succeeds each time, the request fails each time: bounded, not an endless loop."""
+    import time
+
+    import httpx
+
+    from enclaveml.fl._errors import FederatedError
+    from enclaveml.fl.client import AggregatorClient
+
+    client = object.__new__(AggregatorClient)  # no server: the loop's bookkeeping is under test
+    client.url, client._reconnect_s, client._http = "https://aggregator.test", 1.5, object()  # type: ignore[assignment]
+    reconnects: list[float] = []
+    client._connect_until = lambda deadline: reconnects.append(deadline)  # type: ignore[method-assign]
+
+    def fails(http: Any) -> None:
+        raise httpx.ReadError("connection reset")
+
+    started = time.monotonic()
+    with pytest.raises(FederatedError, match="kept failing the request"):
+        client._call(fails)
+    assert time.monotonic() - started < 3
+    assert 1 <= len(reconnects) <= 3

@@ -152,6 +152,9 @@ class AggregatorClient:
                 time.sleep(1.0)
                 continue
             except httpx.TransportError as exc:
+                # Also bounded when reconnecting succeeds but the request keeps failing in transport.
+                if time.monotonic() + 0.5 > deadline:
+                    raise FederatedError(f"aggregator {self.url} kept failing the request: {exc}") from exc
                 _log.warning("aggregator %s unreachable (%s); reconnecting", self.url, exc)
             time.sleep(0.5)
             self._connect_until(deadline)
