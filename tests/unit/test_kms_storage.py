@@ -389,17 +389,28 @@ def test_minimum_versions_are_existing_versions_and_audited(store: SqliteKeyStor
     assert store.verify_audit()[0]
 
 
+# Each schema version's additions, undone newest first: the file an older broker would have left.
+_UNDO = {
+    3: ("DROP TRIGGER audit_no_release_of_retired_versions", "ALTER TABLE keys DROP COLUMN min_version"),
+    2: ("ALTER TABLE keys DROP COLUMN revision",),
+}
+
+
+def _downgrade(path: Path, version: int) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        for undone in range(SCHEMA_VERSION, version, -1):
+            for statement in _UNDO[undone]:
+                raw.execute(statement)
+        raw.execute(f"PRAGMA user_version = {version}")
+        raw.commit()
+
+
 def test_a_schema_1_database_is_migrated_and_its_keys_get_revisions_on_change(tmp_path: Path) -> None:
     path = tmp_path / "kbs.sqlite"
     store = SqliteKeyStore(path)
     store.create_key("old", POLICY, b"w", now=1.0, audit=_event(key_id="old"))
     store.close()
-    with contextlib.closing(sqlite3.connect(path)) as raw:  # what a version-1 broker left behind
-        raw.execute("DROP TRIGGER audit_no_release_of_retired_versions")
-        raw.execute("ALTER TABLE keys DROP COLUMN min_version")
-        raw.execute("ALTER TABLE keys DROP COLUMN revision")
-        raw.execute("PRAGMA user_version = 1")
-        raw.commit()
+    _downgrade(path, 1)  # what a version-1 broker left behind
     store = SqliteKeyStore(path)
     try:
         assert store.get_key("old").revision == 0
@@ -443,11 +454,7 @@ def test_a_schema_2_database_is_migrated_and_releases_every_version_until_told(t
     store.add_version("old", lambda version: b"w2", now=2.0, audit=_event("key.rotate", "old"))
     revision = store.get_key("old").revision
     store.close()
-    with contextlib.closing(sqlite3.connect(path)) as raw:  # what a version-2 broker left behind
-        raw.execute("DROP TRIGGER audit_no_release_of_retired_versions")
-        raw.execute("ALTER TABLE keys DROP COLUMN min_version")
-        raw.execute("PRAGMA user_version = 2")
-        raw.commit()
+    _downgrade(path, 2)  # what a version-2 broker left behind
     store = SqliteKeyStore(path)
     try:
         old = store.get_key("old")
