@@ -416,6 +416,83 @@ def test_a_body_that_stops_arriving_is_answered_408_and_its_connection_closed(
             assert http.post("/v2/models/digits/infer", json=json_request(rows)).status_code == 200
 
 
+def test_bodies_in_flight_share_one_budget_and_a_request_past_it_gets_503(
+    digits: tuple[bytes, np.ndarray],
+) -> None:
+    """Many clients sending large bodies at once cannot make the server buffer more than the budget."""
+    import socket
+
+    from enclaveml._web import LimitAndCount
+
+    model = OnnxModel.from_bytes("digits", digits[0], intra_op_threads=1)
+    app = create_app(
+        {"digits": model}, max_request_bytes=64 * 1024, max_body_bytes_in_flight=160 * 1024, body_timeout_s=10
+    )
+    head = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+    def budget() -> LimitAndCount:
+        layer = app.middleware_stack
+        while not isinstance(layer, LimitAndCount):
+            layer = layer.app  # type: ignore[union-attr]
+        return layer
+
+    with serve(app) as url, contextlib.ExitStack() as stack:
+        host, port = url.removeprefix("http://").split(":")
+        senders = []
+        for _ in range(2):  # each sends 60 KiB of a 64 KiB body, then waits
+            sender = stack.enter_context(socket.create_connection((host, int(port)), timeout=10))
+            sender.sendall(head + b"Content-Length: 65536\r\n\r\n" + b" " * 60 * 1024)
+            senders.append(sender)
+        deadline = time.monotonic() + 5
+        while budget().bytes_in_flight < 120 * 1024:
+            assert time.monotonic() < deadline, budget().bytes_in_flight
+            time.sleep(0.01)
+        with httpx.Client(base_url=url, timeout=10) as http:
+            refused = http.post("/v2/models/digits/infer", content=b" " * 50 * 1024,
+                                headers={"Content-Type": "application/json"})  # fmt: skip
+            assert refused.status_code == 503
+            assert refused.headers["Retry-After"] == "1"
+            small = http.post("/v2/models/digits/infer", json=json_request(digits[1][:2]))
+            assert small.status_code == 200  # a small one still fits beside them
+            for sender in senders:
+                sender.close()  # the clients give up: their bodies are let go
+            deadline = time.monotonic() + 5
+            while budget().bytes_in_flight:
+                assert time.monotonic() < deadline, budget().bytes_in_flight
+                time.sleep(0.01)
+            rows = np.repeat(digits[1][:2], 40, axis=0)  # ~40 KiB of JSON
+            assert http.post("/v2/models/digits/infer", json=json_request(rows)).status_code == 200
+        stats = app.state.stats
+        assert stats.status_count(503) == 1
+        assert stats.status_count(499) == 2  # gone before their bodies arrived: not server errors
+        assert stats.status_count(500) == 0
+
+
+def test_a_decompressed_body_counts_against_the_budget(digits: tuple[bytes, np.ndarray]) -> None:
+    import socket
+
+    model = OnnxModel.from_bytes("digits", digits[0], intra_op_threads=1)
+    app = create_app(
+        {"digits": model}, max_request_bytes=64 * 1024, max_body_bytes_in_flight=64 * 1024, body_timeout_s=10
+    )
+    rows = np.repeat(digits[1][:1], 150, axis=0)
+    plain = json.dumps(json_request(rows)).encode()
+    assert 40 * 1024 < len(plain) < 60 * 1024
+    packed = gzip.compress(plain)
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as http:
+        assert http.post("/v2/models/digits/infer", content=packed, headers=headers).status_code == 200
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as holder:
+            holder.sendall(
+                b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 30000\r\n\r\n" + b" " * 20000
+            )
+            time.sleep(0.3)  # its 20 000 bytes are in; a small gzip body inflating past the rest is not
+            refused = http.post("/v2/models/digits/infer", content=packed, headers=headers)
+            assert refused.status_code == 503
+
+
 def _filler_model() -> bytes:
     """y = zeros(n): a tiny request for an output as large as it asks."""
     from onnx import TensorProto, helper

@@ -5,7 +5,13 @@ and the vertical-FL server use it; applications use those packages instead.
 """
 
 from enclaveml._web._attestation import add_bound_attestation_route
-from enclaveml._web._limits import DEFAULT_BODY_TIMEOUT_S, LimitAndCount, RouteStats, ServingStats
+from enclaveml._web._limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    LimitAndCount,
+    RouteStats,
+    ServingStats,
+    charge_body_bytes,
+)
 from enclaveml._web._server import (
     RunningServer,
     ServerThread,
@@ -24,6 +30,7 @@ __all__ = [
     "ServingStats",
     "add_bound_attestation_route",
     "attestation_hook",
+    "charge_body_bytes",
     "serve_ratls_app",
     "start_in_thread",
     "uvicorn_config",

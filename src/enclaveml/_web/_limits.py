@@ -2,12 +2,21 @@
 
 :class:`LimitAndCount` is a pure ASGI middleware, so it sees every request before FastAPI reads
 a byte of the body. It answers 413 from ``Content-Length`` alone when that is too large (the body
-is never read), and otherwise counts body bytes as the application receives them, raising the app's own "too
-large" error (``too_large(message)``, answered 413 by the app) the moment a streamed body (no
-``Content-Length``) passes the limit. A body must also keep arriving: no chunk may take longer
-than ``body_timeout_s`` after the previous read (408, connection closed), or a client that sends all
-but the last byte of a large body and then waits would hold the buffered bytes and its connection
-for ever; a large upload on a slow link that keeps progressing is never cut off.
+is never read), and otherwise counts body bytes as the application receives them, raising the
+app's own "too large" error (``too_large(message)``, answered 413 by the app) the moment a
+streamed body (no ``Content-Length``) passes the limit. A body must also keep arriving: no chunk
+may take longer than ``body_timeout_s`` after the previous read (408, connection closed), or a
+client that sends all but the last byte of a large body and then waits would hold the buffered
+bytes and its connection for ever; a large upload on a slow link that keeps progressing is never
+cut off. A client that disconnects before its body arrived is counted under 499 (nginx's "client
+closed request"), not as a server error.
+
+With ``max_bytes_in_flight``, the bodies of all requests being received or served at once share
+one budget: a request whose body would take it past the budget is answered 503 with Retry-After
+(connection closed), so many clients uploading at once cannot make the server buffer more than
+that. Bytes are charged as they arrive (a client must send them to hold them) and held until the
+request ends; the app can charge buffers it derives from the body (a decompressed copy) through
+:func:`charge_body_bytes`. A request alone in the server is always admitted.
 
 :class:`ServingStats` records, per route template, the requests, the body bytes received and the
 response statuses. Tests use it to prove what a client did or did not send; ``/metrics`` exports
@@ -25,12 +34,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["LimitAndCount", "RouteStats", "ServingStats"]
+__all__ = ["LimitAndCount", "RouteStats", "ServingStats", "charge_body_bytes"]
 
 UNMATCHED = "<unmatched>"
+_CHARGE = "enclaveml.charge_body_bytes"  # the scope key of a request's charge function
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client gone before its request was answered
 
 
 @dataclass
@@ -99,6 +111,22 @@ class _BodyTimeout(Exception):
     """The request body did not arrive in time (raised into the app, answered 408 here)."""
 
 
+class _OverBudget(Exception):
+    """The bodies in flight would pass ``max_bytes_in_flight`` (raised into the app, answered 503 here)."""
+
+
+def charge_body_bytes(scope: Scope, total: int) -> None:
+    """Count ``total`` bytes held for this request (body included) against the in-flight budget.
+
+    For buffers derived from the body, such as its decompressed copy: ``total`` is what the
+    request holds in all, not an increment. Does nothing outside :class:`LimitAndCount` or
+    without a budget; raises (answered 503 by the middleware) when the budget would be passed.
+    """
+    charge = scope.get(_CHARGE)
+    if charge is not None:
+        charge(total)
+
+
 class LimitAndCount:
     """ASGI middleware: enforce ``max_request_bytes`` and the body deadline, feed :class:`ServingStats`."""
 
@@ -111,13 +139,18 @@ class LimitAndCount:
         max_request_bytes: int,
         too_large: Callable[[str], Exception],
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+        max_bytes_in_flight: int | None = None,
     ) -> None:
+        if max_bytes_in_flight is not None and max_bytes_in_flight < max_request_bytes:
+            raise ValueError("max_bytes_in_flight must be at least max_request_bytes")
         self.app = app
         self._too_large = too_large
         self._stats = stats
         self._routes = routes
         self.max_request_bytes = max_request_bytes
         self.body_timeout_s = body_timeout_s
+        self.max_bytes_in_flight = max_bytes_in_flight
+        self.bytes_in_flight = 0  # held by the requests now in this app (one event loop: no lock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -138,6 +171,21 @@ class LimitAndCount:
         task = asyncio.current_task()
         timer: asyncio.TimerHandle | None = None
         expired = body_done = False
+        held = 0  # this request's share of bytes_in_flight
+        budget = self.max_bytes_in_flight
+
+        def hold(total: int) -> None:
+            nonlocal held
+            if budget is None or total <= held:
+                return
+            others = self.bytes_in_flight - held
+            if others > 0 and others + total > budget:
+                raise _OverBudget
+            self.bytes_in_flight += total - held
+            held = total
+
+        if budget is not None:
+            scope[_CHARGE] = hold
 
         def expire() -> None:
             nonlocal expired
@@ -172,6 +220,7 @@ class LimitAndCount:
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise self._too_large(f"request body exceeds the {limit}-byte limit")
+                hold(received)
                 body_done = not message.get("more_body", False)
             else:
                 body_done = True
@@ -191,6 +240,19 @@ class LimitAndCount:
             else:
                 try:
                     await self.app(scope, counting_receive, tracking_send)
+                except ClientDisconnect:
+                    if responded:
+                        raise
+                    # The client went away before its body arrived: nobody to answer, and not a
+                    # server error (uvicorn would log a traceback and the stats count a 500).
+                    status = CLIENT_CLOSED_REQUEST
+                except _OverBudget:
+                    if responded:
+                        raise
+                    status = 503
+                    await _reject(
+                        send, 503, "the server is receiving too much data at once; retry later", retry_after=1
+                    )
                 except (_BodyTimeout, asyncio.CancelledError) as exc:
                     # (A cancellation by the deadline timer outside a read of the body ends here too.)
                     timed_out = isinstance(exc, _BodyTimeout) or deadline_cancelled()
@@ -199,6 +261,7 @@ class LimitAndCount:
                     status = 408
                     await _reject(send, 408, f"request body not received within {self.body_timeout_s:g} s")
         finally:
+            self.bytes_in_flight -= held
             if timer is not None:
                 timer.cancel()
             route = scope.get("route")
@@ -220,7 +283,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _reject(send: Send, status: int, message: str) -> None:
+async def _reject(send: Send, status: int, message: str, retry_after: int | None = None) -> None:
     body = json.dumps({"error": message}).encode()
     headers = [
         (b"content-type", b"application/json"),
@@ -228,5 +291,7 @@ async def _reject(send: Send, status: int, message: str) -> None:
         # The unread body is still on the wire: do not reuse this connection.
         (b"connection", b"close"),
     ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

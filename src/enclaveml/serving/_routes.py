@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from enclaveml import __version__
+from enclaveml._web import charge_body_bytes
 from enclaveml.serving._batching import BatcherClosedError, Overloaded
 from enclaveml.serving._engine import ModelNotReadyError
 from enclaveml.serving._protocol import (
@@ -175,7 +176,11 @@ async def infer(request: Request) -> Response:
     if not state.accepting:
         raise BatcherClosedError("the server is shutting down; retry on another replica")
     model = state.repository.get(request.path_params["name"], request.path_params.get("version"))
-    body = _decompress(request.headers.get("content-encoding"), await request.body(), state)
+    raw = await request.body()
+    body = _decompress(request.headers.get("content-encoding"), raw, state)
+    if body is not raw:  # the decompressed copy is held too, until the request ends
+        charge_body_bytes(request.scope, len(raw) + len(body))
+    del raw
     header_length = parse_header_length(request.headers.get("inference-header-content-length"), len(body))
     json_bytes = len(body) if header_length is None else header_length
     if json_bytes > _OFFLOAD_JSON_BYTES:

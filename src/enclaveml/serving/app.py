@@ -139,6 +139,7 @@ def create_app(
     server_name: str = "enclaveml",
     queue: RequestQueue | None = None,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    max_body_bytes_in_flight: int | None = None,
 ) -> FastAPI:
     """Build the OIP inference app.
 
@@ -150,10 +151,17 @@ def create_app(
     With ``queue`` (scale-out), inference is not run here: parsed inputs go through the queue to
     workers (:func:`enclaveml.serving.worker.run_worker`), which batch and run them. A request
     body may not stall for ``body_timeout_s`` between chunks (408 otherwise), so slow senders
-    cannot hold buffered bodies and connections indefinitely.
+    cannot hold buffered bodies and connections indefinitely. All requests in flight together
+    hold at most ``max_body_bytes_in_flight`` bytes of bodies (and their decompressed copies;
+    default 32 x ``max_request_bytes``): a request past it is answered 503 with Retry-After,
+    so many clients sending at once, or a queue full of large requests, cannot exhaust memory.
     """
     if max_request_bytes < 1 or request_timeout_s <= 0 or not body_timeout_s > 0:
         raise ConfigurationError("max_request_bytes must be >= 1, request_timeout_s and body_timeout_s > 0")
+    if max_body_bytes_in_flight is None:
+        max_body_bytes_in_flight = 32 * max_request_bytes
+    if max_body_bytes_in_flight < max_request_bytes:
+        raise ConfigurationError("max_body_bytes_in_flight must be at least max_request_bytes")
     if isinstance(models, ModelRepository):
         repository = models
     else:
@@ -205,6 +213,7 @@ def create_app(
         max_request_bytes=max_request_bytes,
         too_large=RequestTooLargeError,
         body_timeout_s=body_timeout_s,
+        max_bytes_in_flight=max_body_bytes_in_flight,
     )
     # Our errors are answered by ExceptionMiddleware; a handler for bare Exception would sit in
     # ServerErrorMiddleware, which re-raises after answering (that is what an unexpected bug should do).
