@@ -38,6 +38,7 @@ import uvicorn
 
 from enclaveml._collector import settle_collector
 from enclaveml._memory import keep_freed_memory
+from enclaveml._web import DeadlineHttpProtocol
 from enclaveml.attestation.simulation import SimulationKey, SimulationProvider
 from enclaveml.crypto.keys import KeyHandle
 from enclaveml.serving import ModelRepository, OnnxModel, QueueWorker, RedisStreamsQueue, create_app
@@ -93,13 +94,13 @@ def _plain(args: argparse.Namespace) -> dict[str, Any]:
         instances=args.instances,
         request_timeout_s=REQUEST_TIMEOUT_S,
     )
-    # The same server settings as enclaveml.serving.secure.uvicorn_config, without TLS.
+    # The same server settings as enclaveml._web.uvicorn_config, without TLS.
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
         port=0,
         loop="uvloop",
-        http="httptools",
+        http=DeadlineHttpProtocol,
         log_level="warning",
         access_log=False,
     )

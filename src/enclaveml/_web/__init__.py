@@ -12,6 +12,7 @@ from enclaveml._web._limits import (
     ServingStats,
     charge_body_bytes,
 )
+from enclaveml._web._protocol import DeadlineHttpProtocol
 from enclaveml._web._server import (
     RunningServer,
     ServerThread,
@@ -23,6 +24,7 @@ from enclaveml._web._server import (
 
 __all__ = [
     "DEFAULT_BODY_TIMEOUT_S",
+    "DeadlineHttpProtocol",
     "LimitAndCount",
     "RouteStats",
     "RunningServer",

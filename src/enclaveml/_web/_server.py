@@ -6,7 +6,9 @@ the tests start uvicorn the same way, so it lives here once:
 - :func:`start_in_thread` runs a ``uvicorn.Config`` in a daemon thread, waits until the socket
   listens (or the thread dies, or the start-up timeout passes) and returns a :class:`ServerThread`;
 - :func:`uvicorn_config` builds the config of an RA-TLS server: certificate and private key are
-  handed to uvicorn through anonymous memory files (``memfd``), never a path on disk;
+  handed to uvicorn through anonymous memory files (``memfd``), never a path on disk, and the
+  connections get a deadline for each request head and for a response the client leaves unread
+  (:class:`~enclaveml._web._protocol.DeadlineHttpProtocol`);
 - :func:`attestation_hook` is the ``/attestation?nonce=`` handler of every RA-TLS server: fresh
   evidence bound to the client's nonce and the server's TLS key;
 - :func:`serve_ratls_app` puts the three together and returns a :class:`RunningServer`.
@@ -26,6 +28,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from enclaveml._urls import url_host
+from enclaveml._web._protocol import DeadlineHttpProtocol
 from enclaveml.attestation import EvidenceProvider, RatlsCertificate
 from enclaveml.attestation.ratls import bind_public_key
 from enclaveml.attestation.tls import in_memory_key_files
@@ -96,7 +99,7 @@ def uvicorn_config(
             ssl_certfile=certfile,
             ssl_keyfile=keyfile,
             loop="uvloop",
-            http="httptools",
+            http=DeadlineHttpProtocol,
             log_level="warning",
             access_log=False,
         )

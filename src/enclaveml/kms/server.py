@@ -54,7 +54,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from enclaveml._web import DEFAULT_BODY_TIMEOUT_S
+from enclaveml._web import DEFAULT_BODY_TIMEOUT_S, DeadlineHttpProtocol
 from enclaveml.attestation import Verifier
 from enclaveml.errors import (
     AuthorizationError,
@@ -366,7 +366,7 @@ def run_broker(
             ssl_keyfile=str(keyfile),
             ssl_context_factory=tls_context,
             loop="uvloop",
-            http="httptools",
+            http=DeadlineHttpProtocol,  # request heads and unread responses have deadlines
             lifespan="on",
             proxy_headers=False,  # the audit and logs must show the real peer, not a claimed one
             server_header=False,

@@ -1,0 +1,151 @@
+"""Connection deadlines uvicorn lacks: a request head that never completes, a response never read.
+
+Real uvicorn servers on 127.0.0.1 with :class:`DeadlineHttpProtocol` (short deadlines subclassed
+in); plain HTTP and the RA-TLS path that every enclaveml server uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+from enclaveml._web import DeadlineHttpProtocol, LimitAndCount, ServingStats, start_in_thread
+
+
+class QuickDeadlines(DeadlineHttpProtocol):
+    head_timeout_s = 0.5
+    send_timeout_s = 0.5
+
+
+def _app() -> tuple[FastAPI, ServingStats]:
+    from prometheus_client import CollectorRegistry
+
+    app = FastAPI()
+    stats = ServingStats(CollectorRegistry())
+    chunk = np.zeros(1024 * 1024, dtype=np.uint8).tobytes()
+
+    @app.get("/small")
+    def small() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @app.get("/big")
+    async def large() -> StreamingResponse:  # 32 MiB, one send per MiB: each waits for the client
+        return StreamingResponse(iter([chunk] * 32), media_type="application/octet-stream")
+
+    app.add_middleware(
+        LimitAndCount, stats=lambda: stats, routes=lambda: app.router.routes, max_request_bytes=1024,
+        too_large=ValueError, max_bytes_in_flight=4096,
+    )  # fmt: skip
+    return app, stats
+
+
+@contextlib.contextmanager
+def _serve(protocol: type[DeadlineHttpProtocol]) -> Iterator[tuple[str, int, ServingStats]]:
+    app, stats = _app()
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, loop="uvloop", http=protocol, log_level="warning")
+    running = start_in_thread(config, name="test-deadlines", startup_timeout=15)
+    try:
+        host, port = running.url.removeprefix("http://").split(":")
+        yield host, int(port), stats
+    finally:
+        running.stop(15)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closes ``sock`` (reading and dropping what it sends)."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    with contextlib.suppress(ConnectionResetError):
+        while sock.recv(65536):
+            pass
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    "first", [b"", b"GET /small HTTP/1.1\r\nHost: x\r\n"], ids=["nothing", "half a head"]
+)
+def test_a_request_head_that_never_completes_is_closed(first: bytes) -> None:
+    with _serve(QuickDeadlines) as (host, port, _), socket.create_connection((host, port)) as idle:
+        if first:
+            idle.sendall(first)
+        assert _closed_within(idle, 10) < 5
+
+
+def test_the_head_deadline_applies_after_each_response_and_not_to_working_clients() -> None:
+    with _serve(QuickDeadlines) as (host, port, _), socket.create_connection((host, port)) as sock:
+        for _ in range(3):  # a client that keeps sending requests keeps its connection
+            sock.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b'{"ok":"yes"}'):
+                answer += sock.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 200 OK")
+            time.sleep(0.3)
+        sock.sendall(b"GET /small HTTP/1.1\r\n")  # then half a head: closed
+        assert _closed_within(sock, 10) < 5
+
+
+def test_without_the_deadline_such_a_connection_stays_open() -> None:
+    class NoDeadline(DeadlineHttpProtocol):
+        head_timeout_s = 3600.0
+
+    with _serve(NoDeadline) as (host, port, _), socket.create_connection((host, port)) as idle:
+        idle.settimeout(1.5)
+        with pytest.raises(TimeoutError):
+            idle.recv(1)
+
+
+def test_a_response_left_unread_is_aborted_and_the_request_ends() -> None:
+    with _serve(QuickDeadlines) as (host, port, stats), socket.create_connection((host, port)) as reader:
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        deadline = time.monotonic() + 10
+        while stats.requests("/big") == 0:  # the request ends once the connection is aborted
+            assert time.monotonic() < deadline, "the unread response held the request"
+            time.sleep(0.05)
+        # (What the kernel had already accepted is still delivered to the socket; the server's
+        # process holds none of it any more.)
+        with httpx.Client(base_url=f"http://{host}:{port}", timeout=10) as http:
+            assert http.get("/small").status_code == 200
+
+
+def test_a_reader_that_keeps_reading_gets_the_whole_response() -> None:
+    with _serve(QuickDeadlines) as (host, port, _), httpx.Client(base_url=f"http://{host}:{port}") as http:
+        with http.stream("GET", "/big") as answer:
+            received = 0
+            for chunk in answer.iter_bytes():
+                received += len(chunk)
+                time.sleep(0.001)
+        assert received == 32 * 1024 * 1024
+
+
+def test_ratls_servers_use_the_deadline_protocol() -> None:
+    from enclaveml._web import uvicorn_config
+    from enclaveml.attestation import create_ratls_certificate
+    from enclaveml.attestation.simulation import SimulationKey, SimulationProvider
+
+    provider = SimulationProvider(key=SimulationKey.generate(), entry_point="test")
+    ratls = create_ratls_certificate(provider)
+    app, _ = _app()
+    with uvicorn_config(app, ratls, host="127.0.0.1", port=0) as config:
+        assert config.http is DeadlineHttpProtocol
+        running = start_in_thread(config, name="test-ratls-deadline", startup_timeout=15)
+    try:
+        host, port = running.url.removeprefix("https://").split(":")
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with socket.create_connection((host, int(port))) as raw, context.wrap_socket(raw) as tls:
+            tls.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert tls.recv(4096).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        running.stop(15)
