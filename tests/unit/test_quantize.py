@@ -345,7 +345,7 @@ def test_sigterm_during_quantization_leaves_no_copy_of_the_model_in_the_temporar
         "real = q._ort_quantization()\n"
         "class Killed:\n"
         "    def __getattr__(self, name): return getattr(real, name)\n"
-        "    def quant_pre_process(self, src, dst):\n"
+        "    def quant_pre_process(self, src, dst, **options):\n"
         "        tempfile.mkdtemp(prefix='pre.quant.')  # as ORT's own pre-processing does\n"
         "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)\n"
         "q._ort_quantization = lambda: Killed()\n"
@@ -401,3 +401,25 @@ def test_the_output_may_be_a_symbolic_link_or_a_pipe(digits: Digits, tmp_path: P
     reader.join(30)
     assert received
     assert received[0] == target.read_bytes()
+
+
+def test_a_model_onnx_runtime_cannot_shape_leaves_no_copy_in_the_working_directory(
+    digits: Digits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A linear classifier from skl2onnx is one ai.onnx.ml operator: ORT's symbolic shape inference
+    # cannot finish on it and would save the plaintext model into the working directory.
+    sklearn_linear: Any = importlib.import_module("sklearn.linear_model")
+    to_onnx: Callable[..., onnx.ModelProto] = importlib.import_module("skl2onnx").to_onnx
+    x = np.concatenate([digits.calibration, digits.eval_x])
+    y = np.concatenate([np.arange(len(digits.calibration)) % 10, digits.eval_y])
+    with threadpoolctl.threadpool_limits(1):
+        clf = sklearn_linear.LogisticRegression(max_iter=50).fit(x, y)
+    model = tmp_path / "linear.onnx"
+    onnx.save(to_onnx(clf, x[:1], options={"zipmap": False}, target_opset=17), str(model))
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    with pytest.raises(ConfigurationError, match="could not quantize"):
+        quantize_model(model, tmp_path / "q.onnx", calibration=digits.calibration)
+    assert list(workdir.iterdir()) == []
+    assert not (tmp_path / "q.onnx").exists()

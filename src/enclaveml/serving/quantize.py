@@ -169,7 +169,12 @@ def quantize_model(
         # ORT 1.31's per-channel bias check fails on 2-D Gemm biases (skl2onnx models): say what to try.
         hint = " with per-channel weights (try per-tensor)" if per_channel else ""
         with _translating(f"ONNX Runtime could not quantize {source}{hint}"):
-            ort_q.quant_pre_process(str(original), str(prepared))  # shape inference, BN folding
+            # ONNX shape inference and BN folding. Not ORT's symbolic shape inference: where it
+            # cannot finish (ai.onnx.ml operators, as skl2onnx writes) it saves a plaintext copy of
+            # the model as sym_shape_infer_temp.onnx in the working directory, and raises a bare
+            # Exception. ONNX's own inference gives the same shapes on convolutional networks
+            # (ResNet-50: 121 of the 122 value infos, the graph output aside).
+            ort_q.quant_pre_process(str(original), str(prepared), skip_symbolic_shape=True)
             if calib is None:
                 ort_q.quantize_dynamic(
                     str(prepared), str(quantized), per_channel=per_channel, weight_type=_qtype(weight_type)
