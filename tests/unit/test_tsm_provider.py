@@ -44,6 +44,7 @@ class KernelEmulator(_ConfigfsTree):
     short_write: int | None = None
     outblob_override: bytes | None = None
     generation_text: str | None = None
+    early_foreign_privlevel: int = 0  # entries (from the first) another writer touches before us
     mkdir_errno: int | None = None
     rmdir_errno: int | None = None
     mkdirs: list[Path] = field(default_factory=list)
@@ -55,6 +56,10 @@ class KernelEmulator(_ConfigfsTree):
         if self.mkdir_errno is not None:
             raise OSError(self.mkdir_errno, os.strerror(self.mkdir_errno), str(path))
         super().mkdir(path)
+        if len(self.mkdirs) <= self.early_foreign_privlevel:
+            self.generation_text = "1\n"  # another writer set privlevel right after the mkdir
+        elif self.early_foreign_privlevel:
+            self.generation_text = None
         attributes = {
             "provider": f"{self.provider}\n",
             "generation": self.generation_text if self.generation_text is not None else "0\n",
@@ -235,6 +240,19 @@ def test_concurrent_write_on_first_attempt_is_discarded_and_retried(
     assert kernel.mkdirs[0] != kernel.mkdirs[1]
     assert kernel.writes_to("inblob") == [64, 64]
     assert "generation changed" in caplog.text
+    assert_no_entries_left(root, kernel)
+
+
+def test_a_write_before_the_first_generation_read_is_discarded_and_retried(root: Path) -> None:
+    # Such a write is counted in the generation read first, so only the kernel's starting value
+    # (0) shows it; a foreign privlevel would otherwise stay in a report we call ours.
+    kernel = KernelEmulator(provider="sev_guest", early_foreign_privlevel=1)
+
+    evidence = make(root, kernel).collect(REPORT_DATA)
+
+    assert REPORT_DATA in evidence.data
+    assert len(kernel.mkdirs) == 2
+    assert kernel.writes_to("inblob") == [64]  # nothing written into the touched entry
     assert_no_entries_left(root, kernel)
 
 

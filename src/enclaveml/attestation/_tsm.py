@@ -16,8 +16,10 @@ under ``/sys/kernel/config/tsm/report``::
 Entries are shared kernel objects: anyone who can see the directory can write to it between
 our ``inblob`` write and our ``outblob`` read, and the outblob would then bind *their* data.
 The ABI's answer is the ``generation`` counter, so every attempt reads it before writing and
-after reading, requires it to have advanced by exactly our own writes, and otherwise throws
-the report away and tries again in a fresh entry. Each entry gets a random name, and is
+after reading, requires it to start at the kernel's 0 (a write between our mkdir and our first
+read, such as a foreign ``privlevel``, would otherwise be counted as the starting value) and to
+have advanced by exactly our own writes, and otherwise throws the report away and tries again in
+a fresh entry. Each entry gets a random name, and is
 removed in a ``finally`` so failed attempts do not leak kernel memory.
 
 All file system access goes through :class:`_ConfigfsTree`, the seam that lets tests stand
@@ -185,6 +187,11 @@ class TsmProvider:
         try:
             tee = self._read_provider(entry)
             before = self._read_generation(entry)
+            if before != 0:
+                # The kernel creates every entry at generation 0: another writer got here between
+                # mkdir and this read, and may have set an option we do not write (privlevel, an
+                # SVSM service) that our own writes would not undo.
+                return None
             writes = 0
             if self._privlevel is not None:
                 self._write_exact(
