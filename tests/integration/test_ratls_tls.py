@@ -16,7 +16,7 @@ from enclaveml.attestation.policy import AllOf, MeasurementAllowlist, UnsafeAllo
 from enclaveml.attestation.ratls import RatlsCertificate, create_ratls_certificate
 from enclaveml.attestation.simulation import SimulationProvider, SimulationVerifier
 from enclaveml.attestation.tls import attest_server, fetch_peer_certificate, server_ssl_context
-from enclaveml.errors import AttestationError, BindingError, PolicyRejectedError
+from enclaveml.errors import AttestationError, BindingError, ConfigurationError, PolicyRejectedError
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -121,3 +121,17 @@ def test_certificate_key_must_match_bound_key(
 def test_unreachable_server_is_a_clear_error() -> None:
     with pytest.raises(AttestationError, match="cannot fetch the TLS certificate"):
         fetch_peer_certificate("127.0.0.1", 1, timeout=2)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.invalid:99999",
+        "https://example.invalid:abc",
+        "https://a..b:8443",
+        f"https://{'x' * 70}:8443",
+    ],
+)
+def test_a_malformed_server_url_is_a_configuration_error(url: str, sim_verifier: SimulationVerifier) -> None:
+    with pytest.raises(ConfigurationError, match=r"port|host name"):
+        attest_server(url, verifier=sim_verifier, policy=UnsafeAllowSimulation(AllOf()), timeout=2)

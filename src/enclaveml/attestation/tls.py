@@ -108,6 +108,8 @@ def fetch_peer_certificate(host: str, port: int, *, timeout: float = 10.0) -> by
             context.wrap_socket(sock, server_hostname=host) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
+    except UnicodeError as exc:  # IDNA: an empty or over-long label in the host name
+        raise ConfigurationError(f"{host!r} is not a valid host name") from exc
     except (OSError, ssl.SSLError) as exc:
         raise AttestationError(f"cannot fetch the TLS certificate of {host}:{port}: {exc}") from exc
     if not der:
@@ -146,7 +148,10 @@ def attest_server(
     parts = urlsplit(url)
     if parts.scheme != "https" or not parts.hostname:
         raise ConfigurationError(f"RA-TLS servers are reached over https://host:port, got {url!r}")
-    port = parts.port or 443
+    try:
+        port = parts.port or 443
+    except ValueError as exc:  # out of range or not a number
+        raise ConfigurationError(f"bad port in {url!r}: {exc}") from None
     der = fetch_peer_certificate(parts.hostname, port, timeout=timeout)
     peer = verify_ratls_certificate(der, verifier=verifier, policy=policy, now=now)
     return AttestedServer(f"https://{url_host(parts.hostname)}:{port}", peer)
