@@ -16,7 +16,13 @@ from enclaveml.attestation.policy import AllOf, MeasurementAllowlist, UnsafeAllo
 from enclaveml.attestation.ratls import RatlsCertificate, create_ratls_certificate
 from enclaveml.attestation.simulation import SimulationProvider, SimulationVerifier
 from enclaveml.attestation.tls import attest_server, fetch_peer_certificate, server_ssl_context
-from enclaveml.errors import AttestationError, BindingError, ConfigurationError, PolicyRejectedError
+from enclaveml.errors import (
+    AttestationError,
+    BindingError,
+    ConfigurationError,
+    PolicyRejectedError,
+    VerificationError,
+)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -135,3 +141,22 @@ def test_unreachable_server_is_a_clear_error() -> None:
 def test_a_malformed_server_url_is_a_configuration_error(url: str, sim_verifier: SimulationVerifier) -> None:
     with pytest.raises(ConfigurationError, match=r"port|host name"):
         attest_server(url, verifier=sim_verifier, policy=UnsafeAllowSimulation(AllOf()), timeout=2)
+
+
+def test_a_fresh_attestation_answer_with_bytes_after_it_is_refused(
+    served: str, sim_provider: SimulationProvider, sim_verifier: SimulationVerifier, sim_policy, ratls
+) -> None:
+    import cbor2
+
+    from enclaveml.attestation.ratls import bind_public_key
+    from enclaveml.attestation.tls import AttestedSession
+
+    session = AttestedSession(served, sim_policy, sim_verifier, None, 5.0)
+    nonce = b"n" * 32
+    binding = bind_public_key(sim_provider, ratls.private_key.public_key(), nonce=nonce)
+    answer = cbor2.dumps({"evidence": binding.evidence, "endorsements": binding.endorsements})
+    session.check_fresh(nonce, httpx.Response(200, content=answer))
+    assert session.fresh
+    with pytest.raises(VerificationError, match="malformed /attestation answer"):
+        session.check_fresh(nonce, httpx.Response(200, content=answer + b"\x00"))
+    assert not session.fresh

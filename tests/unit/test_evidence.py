@@ -40,6 +40,12 @@ def test_garbage_is_an_evidence_error(blob: bytes) -> None:
         Evidence.from_bytes(blob)
 
 
+def test_an_envelope_followed_by_other_bytes_is_an_evidence_error() -> None:
+    envelope = Evidence(TeeType.SEV_SNP, b"report", b"certs").to_bytes()
+    with pytest.raises(EvidenceError):
+        Evidence.from_bytes(envelope + b"\x00")
+
+
 def test_unknown_tee_type_in_constructor() -> None:
     with pytest.raises(ConfigurationError):
         Evidence("sgx", b"x")  # type: ignore[arg-type]

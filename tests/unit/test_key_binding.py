@@ -90,6 +90,23 @@ def test_a_hostile_pubkey_hash_algorithm_is_a_verification_error(
         verify_key_binding(evidence, public_key_spki=spki, verifier=sim_verifier, policy=sim_policy)
 
 
+def test_claims_or_evidence_with_bytes_after_the_cbor_item_are_refused(
+    key, sim_provider, sim_verifier, sim_policy
+) -> None:
+    # cbor2.loads ignores what follows the first item: a bound value must have one encoding only.
+    spki = spki_der(key.public_key())
+    pubkey_hash = [1, hashlib.sha256(spki).digest()]
+    claims_bytes = cbor2.dumps({"pubkey-hash": pubkey_hash}, canonical=True) + b"junk"
+    evidence = sim_provider.collect(ratls_report_data(claims_bytes))  # the TEE hashed the junk too
+    padded_claims = cbor2.dumps(cbor2.CBORTag(_TAG_BY_TEE[evidence.tee], [evidence.data, claims_bytes]))
+    with pytest.raises(VerificationError, match="not valid CBOR"):
+        verify_key_binding(padded_claims, public_key_spki=spki, verifier=sim_verifier, policy=sim_policy)
+    honest = _binding_with_claims(sim_provider, {"pubkey-hash": pubkey_hash})
+    verify_key_binding(honest, public_key_spki=spki, verifier=sim_verifier, policy=sim_policy)
+    with pytest.raises(VerificationError, match="not valid CBOR"):
+        verify_key_binding(honest + b"\x00", public_key_spki=spki, verifier=sim_verifier, policy=sim_policy)
+
+
 @pytest.mark.parametrize(("evidence", "endorsements"), [(5, None), ("text", None), (b"x", 7), (b"x", [b"y"])])
 def test_evidence_and_endorsements_of_the_wrong_type_are_verification_errors(
     evidence: object, endorsements: object, key, sim_verifier, sim_policy

@@ -76,6 +76,15 @@ def test_garbage_is_rejected(sim_verifier: SimulationVerifier) -> None:
             sim_verifier.verify(Evidence(TeeType.SIMULATION, blob))
 
 
+def test_bytes_after_the_token_are_rejected(
+    sim_provider: SimulationProvider, sim_verifier: SimulationVerifier
+) -> None:
+    data = sim_provider.collect(REPORT).data
+    sim_verifier.verify(Evidence(TeeType.SIMULATION, data))
+    with pytest.raises(VerificationError, match="not valid CBOR"):
+        sim_verifier.verify(Evidence(TeeType.SIMULATION, data + b"\x00"))
+
+
 def test_future_issue_time_is_rejected(
     sim_provider: SimulationProvider, sim_verifier: SimulationVerifier
 ) -> None:

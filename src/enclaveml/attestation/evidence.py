@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import cbor2
 
+from enclaveml._cbor import loads_exact
 from enclaveml.errors import ConfigurationError, EvidenceError
 
 __all__ = ["REPORT_DATA_SIZE", "Evidence", "EvidenceProvider", "TeeType", "check_report_data"]
@@ -136,7 +137,7 @@ def _detect_raw(raw: bytes) -> TeeType | None:
 
 def _decode_envelope(blob: bytes) -> Evidence:
     try:
-        obj = cbor2.loads(blob)
+        obj = loads_exact(blob)
     except Exception as exc:
         raise EvidenceError(
             "evidence is neither a DCAP quote, an SEV-SNP report nor an enclaveml evidence envelope"

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from enclaveml._cbor import loads_exact
 from enclaveml.attestation._policy_base import Policy
 from enclaveml.attestation._time import Instant, to_datetime, to_unix
 from enclaveml.attestation._x509_errors import CERTIFICATE_ERRORS
@@ -334,7 +335,7 @@ def _decode_tagged(value: bytes, what: str) -> cbor2.CBORTag:
     if len(value) > _MAX_EXTENSION:
         raise VerificationError(f"RA-TLS {what} extension is too large")
     try:
-        obj = cbor2.loads(value)
+        obj = loads_exact(value)
     except Exception as exc:  # cbor2 raises several unrelated types on garbage
         raise VerificationError(f"RA-TLS {what} extension is not valid CBOR") from exc
     if not isinstance(obj, cbor2.CBORTag):
@@ -368,7 +369,7 @@ def _decode_endorsements(encoded: bytes) -> bytes:
 
 def _check_claims(claims_bytes: bytes, spki: bytes, nonce: bytes | None) -> bytes | None:
     try:
-        claims = cbor2.loads(claims_bytes)
+        claims = loads_exact(claims_bytes)
     except Exception as exc:  # cbor2 raises several unrelated types on garbage
         raise VerificationError("RA-TLS claims are not valid CBOR") from exc
     if not isinstance(claims, dict) or "pubkey-hash" not in claims:
@@ -376,7 +377,7 @@ def _check_claims(claims_bytes: bytes, spki: bytes, nonce: bytes | None) -> byte
     entry = claims["pubkey-hash"]
     if isinstance(entry, bytes):
         try:
-            entry = cbor2.loads(entry)
+            entry = loads_exact(entry)
         except Exception as exc:  # cbor2 raises several unrelated types on garbage
             raise VerificationError("RA-TLS pubkey-hash is not a CBOR hash-entry") from exc
     if not (isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[1], bytes)):

@@ -41,6 +41,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from enclaveml._cbor import loads_exact
 from enclaveml._files import write_atomically
 from enclaveml.attestation._time import Instant, to_unix
 from enclaveml.attestation.claims import SimulatedClaims
@@ -250,7 +251,7 @@ class SimulationVerifier:
 
 def _split_token(token: bytes) -> tuple[bytes, bytes]:
     try:
-        obj = cbor2.loads(token)
+        obj = loads_exact(token)
     except Exception as exc:  # cbor2 raises several unrelated types on garbage
         raise VerificationError("simulation evidence is not valid CBOR") from exc
     if not (isinstance(obj, list | tuple) and len(obj) == 2 and all(isinstance(x, bytes) for x in obj)):
@@ -259,7 +260,7 @@ def _split_token(token: bytes) -> tuple[bytes, bytes]:
 
 
 def _decode_payload(payload: bytes) -> dict[str, Any]:
-    obj = cbor2.loads(payload)  # signed by the configured key, so well-formed CBOR
+    obj = loads_exact(payload)  # signed by the configured key, so well-formed CBOR
     expected_types = {"measurement": bytes, "report_data": bytes, "workload": str, "iat": int, "kid": bytes}
     if not isinstance(obj, dict) or obj.get("v") != _FORMAT_VERSION:
         raise VerificationError("unsupported simulation evidence version")

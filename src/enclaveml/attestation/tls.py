@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import cbor2
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from enclaveml._cbor import loads_exact
 from enclaveml._urls import url_host
 from enclaveml.attestation._policy_base import Policy
 from enclaveml.attestation._time import Instant
@@ -196,7 +196,7 @@ class AttestedSession:
         if response.status_code != 200:
             raise AttestationError(f"server refused fresh attestation ({response.status_code})")
         try:
-            token = cbor2.loads(response.content)
+            token = loads_exact(response.content)
             evidence, endorsements = token["evidence"], token.get("endorsements")
         except Exception as exc:  # cbor2 raises several unrelated types on garbage
             raise VerificationError("malformed /attestation answer") from exc
