@@ -128,7 +128,7 @@ def test_a_reader_that_keeps_reading_gets_the_whole_response() -> None:
         assert received == 32 * 1024 * 1024
 
 
-def test_ratls_servers_use_the_deadline_protocol() -> None:
+def test_ratls_servers_use_the_deadline_protocol_and_stop_at_once_beside_an_idle_client() -> None:
     from enclaveml._web import uvicorn_config
     from enclaveml.attestation import create_ratls_certificate
     from enclaveml.attestation.simulation import SimulationKey, SimulationProvider
@@ -147,5 +147,11 @@ def test_ratls_servers_use_the_deadline_protocol() -> None:
         with socket.create_connection((host, int(port))) as raw, context.wrap_socket(raw) as tls:
             tls.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
             assert tls.recv(4096).startswith(b"HTTP/1.1 200 OK")
+            # The client keeps its connection and reads no more (so never answers a TLS
+            # close_notify): stopping must not wait for it (uvloop would, for 30 s).
+            started = time.monotonic()
+            running.stop(15)
+            assert time.monotonic() - started < 5
+            assert not running.thread.is_alive()
     finally:
         running.stop(15)

@@ -8,12 +8,15 @@ from anyone who can reach the port exhaust the server. :class:`DeadlineHttpProto
 nginx does:
 
 - ``head_timeout_s`` (nginx's ``client_header_timeout``): a request head must be complete within
-  this time of the connection opening or of the previous response ending; else the connection is
-  closed. The request body has its own idle deadline (:class:`~enclaveml._web.LimitAndCount`).
+  this time of the connection opening or of the previous response having been sent; else the
+  connection is closed. The request body has its own idle deadline (:class:`~enclaveml._web.LimitAndCount`).
 - ``send_timeout_s`` (nginx's ``send_timeout``): while the transport holds more of a response
   than it may (the client reads slower than the server writes), the client must take some of it
   within each ``send_timeout_s``; else the connection is aborted, the response's pending send
   returns, and the request ends normally. A slow reader that keeps reading is never cut off.
+
+At shutdown an idle connection is aborted rather than closed: over TLS a close waits for the
+client's close_notify (uvloop: up to 30 s), and uvicorn's shutdown waits for every connection.
 
 Both are timers armed and cancelled with the events (the send deadline looks at the transport's
 write buffer when it fires), not work per byte.
@@ -80,10 +83,25 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def shutdown(self) -> None:
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and not self.transport.get_write_buffer_size():
+            # Idle, everything sent: abort, not close. Over TLS, close waits (uvloop: up to 30 s)
+            # for a close_notify that an idle keep-alive client may never send, and uvicorn's
+            # shutdown waits for every connection to end.
+            self.transport.abort()
+        else:
+            super().shutdown()
+
     def _head_late(self) -> None:
         self._head_timer = None
-        if not self.transport.is_closing():
-            self.transport.close()
+        if self.transport.is_closing():
+            return
+        if self.transport.get_write_buffer_size():
+            # The previous answer is still going out to a slow reader: the send deadline governs.
+            self._arm_head_deadline()
+            return
+        self.transport.abort()  # as in shutdown: no TLS close_notify exchange with this client
 
     def _arm_send_deadline(self) -> None:
         self._unsent = self.transport.get_write_buffer_size()
