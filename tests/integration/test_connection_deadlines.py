@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from enclaveml._web import DeadlineHttpProtocol, LimitAndCount, ServingStats, start_in_thread
 
@@ -37,6 +37,10 @@ def _app() -> tuple[FastAPI, ServingStats]:
     @app.get("/small")
     def small() -> dict[str, str]:
         return {"ok": "yes"}
+
+    @app.get("/whole")
+    async def whole() -> Response:  # 32 MiB in one send: the response is complete at once
+        return Response(chunk * 32, media_type="application/octet-stream")
 
     @app.get("/big")
     async def large() -> StreamingResponse:  # 32 MiB, one send per MiB: each waits for the client
@@ -118,14 +122,19 @@ def test_a_response_left_unread_is_aborted_and_the_request_ends() -> None:
             assert http.get("/small").status_code == 200
 
 
-def test_a_reader_that_keeps_reading_gets_the_whole_response() -> None:
+@pytest.mark.parametrize("path", ["/big", "/whole"])
+def test_a_reader_that_keeps_reading_gets_the_whole_response(path: str) -> None:
+    # Reading /whole takes seconds after the server has finished the response: the head
+    # deadline armed then must not cut it off while it is still being sent.
     with _serve(QuickDeadlines) as (host, port, _), httpx.Client(base_url=f"http://{host}:{port}") as http:
-        with http.stream("GET", "/big") as answer:
+        started = time.monotonic()
+        with http.stream("GET", path) as answer:
             received = 0
-            for chunk in answer.iter_bytes():
+            for chunk in answer.iter_bytes(64 * 1024):
                 received += len(chunk)
-                time.sleep(0.001)
+                time.sleep(0.004)
         assert received == 32 * 1024 * 1024
+        assert time.monotonic() - started > 3 * QuickDeadlines.head_timeout_s
 
 
 def test_ratls_servers_use_the_deadline_protocol_and_stop_at_once_beside_an_idle_client() -> None:
