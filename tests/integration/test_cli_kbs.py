@@ -56,6 +56,16 @@ def _free_port() -> int:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
+    running = _start_broker(tmp_path)
+    try:
+        yield running
+    finally:
+        running.process.terminate()
+        running.process.wait(timeout=30)
+
+
+def _start_broker(tmp_path: Path, **environ: str) -> Served:
+    """`kbs serve` in a child process (environment plus ``environ``), once it answers /healthz."""
     SimulationKey.load_or_create()  # the workload's simulation key ($ENCLAVEML_SIMULATION_KEY)
     db, root_key, cert = (
         tmp_path / "db" / "kbs.db",
@@ -82,7 +92,9 @@ def served(tmp_path: Path) -> Iterator[Served]:
     ]
     command += ["--root-key", str(root_key), "--port", str(port), "--cert-out", str(cert)]
     command += ["--simulation-key", str(default_key_path()), "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **environ}
+    )
     url = f"https://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
@@ -95,11 +107,23 @@ def served(tmp_path: Path) -> Iterator[Served]:
             pass
         time.sleep(0.1)
     env = {"ENCLAVEML_KBS_URL": url, "ENCLAVEML_KBS_TOKEN": created["token"], "ENCLAVEML_KBS_CA": str(cert)}
+    return Served(env, db, process)
+
+
+def test_the_self_signed_tls_key_never_reaches_the_disk(tmp_path: Path) -> None:
+    # Stopped by SIGTERM (systemctl, docker stop) uvicorn re-raises the signal after its
+    # shutdown, so a key in a temporary directory was left behind; it must never be written.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    running = _start_broker(tmp_path, TMPDIR=str(scratch))
     try:
-        yield Served(env, db, process)
+        written = [p for p in tmp_path.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
+        assert written == []
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        running.process.terminate()
+        running.process.wait(timeout=30)
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()] == []
+    assert list(scratch.iterdir()) == []
 
 
 def _policy_toml(path: Path, measurement: bytes) -> Path:

@@ -31,12 +31,14 @@ from enclaveml.attestation import (
     UnsafeAllowSimulation,
 )
 from enclaveml.attestation.simulation import SimulationKey, SimulationProvider, SimulationVerifier
+from enclaveml.attestation.tls import in_memory_key_files
 from enclaveml.cli._console import claims_table, console, simulation_banner
 from enclaveml.crypto import seal_bytes
 from enclaveml.errors import KeyReleaseDeniedError, PolicyRejectedError
 from enclaveml.kms import KeyBrokerAdmin, KeyBrokerClient
 from enclaveml.kms._rootkey import RootKey
-from enclaveml.kms.server import BrokerConfig, create_app, create_self_signed_certificate
+from enclaveml.kms._tlscert import self_signed_certificate
+from enclaveml.kms.server import BrokerConfig, create_app
 from enclaveml.serving.client import Client
 from enclaveml.serving.secure import (
     BATCHABLE_METADATA,
@@ -69,18 +71,21 @@ def _train() -> tuple[bytes, np.ndarray, np.ndarray]:
 @contextlib.contextmanager
 def _broker(workdir: Path, verifier: EvidenceVerifier) -> Iterator[tuple[str, Path, str]]:
     """A key broker on 127.0.0.1 over HTTPS; yields (url, CA certificate to pin, admin token)."""
-    cert, key = workdir / "kbs-cert.pem", workdir / "kbs-key.pem"
-    create_self_signed_certificate(cert, key)
+    cert = workdir / "kbs-cert.pem"
+    made = self_signed_certificate()
+    cert.write_bytes(made.certificate_pem)
     app = create_app(
         BrokerConfig(db_path=workdir / "kbs" / "kbs.db", root_key=RootKey.generate(), verifier=verifier)
     )
     token = app.state.broker.create_token(
         "demo-owner", ["keys:write", "keys:read", "keys:wrap", "policy:write"]
     )
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, ssl_certfile=str(cert), ssl_keyfile=str(key), log_level="warning"
-    )
-    running = start_in_thread(config, name="enclaveml-demo-kbs")
+    # The broker's TLS key stays in memory (an anonymous memory file), as in `kbs serve`.
+    with in_memory_key_files(made.certificate_pem, made.private_key_pem) as (_, key):
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, ssl_certfile=str(cert), ssl_keyfile=key, log_level="warning"
+        )
+        running = start_in_thread(config, name="enclaveml-demo-kbs")
     try:
         yield running.url, cert, token
     finally:

@@ -420,10 +420,13 @@ def serve(
     workers: Annotated[int, typer.Option(help="Broker processes sharing the port and the database.")] = 1,
 ) -> None:
     """Run the key broker over HTTPS until interrupted."""
-    import tempfile
+    import contextlib
 
+    from enclaveml._files import write_atomically
+    from enclaveml.attestation.tls import in_memory_key_files
     from enclaveml.kms._rootkey import load_root_key
-    from enclaveml.kms.server import BrokerConfig, create_self_signed_certificate, run_broker
+    from enclaveml.kms._tlscert import self_signed_certificate
+    from enclaveml.kms.server import BrokerConfig, run_broker
 
     with reporting(False):
         if (tls_cert is None) != (tls_key is None):
@@ -437,16 +440,24 @@ def serve(
             verifier=_broker_verifier(simulation_key, collateral, pccs),
             **config_kwargs,
         )
-        with tempfile.TemporaryDirectory(prefix="enclaveml-kbs-tls-") as private_dir:
+        with contextlib.ExitStack() as stack:
             certfile, keyfile = tls_cert, tls_key
             if certfile is None or keyfile is None:
                 certfile = cert_out or db.resolve().parent / "kbs-cert.pem"
-                # The self-signed key lives only as long as this process (0700 temp dir).
-                keyfile = Path(private_dir) / "kbs-key.pem"
                 names, ips = _certificate_names(host)
-                fingerprint = create_self_signed_certificate(
-                    certfile, keyfile, hostnames=names, ip_addresses=ips
+                made = self_signed_certificate(hostnames=names, ip_addresses=ips)
+                try:
+                    certfile.parent.mkdir(parents=True, exist_ok=True)
+                    write_atomically(certfile, made.certificate_pem, mode=0o644)
+                except OSError as exc:
+                    raise ConfigurationError(f"cannot write {certfile}: {exc.strerror}") from exc
+                # The self-signed key lives only in this process's memory (an anonymous memory
+                # file for uvicorn to load), never on disk, however the process ends.
+                _, memory_key = stack.enter_context(
+                    in_memory_key_files(made.certificate_pem, made.private_key_pem)
                 )
+                keyfile = Path(memory_key)
+                fingerprint = made.fingerprint
                 err_console.print(
                     f"self-signed broker certificate: {certfile}\n  SHA-256 fingerprint: {fingerprint}\n"
                     f"  clients pin it with --ca {certfile} (or ENCLAVEML_KBS_CA)",

@@ -2,13 +2,17 @@
 
 Production brokers should present a certificate from the operator's own CA; for development
 and tests a self-signed one is enough, because clients pin the broker's certificate file
-(``--ca``) rather than trusting a public CA. The private key is written with mode 0600.
+(``--ca``) rather than trusting a public CA. :func:`self_signed_certificate` keeps the private key
+in memory (``enclaveml kbs serve`` and the demo hand it to the server through an anonymous memory
+file, so no copy is left on disk however the process ends); :func:`create_self_signed_certificate`
+writes both files, the key with mode 0600.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,7 +24,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from enclaveml._files import write_atomically
 from enclaveml.errors import ConfigurationError
 
-__all__ = ["create_self_signed_certificate"]
+__all__ = ["SelfSignedCertificate", "create_self_signed_certificate", "self_signed_certificate"]
+
+
+@dataclass(frozen=True)
+class SelfSignedCertificate:
+    certificate_pem: bytes
+    private_key_pem: bytes = field(repr=False)
+    fingerprint: str  # SHA-256 of the DER certificate, hex
 
 
 def create_self_signed_certificate(
@@ -32,6 +43,22 @@ def create_self_signed_certificate(
     days: int = 365,
 ) -> str:
     """Write a self-signed ECDSA P-256 server certificate and its key; return the SHA-256 fingerprint (hex).
+
+    See :func:`self_signed_certificate`; the key is written with mode 0600 from its first byte.
+    """
+    made = self_signed_certificate(hostnames=hostnames, ip_addresses=ip_addresses, days=days)
+    _write(Path(key_path), made.private_key_pem, 0o600)
+    _write(Path(cert_path), made.certificate_pem, 0o644)
+    return made.fingerprint
+
+
+def self_signed_certificate(
+    *,
+    hostnames: Sequence[str] = ("localhost",),
+    ip_addresses: Sequence[str] = ("127.0.0.1", "::1"),
+    days: int = 365,
+) -> SelfSignedCertificate:
+    """A self-signed ECDSA P-256 server certificate and its key, in memory.
 
     The certificate names ``hostnames`` and ``ip_addresses`` as subject alternative names so
     clients can keep host-name checking on while pinning this file as their only trust anchor.
@@ -84,9 +111,11 @@ def create_self_signed_certificate(
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write(Path(key_path), key_pem, 0o600)
-    _write(Path(cert_path), certificate.public_bytes(serialization.Encoding.PEM), 0o644)
-    return certificate.fingerprint(hashes.SHA256()).hex()
+    return SelfSignedCertificate(
+        certificate.public_bytes(serialization.Encoding.PEM),
+        key_pem,
+        certificate.fingerprint(hashes.SHA256()).hex(),
+    )
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:

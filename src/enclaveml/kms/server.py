@@ -348,7 +348,8 @@ def run_broker(
             raise ConfigurationError(f"broker TLS {what} file {path} does not exist")
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= _MAX_WORKERS:
         raise ConfigurationError(f"workers must be between 1 and {_MAX_WORKERS}")
-    if os.stat(keyfile).st_mode & 0o004:
+    in_memory = str(keyfile).startswith("/proc/self/fd/")  # an anonymous memory file: no one else's
+    if not in_memory and os.stat(keyfile).st_mode & 0o004:
         _log.warning("broker TLS private key %s is world-readable; chmod 600 it", keyfile)
     app = create_app(config)  # in the parent too: a wrong root key fails before any fork
 
