@@ -19,7 +19,9 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import Response, StreamingResponse
 
-from enclaveml._web import DeadlineHttpProtocol, LimitAndCount, ServingStats, start_in_thread
+from enclaveml._web import DeadlineHttpProtocol, LimitAndCount, ServerThread, ServingStats, start_in_thread
+from enclaveml.attestation.tls import in_memory_key_files
+from enclaveml.kms._tlscert import self_signed_certificate
 
 
 class QuickDeadlines(DeadlineHttpProtocol):
@@ -54,15 +56,43 @@ def _app() -> tuple[FastAPI, ServingStats]:
 
 
 @contextlib.contextmanager
-def _serve(protocol: type[DeadlineHttpProtocol]) -> Iterator[tuple[str, int, ServingStats]]:
+def _serve(
+    protocol: type[DeadlineHttpProtocol], *, tls: bool = False
+) -> Iterator[tuple[str, int, ServingStats, ServerThread]]:
     app, stats = _app()
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, loop="uvloop", http=protocol, log_level="warning")
-    running = start_in_thread(config, name="test-deadlines", startup_timeout=15)
+    with contextlib.ExitStack() as stack:
+        files: dict[str, str] = {}
+        if tls:
+            made = self_signed_certificate()
+            cert, key = stack.enter_context(in_memory_key_files(made.certificate_pem, made.private_key_pem))
+            files = {"ssl_certfile": cert, "ssl_keyfile": key}
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, loop="uvloop", http=protocol, log_level="warning", **files
+        )
+        running = start_in_thread(config, name="test-deadlines", startup_timeout=15)
     try:
-        host, port = running.url.removeprefix("http://").split(":")
-        yield host, int(port), stats
+        host, port = running.url.split("://")[1].split(":")
+        yield host, int(port), stats, running
     finally:
         running.stop(15)
+
+
+def _connect(host: str, port: int, tls: bool) -> socket.socket:
+    sock = socket.create_connection((host, port))
+    if not tls:
+        return sock
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context.wrap_socket(sock)
+
+
+def _wait_no_connections(running: ServerThread, seconds: float) -> float:
+    started = time.monotonic()
+    while running.server.server_state.connections:
+        assert time.monotonic() - started < seconds, "the server still holds the connection"
+        time.sleep(0.05)
+    return time.monotonic() - started
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> float:
@@ -79,14 +109,14 @@ def _closed_within(sock: socket.socket, seconds: float) -> float:
     "first", [b"", b"GET /small HTTP/1.1\r\nHost: x\r\n"], ids=["nothing", "half a head"]
 )
 def test_a_request_head_that_never_completes_is_closed(first: bytes) -> None:
-    with _serve(QuickDeadlines) as (host, port, _), socket.create_connection((host, port)) as idle:
+    with _serve(QuickDeadlines) as (host, port, _, _), socket.create_connection((host, port)) as idle:
         if first:
             idle.sendall(first)
         assert _closed_within(idle, 10) < 5
 
 
 def test_the_head_deadline_applies_after_each_response_and_not_to_working_clients() -> None:
-    with _serve(QuickDeadlines) as (host, port, _), socket.create_connection((host, port)) as sock:
+    with _serve(QuickDeadlines) as (host, port, _, _), socket.create_connection((host, port)) as sock:
         for _ in range(3):  # a client that keeps sending requests keeps its connection
             sock.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
             answer = b""
@@ -102,14 +132,14 @@ def test_without_the_deadline_such_a_connection_stays_open() -> None:
     class NoDeadline(DeadlineHttpProtocol):
         head_timeout_s = 3600.0
 
-    with _serve(NoDeadline) as (host, port, _), socket.create_connection((host, port)) as idle:
+    with _serve(NoDeadline) as (host, port, _, _), socket.create_connection((host, port)) as idle:
         idle.settimeout(1.5)
         with pytest.raises(TimeoutError):
             idle.recv(1)
 
 
 def test_a_response_left_unread_is_aborted_and_the_request_ends() -> None:
-    with _serve(QuickDeadlines) as (host, port, stats), socket.create_connection((host, port)) as reader:
+    with _serve(QuickDeadlines) as (host, port, stats, _), socket.create_connection((host, port)) as reader:
         reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         reader.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
         deadline = time.monotonic() + 10
@@ -122,11 +152,30 @@ def test_a_response_left_unread_is_aborted_and_the_request_ends() -> None:
             assert http.get("/small").status_code == 200
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
+def test_an_answer_written_in_one_piece_and_left_unread_is_dropped(tls: bool, close: bool) -> None:
+    # Every enclaveml answer is one piece (inference, FL model, /attestation, key broker); over
+    # TLS uvloop passes it to the TCP layer below, and after a Connection: close answer the
+    # transport is closing: in neither case may the client hold it by not reading.
+    head = b"GET /whole HTTP/1.1\r\nHost: x\r\n" + (b"Connection: close\r\n" if close else b"") + b"\r\n"
+    with _serve(QuickDeadlines, tls=tls) as (host, port, _, running), _connect(host, port, tls) as reader:
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.sendall(head)
+        assert _wait_no_connections(running, 10) < 5
+        with httpx.Client(base_url=f"{'https' if tls else 'http'}://{host}:{port}", verify=False) as http:
+            assert http.get("/small").status_code == 200
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
 @pytest.mark.parametrize("path", ["/big", "/whole"])
-def test_a_reader_that_keeps_reading_gets_the_whole_response(path: str) -> None:
-    # Reading /whole takes seconds after the server has finished the response: the head
-    # deadline armed then must not cut it off while it is still being sent.
-    with _serve(QuickDeadlines) as (host, port, _), httpx.Client(base_url=f"http://{host}:{port}") as http:
+def test_a_reader_that_keeps_reading_gets_the_whole_response(path: str, tls: bool) -> None:
+    # Reading /whole takes seconds after the server has finished the response: neither the head
+    # deadline armed then nor the send deadline may cut it off while the client keeps reading.
+    with (
+        _serve(QuickDeadlines, tls=tls) as (host, port, _, _),
+        httpx.Client(base_url=f"{'https' if tls else 'http'}://{host}:{port}", verify=False) as http,
+    ):
         started = time.monotonic()
         with http.stream("GET", path) as answer:
             received = 0
@@ -134,7 +183,7 @@ def test_a_reader_that_keeps_reading_gets_the_whole_response(path: str) -> None:
                 received += len(chunk)
                 time.sleep(0.004)
         assert received == 32 * 1024 * 1024
-        assert time.monotonic() - started > 3 * QuickDeadlines.head_timeout_s
+        assert time.monotonic() - started > 3 * QuickDeadlines.send_timeout_s
 
 
 def test_ratls_servers_use_the_deadline_protocol_and_stop_at_once_beside_an_idle_client() -> None:

@@ -10,21 +10,26 @@ nginx does:
 - ``head_timeout_s`` (nginx's ``client_header_timeout``): a request head must be complete within
   this time of the connection opening or of the previous response having been sent; else the
   connection is closed. The request body has its own idle deadline (:class:`~enclaveml._web.LimitAndCount`).
-- ``send_timeout_s`` (nginx's ``send_timeout``): while the transport holds more of a response
-  than it may (the client reads slower than the server writes), the client must take some of it
-  within each ``send_timeout_s``; else the connection is aborted, the response's pending send
-  returns, and the request ends normally. A slow reader that keeps reading is never cut off.
+- ``send_timeout_s`` (nginx's ``send_timeout``): while an answer is still on its way to the
+  client (whether the app streamed it or wrote it in one piece, over TCP or TLS), the client must
+  take some of it within each ``send_timeout_s``, as the kernel's count of acknowledged bytes
+  shows; else the connection is aborted (buffers dropped; a pending send of the app returns and
+  the request ends normally). A slow reader that keeps reading is never cut off.
 
 At shutdown an idle connection is aborted rather than closed: over TLS a close waits for the
 client's close_notify (uvloop: up to 30 s), and uvicorn's shutdown waits for every connection.
 
-Both are timers armed and cancelled with the events (the send deadline looks at the transport's
-write buffer when it fires), not work per byte.
+Both are one timer per connection at a time, armed with the events (the send deadline reads
+``TCP_INFO`` and ``SIOCOUTQ`` when it is armed and when it fires), not work per byte.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import socket
+import struct
+import termios
 from typing import ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -40,7 +45,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
     _head_timer: asyncio.TimerHandle | None = None
     _send_timer: asyncio.TimerHandle | None = None
-    _unsent = 0  # the transport's write buffer when the send deadline was last armed
+    _acked = 0  # what _delivery() counted as taken when the send deadline was last armed
+    _lost = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -53,26 +59,33 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         idle = not self.pipeline  # a pipelined request waiting already has its head
         super().on_response_complete()
+        self._watch_sending()  # an answer written in one piece may still be going out
         if idle and not self.transport.is_closing():
             self._arm_head_deadline()
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        if self._send_timer is None:
-            self._arm_send_deadline()
-
-    def resume_writing(self) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
-        super().resume_writing()
+        self._watch_sending()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         self._cancel_head_deadline()
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and not self._delivery()[1]:
+            # Idle, everything delivered: abort, not close. Over TLS, close waits (uvloop: up to
+            # 30 s) for a close_notify that an idle keep-alive client may never send, and
+            # uvicorn's shutdown waits for every connection to end.
+            self.transport.abort()
+        else:
+            super().shutdown()  # an answer still going out is finished (under the send deadline)
+
+    # -- the head deadline ---------------------------------------------------------------------
 
     def _arm_head_deadline(self) -> None:
         self._cancel_head_deadline()
@@ -83,36 +96,58 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
 
-    def shutdown(self) -> None:
-        idle = self.cycle is None or self.cycle.response_complete
-        if idle and not self.transport.get_write_buffer_size():
-            # Idle, everything sent: abort, not close. Over TLS, close waits (uvloop: up to 30 s)
-            # for a close_notify that an idle keep-alive client may never send, and uvicorn's
-            # shutdown waits for every connection to end.
-            self.transport.abort()
-        else:
-            super().shutdown()
-
     def _head_late(self) -> None:
         self._head_timer = None
         if self.transport.is_closing():
             return
-        if self.transport.get_write_buffer_size():
+        if self._delivery()[1]:
             # The previous answer is still going out to a slow reader: the send deadline governs.
             self._arm_head_deadline()
             return
         self.transport.abort()  # as in shutdown: no TLS close_notify exchange with this client
 
-    def _arm_send_deadline(self) -> None:
-        self._unsent = self.transport.get_write_buffer_size()
-        self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_late)
+    # -- the send deadline ---------------------------------------------------------------------
+
+    def _delivery(self) -> tuple[int, int]:
+        """(bytes the client has taken, bytes still on their way to it), to watch progress.
+
+        Over TCP, from the kernel: the bytes the peer acknowledged (``TCP_INFO``'s
+        ``tcpi_bytes_acked``, Linux 4.1+) and those in the socket's send queue (``SIOCOUTQ``),
+        plus what the transport still buffers. The kernel is the only place that sees an answer
+        of any size: uvloop's TLS layer hands an answer written in one piece to the TCP transport
+        below it, whose buffer the TLS transport does not report, and while that buffer is
+        non-empty the send queue is too. Elsewhere (Unix sockets), from the transport's buffer.
+        """
+        buffered = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+            acked = int(struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0])
+            queued = int(struct.unpack("=i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0])
+        except (AttributeError, OSError, ValueError, struct.error):
+            return -buffered, buffered
+        return acked, queued + buffered
+
+    def _watch_sending(self) -> None:
+        """Arm the send deadline unless it is armed already (one timer per connection)."""
+        if self._send_timer is None and not self._lost:
+            self._acked = self._delivery()[0]
+            self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_late)
 
     def _send_late(self) -> None:
         self._send_timer = None
-        if self.transport.is_closing():
+        if self._lost:
             return
-        if self.transport.get_write_buffer_size() < self._unsent:
-            self._arm_send_deadline()  # the client took some: it is reading, if slowly
+        acked, pending = self._delivery()
+        if not pending:
+            return  # all delivered: nothing to watch until the next answer
+        if acked > self._acked:
+            self._watch_sending()  # the client took some: it is reading, if slowly
             return
-        # abort, not close: close would wait to flush what the client is not reading.
+        # abort, not close: close would wait to flush what the client is not reading (also for
+        # a connection already closing, after a Connection: close answer or a rejection).
         self.transport.abort()
+
+
+_TCP_INFO_SIZE = 256
+_TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux's struct tcp_info
