@@ -1,9 +1,10 @@
-"""Exact CBOR decoding: one item and nothing after it.
+"""Strict CBOR decoding: one item, nothing after it, no duplicate map keys, definite lengths.
 
-``cbor2.loads`` decodes the first item of its input and ignores any bytes that follow, so two
-different byte strings (an item, and the item followed by junk) decode to the same value. Where
-the bytes are what is bound (a hash over RA-TLS claims, evidence envelopes, answers checked
-against a nonce), a decoder must accept exactly one encoding of what it returns.
+``cbor2.loads`` decodes the first item of its input and ignores any bytes that follow, keeps the
+last of duplicate map keys, and accepts indefinite-length items, so many different byte strings
+decode to the same value. Where the bytes are what is bound (a hash over RA-TLS claims, evidence
+envelopes, answers checked against a nonce), those variants are refused. (Integers in a longer
+form than needed are still accepted: cbor2 has no check for it.)
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ __all__ = ["loads_exact"]
 
 
 def loads_exact(data: bytes) -> Any:
-    """Decode one CBOR item that spans all of ``data``.
+    """Decode one CBOR item that spans all of ``data`` (see the module docstring).
 
-    :raises cbor2.CBORDecodeError: bytes follow the item (and whatever ``cbor2`` raises on
-        malformed input, as ``cbor2.loads`` does).
+    :raises cbor2.CBORDecodeError: bytes follow the item, a map repeats a key, an item has an
+        indefinite length (and whatever ``cbor2`` raises on malformed input, as ``loads`` does).
     """
     stream = io.BytesIO(data)
-    value = cbor2.CBORDecoder(stream).decode()
+    value = cbor2.CBORDecoder(stream, allow_duplicate_keys=False, allow_indefinite=False).decode()
     if stream.tell() != len(data):
         raise cbor2.CBORDecodeError(f"{len(data) - stream.tell()} bytes follow the CBOR item")
     return value

@@ -107,6 +107,23 @@ def test_claims_or_evidence_with_bytes_after_the_cbor_item_are_refused(
         verify_key_binding(honest + b"\x00", public_key_spki=spki, verifier=sim_verifier, policy=sim_policy)
 
 
+def test_claims_with_a_repeated_key_or_an_indefinite_length_are_refused(
+    key, sim_provider, sim_verifier, sim_policy
+) -> None:
+    spki = spki_der(key.public_key())
+    good = cbor2.dumps([1, hashlib.sha256(spki).digest()])
+    other = cbor2.dumps([1, hashlib.sha256(b"someone else").digest()])
+    # {"pubkey-hash": other, "pubkey-hash": good}: cbor2 would keep the last entry.
+    name = cbor2.dumps("pubkey-hash")
+    repeated = b"\xa2" + name + cbor2.dumps(other) + name + cbor2.dumps(good)
+    indefinite = b"\xbf" + name + cbor2.dumps(good) + b"\xff"
+    for claims_bytes in (repeated, indefinite):
+        evidence = sim_provider.collect(ratls_report_data(claims_bytes))
+        tagged = cbor2.dumps(cbor2.CBORTag(_TAG_BY_TEE[evidence.tee], [evidence.data, claims_bytes]))
+        with pytest.raises(VerificationError, match="not valid CBOR"):
+            verify_key_binding(tagged, public_key_spki=spki, verifier=sim_verifier, policy=sim_policy)
+
+
 @pytest.mark.parametrize(("evidence", "endorsements"), [(5, None), ("text", None), (b"x", 7), (b"x", [b"y"])])
 def test_evidence_and_endorsements_of_the_wrong_type_are_verification_errors(
     evidence: object, endorsements: object, key, sim_verifier, sim_policy

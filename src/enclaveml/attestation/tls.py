@@ -145,16 +145,16 @@ def attest_server(
     timeout: float = 10.0,
 ) -> AttestedServer:
     """Fetch the RA-TLS certificate of ``https://host:port``, verify and appraise it, and pin it."""
-    parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname:
-        raise ConfigurationError(f"RA-TLS servers are reached over https://host:port, got {url!r}")
     try:
-        port = parts.port or 443
-    except ValueError as exc:  # out of range or not a number
-        raise ConfigurationError(f"bad port in {url!r}: {exc}") from None
-    der = fetch_peer_certificate(parts.hostname, port, timeout=timeout)
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port or 443
+    except ValueError as exc:  # a bad port, an unclosed or invalid [IPv6] host
+        raise ConfigurationError(f"bad server URL {url!r}: {exc}") from None
+    if parts.scheme != "https" or not host:
+        raise ConfigurationError(f"RA-TLS servers are reached over https://host:port, got {url!r}")
+    der = fetch_peer_certificate(host, port, timeout=timeout)
     peer = verify_ratls_certificate(der, verifier=verifier, policy=policy, now=now)
-    return AttestedServer(f"https://{url_host(parts.hostname)}:{port}", peer)
+    return AttestedServer(f"https://{url_host(host)}:{port}", peer)
 
 
 class AttestedSession:

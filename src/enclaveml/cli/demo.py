@@ -22,7 +22,7 @@ import uvicorn
 from rich.table import Table
 
 from enclaveml._files import write_atomically
-from enclaveml._web import start_in_thread
+from enclaveml._web import DeadlineHttpProtocol, start_in_thread
 from enclaveml.attestation import (
     AllOf,
     DebugMode,
@@ -83,7 +83,14 @@ def _broker(workdir: Path, verifier: EvidenceVerifier) -> Iterator[tuple[str, Pa
     # The broker's TLS key stays in memory (an anonymous memory file), as in `kbs serve`.
     with in_memory_key_files(made.certificate_pem, made.private_key_pem) as (_, key):
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, ssl_certfile=str(cert), ssl_keyfile=key, log_level="warning"
+            app,
+            host="127.0.0.1",
+            port=0,
+            ssl_certfile=str(cert),
+            ssl_keyfile=key,
+            log_level="warning",
+            loop="uvloop",
+            http=DeadlineHttpProtocol,
         )
         running = start_in_thread(config, name="enclaveml-demo-kbs")
     try:
