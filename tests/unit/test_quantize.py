@@ -412,7 +412,8 @@ def test_a_model_onnx_runtime_cannot_shape_leaves_no_copy_in_the_working_directo
     to_onnx: Callable[..., onnx.ModelProto] = importlib.import_module("skl2onnx").to_onnx
     x = np.concatenate([digits.calibration, digits.eval_x])
     y = np.concatenate([np.arange(len(digits.calibration)) % 10, digits.eval_y])
-    with threadpoolctl.threadpool_limits(1):
+    with warnings.catch_warnings(), threadpoolctl.threadpool_limits(1):
+        warnings.simplefilter("ignore", sklearn_exceptions.ConvergenceWarning)  # any fit will do
         clf = sklearn_linear.LogisticRegression(max_iter=50).fit(x, y)
     model = tmp_path / "linear.onnx"
     onnx.save(to_onnx(clf, x[:1], options={"zipmap": False}, target_opset=17), str(model))
