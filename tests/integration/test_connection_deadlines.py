@@ -27,6 +27,7 @@ from enclaveml.kms._tlscert import self_signed_certificate
 class QuickDeadlines(DeadlineHttpProtocol):
     head_timeout_s = 0.5
     send_timeout_s = 0.5
+    min_send_rate = 4 * 1024 * 1024  # scaled with the deadlines: the steady readers take ~16 MB/s
 
 
 def _app() -> tuple[FastAPI, ServingStats]:
@@ -57,7 +58,7 @@ def _app() -> tuple[FastAPI, ServingStats]:
 
 @contextlib.contextmanager
 def _serve(
-    protocol: type[DeadlineHttpProtocol], *, tls: bool = False
+    protocol: type[DeadlineHttpProtocol], *, tls: bool = False, keep_alive_s: float = 5
 ) -> Iterator[tuple[str, int, ServingStats, ServerThread]]:
     app, stats = _app()
     with contextlib.ExitStack() as stack:
@@ -67,8 +68,9 @@ def _serve(
             cert, key = stack.enter_context(in_memory_key_files(made.certificate_pem, made.private_key_pem))
             files = {"ssl_certfile": cert, "ssl_keyfile": key}
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, loop="uvloop", http=protocol, log_level="warning", **files
-        )
+            app, host="127.0.0.1", port=0, loop="uvloop", http=protocol, log_level="warning",
+            timeout_keep_alive=keep_alive_s, **files,
+        )  # fmt: skip
         running = start_in_thread(config, name="test-deadlines", startup_timeout=15)
     try:
         host, port = running.url.split("://")[1].split(":")
@@ -165,6 +167,41 @@ def test_an_answer_written_in_one_piece_and_left_unread_is_dropped(tls: bool, cl
         assert _wait_no_connections(running, 10) < 5
         with httpx.Client(base_url=f"{'https' if tls else 'http'}://{host}:{port}", verify=False) as http:
             assert http.get("/small").status_code == 200
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_a_reader_taking_a_little_each_period_is_dropped(tls: bool) -> None:
+    # Some progress in every period, far below min_send_rate: it would hold the answer for weeks.
+    with _serve(QuickDeadlines, tls=tls) as (host, port, _, running), _connect(host, port, tls) as reader:
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+        reader.sendall(b"GET /whole HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader.settimeout(5)
+        assert reader.recv(4096)  # the answer is on its way
+        started = time.monotonic()
+        with contextlib.suppress(OSError):  # reset, or the TLS stream cut
+            while running.server.server_state.connections and time.monotonic() - started < 6:
+                reader.recv(16384)  # progress in every period, at ~0.8 MB/s
+                time.sleep(0.02)
+        assert not running.server.server_state.connections
+        assert time.monotonic() - started < 5
+
+
+def test_the_keep_alive_close_waits_while_an_answer_is_going_out() -> None:
+    # Over TLS a close starts uvloop's 30 s shutdown timer, which would cut a slow download.
+    with (
+        _serve(QuickDeadlines, tls=True, keep_alive_s=0.3) as (host, port, _, running),
+        httpx.Client(base_url=f"https://{host}:{port}", verify=False) as http,
+        http.stream("GET", "/whole") as answer,
+    ):
+        received, closing_seen = 0, False
+        started = time.monotonic()
+        for chunk in answer.iter_bytes(64 * 1024):
+            received += len(chunk)
+            time.sleep(0.004)
+            if time.monotonic() - started > 1:  # well past the keep-alive timeout
+                closing_seen |= any(c.transport.is_closing() for c in running.server.server_state.connections)
+        assert received == 32 * 1024 * 1024
+        assert not closing_seen
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])

@@ -14,7 +14,14 @@ nginx does:
   client (whether the app streamed it or wrote it in one piece, over TCP or TLS), the client must
   take some of it within each ``send_timeout_s``, as the kernel's count of acknowledged bytes
   shows; else the connection is aborted (buffers dropped; a pending send of the app returns and
-  the request ends normally). A slow reader that keeps reading is never cut off.
+  the request ends normally); and since the answer began going out it must average
+  ``min_send_rate`` (1 KiB/s), or a client reading a few bytes per period would hold it for
+  weeks. A reader that keeps taking data (acknowledged at least once per ``send_timeout_s``: a
+  very large receive buffer read very slowly may acknowledge less often, as with nginx) is not
+  cut off by these deadlines, and uvicorn's keep-alive close waits until its answer is delivered.
+  (Over TLS, an answer still going out when uvicorn closes the connection on purpose, after a
+  ``Connection: close`` or HTTP/1.0 request or at shutdown, is cut off by uvloop's 30 s TLS
+  shutdown timeout.)
 
 At shutdown an idle connection is aborted rather than closed: over TLS a close waits for the
 client's close_notify (uvloop: up to 30 s), and uvicorn's shutdown waits for every connection.
@@ -42,10 +49,13 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
     head_timeout_s: ClassVar[float] = 30.0
     send_timeout_s: ClassVar[float] = 60.0
+    min_send_rate: ClassVar[float] = 1024.0  # bytes/s an answer's reader must average
 
     _head_timer: asyncio.TimerHandle | None = None
     _send_timer: asyncio.TimerHandle | None = None
     _acked = 0  # what _delivery() counted as taken when the send deadline was last armed
+    _watch_since: float | None = None  # when the current stretch of sending began (loop time)
+    _acked_since = 0  # what _delivery() counted as taken then
     _lost = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -74,6 +84,16 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
             self._send_timer.cancel()
             self._send_timer = None
         super().connection_lost(exc)
+
+    def timeout_keep_alive_handler(self) -> None:
+        if self._delivery()[1]:
+            # The last answer is still going out (a slow reader): closing now would, over TLS,
+            # start uvloop's 30 s shutdown timer and cut it off. The send deadline governs.
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+            return
+        super().timeout_keep_alive_handler()
 
     def shutdown(self) -> None:
         idle = self.cycle is None or self.cycle.response_complete
@@ -132,6 +152,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         """Arm the send deadline unless it is armed already (one timer per connection)."""
         if self._send_timer is None and not self._lost:
             self._acked = self._delivery()[0]
+            if self._watch_since is None:
+                self._watch_since, self._acked_since = self.loop.time(), self._acked
             self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_late)
 
     def _send_late(self) -> None:
@@ -140,10 +162,16 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
             return
         acked, pending = self._delivery()
         if not pending:
+            self._watch_since = None
             return  # all delivered: nothing to watch until the next answer
-        if acked > self._acked:
+        since = self._watch_since if self._watch_since is not None else self.loop.time()
+        steady = acked - self._acked_since >= self.min_send_rate * (self.loop.time() - since)
+        if acked > self._acked and steady:
             self._watch_sending()  # the client took some: it is reading, if slowly
             return
+        # A client taking a few bytes per period (a small receive buffer read now and then)
+        # would hold the answer for weeks: it must also average min_send_rate since the answer
+        # began going out.
         # abort, not close: close would wait to flush what the client is not reading (also for
         # a connection already closing, after a Connection: close answer or a rejection).
         self.transport.abort()

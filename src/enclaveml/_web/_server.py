@@ -100,6 +100,7 @@ def uvicorn_config(
             ssl_keyfile=keyfile,
             loop="uvloop",
             http=DeadlineHttpProtocol,
+            timeout_graceful_shutdown=30,  # then running requests are cancelled, connections dropped
             log_level="warning",
             access_log=False,
         )

@@ -348,8 +348,7 @@ def run_broker(
             raise ConfigurationError(f"broker TLS {what} file {path} does not exist")
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= _MAX_WORKERS:
         raise ConfigurationError(f"workers must be between 1 and {_MAX_WORKERS}")
-    in_memory = str(keyfile).startswith("/proc/self/fd/")  # an anonymous memory file: no one else's
-    if not in_memory and os.stat(keyfile).st_mode & 0o004:
+    if not _is_memfd(keyfile) and os.stat(keyfile).st_mode & 0o004:
         _log.warning("broker TLS private key %s is world-readable; chmod 600 it", keyfile)
     app = create_app(config)  # in the parent too: a wrong root key fails before any fork
 
@@ -368,6 +367,7 @@ def run_broker(
             ssl_context_factory=tls_context,
             loop="uvloop",
             http=DeadlineHttpProtocol,  # request heads and unread responses have deadlines
+            timeout_graceful_shutdown=30,  # then running requests are cancelled, connections dropped
             lifespan="on",
             proxy_headers=False,  # the audit and logs must show the real peer, not a claimed one
             server_header=False,
@@ -384,6 +384,14 @@ def run_broker(
         _supervise(lambda: _serve(uvicorn.Server(server_config(create_app(config))), sock), workers)
     finally:
         sock.close()
+
+
+def _is_memfd(path: str | Path) -> bool:
+    """Whether ``path`` is an anonymous memory file (``/proc/self/fd/N`` of a memfd): no one else's."""
+    try:
+        return os.readlink(path).startswith("/memfd:")
+    except OSError:
+        return False
 
 
 def _serve(server: uvicorn.Server, sock: socket.socket | None) -> None:
