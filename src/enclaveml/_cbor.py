@@ -3,8 +3,9 @@
 ``cbor2.loads`` decodes the first item of its input and ignores any bytes that follow, keeps the
 last of duplicate map keys, and accepts indefinite-length items, so many different byte strings
 decode to the same value. Where the bytes are what is bound (a hash over RA-TLS claims, evidence
-envelopes, answers checked against a nonce), those variants are refused. (Integers in a longer
-form than needed are still accepted: cbor2 has no check for it.)
+envelopes, answers checked against a nonce), those variants are refused. (Other alternative
+encodings still decode, which cbor2 has no check for: map key order, integer and float widths,
+bignum and shared-reference tags.)
 """
 
 from __future__ import annotations
