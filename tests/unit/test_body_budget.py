@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from enclaveml._web._limits import LimitAndCount, ServingStats, charge_body_bytes
+from enclaveml.errors import ConfigurationError
 
 
 def _middleware(app: Any, *, budget: int, limit: int = 100) -> LimitAndCount:
@@ -132,7 +133,7 @@ def test_a_request_alone_is_admitted_whatever_it_charges_and_derived_buffers_cou
 
 
 def test_the_budget_cannot_be_smaller_than_one_request() -> None:
-    with pytest.raises(ValueError, match="at least max_request_bytes"):
+    with pytest.raises(ConfigurationError, match="at least max_request_bytes"):
         _middleware(lambda *a: None, budget=99, limit=100)
 
 

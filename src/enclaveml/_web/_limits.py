@@ -38,6 +38,8 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from enclaveml.errors import ConfigurationError
+
 __all__ = ["LimitAndCount", "RouteStats", "ServingStats", "charge_body_bytes"]
 
 UNMATCHED = "<unmatched>"
@@ -142,7 +144,7 @@ class LimitAndCount:
         max_bytes_in_flight: int | None = None,
     ) -> None:
         if max_bytes_in_flight is not None and max_bytes_in_flight < max_request_bytes:
-            raise ValueError("max_bytes_in_flight must be at least max_request_bytes")
+            raise ConfigurationError("max_bytes_in_flight must be at least max_request_bytes")
         self.app = app
         self._too_large = too_large
         self._stats = stats

@@ -54,8 +54,7 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
     _head_timer: asyncio.TimerHandle | None = None
     _send_timer: asyncio.TimerHandle | None = None
     _acked = 0  # what _delivery() counted as taken when the send deadline was last armed
-    _watch_since: float | None = None  # when the current stretch of sending began (loop time)
-    _acked_since = 0  # what _delivery() counted as taken then
+    _stretch: tuple[float, int] | None = None  # (loop time, taken) when this stretch of sending began
     _lost = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -152,8 +151,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         """Arm the send deadline unless it is armed already (one timer per connection)."""
         if self._send_timer is None and not self._lost:
             self._acked = self._delivery()[0]
-            if self._watch_since is None:
-                self._watch_since, self._acked_since = self.loop.time(), self._acked
+            if self._stretch is None:
+                self._stretch = (self.loop.time(), self._acked)
             self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_late)
 
     def _send_late(self) -> None:
@@ -161,11 +160,11 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         if self._lost:
             return
         acked, pending = self._delivery()
-        if not pending:
-            self._watch_since = None
+        if not pending or self._stretch is None:
+            self._stretch = None
             return  # all delivered: nothing to watch until the next answer
-        since = self._watch_since if self._watch_since is not None else self.loop.time()
-        steady = acked - self._acked_since >= self.min_send_rate * (self.loop.time() - since)
+        began, acked_then = self._stretch
+        steady = acked - acked_then >= self.min_send_rate * (self.loop.time() - began)
         if acked > self._acked and steady:
             self._watch_sending()  # the client took some: it is reading, if slowly
             return

@@ -73,7 +73,7 @@ def _broker(workdir: Path, verifier: EvidenceVerifier) -> Iterator[tuple[str, Pa
     """A key broker on 127.0.0.1 over HTTPS; yields (url, CA certificate to pin, admin token)."""
     cert = workdir / "kbs-cert.pem"
     made = self_signed_certificate()
-    cert.write_bytes(made.certificate_pem)
+    made.write_certificate(cert)
     app = create_app(
         BrokerConfig(db_path=workdir / "kbs" / "kbs.db", root_key=RootKey.generate(), verifier=verifier)
     )

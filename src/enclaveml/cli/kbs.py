@@ -422,7 +422,6 @@ def serve(
     """Run the key broker over HTTPS until interrupted."""
     import contextlib
 
-    from enclaveml._files import write_atomically
     from enclaveml.attestation.tls import in_memory_key_files
     from enclaveml.kms._rootkey import load_root_key
     from enclaveml.kms._tlscert import self_signed_certificate
@@ -446,11 +445,7 @@ def serve(
                 certfile = cert_out or db.resolve().parent / "kbs-cert.pem"
                 names, ips = _certificate_names(host)
                 made = self_signed_certificate(hostnames=names, ip_addresses=ips)
-                try:
-                    certfile.parent.mkdir(parents=True, exist_ok=True)
-                    write_atomically(certfile, made.certificate_pem, mode=0o644)
-                except OSError as exc:
-                    raise ConfigurationError(f"cannot write {certfile}: {exc.strerror}") from exc
+                made.write_certificate(certfile)
                 # The self-signed key lives only in this process's memory (an anonymous memory
                 # file for uvicorn to load), never on disk, however the process ends.
                 _, memory_key = stack.enter_context(

@@ -33,6 +33,10 @@ class SelfSignedCertificate:
     private_key_pem: bytes = field(repr=False)
     fingerprint: str  # SHA-256 of the DER certificate, hex
 
+    def write_certificate(self, path: str | Path) -> None:
+        """Write the certificate (public: what clients pin) atomically, mode 0644."""
+        _write(Path(path), self.certificate_pem, 0o644)
+
 
 def create_self_signed_certificate(
     cert_path: str | Path,
@@ -48,7 +52,7 @@ def create_self_signed_certificate(
     """
     made = self_signed_certificate(hostnames=hostnames, ip_addresses=ip_addresses, days=days)
     _write(Path(key_path), made.private_key_pem, 0o600)
-    _write(Path(cert_path), made.certificate_pem, 0o644)
+    made.write_certificate(cert_path)
     return made.fingerprint
 
 
