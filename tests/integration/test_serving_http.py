@@ -468,6 +468,36 @@ def test_bodies_in_flight_share_one_budget_and_a_request_past_it_gets_503(
         assert stats.status_count(500) == 0
 
 
+def test_a_client_that_writes_its_whole_body_before_reading_gets_the_503(
+    digits: tuple[bytes, np.ndarray],
+) -> None:
+    import socket
+
+    model = OnnxModel.from_bytes("digits", digits[0], intra_op_threads=1)
+    app = create_app(
+        {"digits": model}, max_request_bytes=1 << 20, max_body_bytes_in_flight=1 << 20, body_timeout_s=10
+    )
+    head = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    with serve(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as holder:
+            holder.sendall(head + b"Content-Length: 1048576\r\n\r\n" + b" " * 600_000)
+            time.sleep(0.3)  # 600 000 bytes held; the next body passes the budget part way
+            with socket.create_connection((host, int(port)), timeout=10) as writer:
+                writer.sendall(head + b"Content-Length: 1000000\r\n\r\n" + b" " * 1_000_000)  # all, then read
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    answer += writer.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 503")
+                # The connection is still usable: the rest of the refused body was read and dropped.
+                writer.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = b""
+                while b"HTTP/1.1 200" not in answer:
+                    chunk = writer.recv(4096)
+                    assert chunk, answer
+                    answer += chunk
+
+
 def test_a_decompressed_body_counts_against_the_budget(digits: tuple[bytes, np.ndarray]) -> None:
     import socket
 

@@ -13,9 +13,10 @@ closed request"), not as a server error.
 
 With ``max_bytes_in_flight``, the bodies of all requests being received or served at once share
 one budget: a request whose body would take it past the budget is answered 503 with Retry-After
-(connection closed), so many clients uploading at once cannot make the server buffer more than
-that. Bytes are charged as they arrive (a client must send them to hold them) and held until the
-request ends; the app can charge buffers it derives from the body (a decompressed copy) through
+(the rest of its body is read and dropped, so the client sees the answer), so many clients
+uploading at once cannot make the server buffer more than that. Bytes are charged as they arrive
+(a client must send them to hold them) and held until the request ends; the app can charge
+buffers it derives from the body (a decompressed copy) through
 :func:`charge_body_bytes`. A request alone in the server is always admitted.
 
 :class:`ServingStats` records, per route template, the requests, the body bytes received and the
@@ -252,9 +253,14 @@ class LimitAndCount:
                     if responded:
                         raise
                     status = 503
+                    # The connection stays open: uvicorn reads and drops the rest of this body (at
+                    # most max_request_bytes, charged to no one) before the next request. Closing
+                    # with it unread would reset the connection, and a client that writes its
+                    # whole body before reading would never see this answer.
                     await _reject(
-                        send, 503, "the server is receiving too much data at once; retry later", retry_after=1
-                    )
+                        send, 503, "the server is receiving too much data at once; retry later",
+                        retry_after=1, keep_connection=True,
+                    )  # fmt: skip
                 except (_BodyTimeout, asyncio.CancelledError) as exc:
                     # (A cancellation by the deadline timer outside a read of the body ends here too.)
                     timed_out = isinstance(exc, _BodyTimeout) or deadline_cancelled()
@@ -285,14 +291,14 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _reject(send: Send, status: int, message: str, retry_after: int | None = None) -> None:
+async def _reject(
+    send: Send, status: int, message: str, retry_after: int | None = None, *, keep_connection: bool = False
+) -> None:
     body = json.dumps({"error": message}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        # The unread body is still on the wire: do not reuse this connection.
-        (b"connection", b"close"),
-    ]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if not keep_connection:
+        # The unread body is still on the wire (or never comes): do not reuse this connection.
+        headers.append((b"connection", b"close"))
     if retry_after is not None:
         headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
