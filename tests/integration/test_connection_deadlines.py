@@ -45,6 +45,10 @@ def _app() -> tuple[FastAPI, ServingStats]:
     async def whole() -> Response:  # 32 MiB in one send: the response is complete at once
         return Response(chunk * 32, media_type="application/octet-stream")
 
+    @app.get("/whole-48")
+    async def whole_48() -> Response:
+        return Response(chunk * 48, media_type="application/octet-stream")
+
     @app.get("/big")
     async def large() -> StreamingResponse:  # 32 MiB, one send per MiB: each waits for the client
         return StreamingResponse(iter([chunk] * 32), media_type="application/octet-stream")
@@ -250,3 +254,29 @@ def test_ratls_servers_use_the_deadline_protocol_and_stop_at_once_beside_an_idle
             assert not running.thread.is_alive()
     finally:
         running.stop(15)
+
+
+def test_a_tls_answer_closed_after_connection_close_is_delivered_to_a_slow_reader() -> None:
+    # uvloop starts a 30 s TLS shutdown timer at the close and then drops what its TCP transport
+    # still buffers (what the kernel holds is still delivered): an answer read at 0.2 MB/s after
+    # a Connection: close request ended silently after ~10 MB. The close now waits until the
+    # answer is delivered (under the send deadline).
+    class Patient(DeadlineHttpProtocol):
+        send_timeout_s = 5
+        min_send_rate = 256 * 1024
+
+    rate = 1.25 * 1024 * 1024  # ~37 MiB read when the timer would fire, ~11 still to come
+    with _serve(Patient, tls=True) as (host, port, _, running), _connect(host, port, True) as reader:
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        reader.sendall(b"GET /whole-48 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reader.settimeout(10)
+        received, started = b"", time.monotonic()
+        while data := reader.recv(65536):
+            received += data
+            time.sleep(max(0.0, started + len(received) / rate - time.monotonic()))
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert b"content-length: 50331648" in head.lower()
+        assert len(body) == 48 * 1024 * 1024
+        assert time.monotonic() - started > 31  # past uvloop's shutdown timeout
+        reader.close()  # the server's close_notify came after the answer: it closed when delivered
+        _wait_no_connections(running, 10)
