@@ -7,6 +7,7 @@ Requests are built from docs/kbs-protocol.md with plain httpx and the cryptograp
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -731,6 +732,36 @@ def test_canary_key_material_never_in_database_logs_or_error_bodies(
             assert form not in stored
             assert form not in logs
             assert form not in bodies
+
+
+def test_a_trickled_request_body_gets_408_once_below_the_minimum_rate(
+    env: Env, strict: InProcessBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte now and then, each within the idle deadline, must not hold a broker connection."""
+    from enclaveml.kms import server as kms_server
+
+    monkeypatch.setattr(kms_server, "DEFAULT_BODY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(kms_server, "DEFAULT_MIN_BODY_RATE", 100.0)
+    host, port = strict.url.removeprefix("https://").split(":")
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        env.trust().wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        tls.sendall(
+            b"POST /v1/challenge HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n"
+        )
+        started = time.monotonic()
+        tls.settimeout(0.2)
+        answer = b""
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            while time.monotonic() - started < 8 and not answer.endswith(b"}"):
+                tls.sendall(b" ")  # 10 bytes/s: the 100-byte body would take 10 s
+                with contextlib.suppress(TimeoutError):
+                    answer += tls.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - started < 3
+    assert b"100 bytes/s" in answer
 
 
 def test_a_stalled_request_body_gets_408_and_its_connection_closed(

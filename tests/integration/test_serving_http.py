@@ -584,7 +584,7 @@ def test_a_slow_body_that_keeps_arriving_is_not_cut_off(digits: tuple[bytes, np.
     import socket
 
     model = OnnxModel.from_bytes("digits", digits[0], intra_op_threads=1)
-    app = create_app({"digits": model}, body_timeout_s=0.5)
+    app = create_app({"digits": model}, body_timeout_s=0.5, min_body_rate=100)
     body = json.dumps(json_request(digits[1][:1])).encode()
     with serve(app) as url:
         host, port = url.removeprefix("http://").split(":")

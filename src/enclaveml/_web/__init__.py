@@ -7,9 +7,12 @@ and the vertical-FL server use it; applications use those packages instead.
 from enclaveml._web._attestation import add_bound_attestation_route
 from enclaveml._web._limits import (
     DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MIN_BODY_RATE,
     LimitAndCount,
     RouteStats,
     ServingStats,
+    body_read_timeout,
+    body_timeout_message,
     charge_body_bytes,
 )
 from enclaveml._web._protocol import DeadlineHttpProtocol
@@ -17,6 +20,7 @@ from enclaveml._web._server import (
     RunningServer,
     ServerThread,
     attestation_hook,
+    raise_open_file_limit,
     serve_ratls_app,
     start_in_thread,
     uvicorn_config,
@@ -24,6 +28,7 @@ from enclaveml._web._server import (
 
 __all__ = [
     "DEFAULT_BODY_TIMEOUT_S",
+    "DEFAULT_MIN_BODY_RATE",
     "DeadlineHttpProtocol",
     "LimitAndCount",
     "RouteStats",
@@ -32,7 +37,10 @@ __all__ = [
     "ServingStats",
     "add_bound_attestation_route",
     "attestation_hook",
+    "body_read_timeout",
+    "body_timeout_message",
     "charge_body_bytes",
+    "raise_open_file_limit",
     "serve_ratls_app",
     "start_in_thread",
     "uvicorn_config",

@@ -5,11 +5,15 @@ a byte of the body. It answers 413 from ``Content-Length`` alone when that is to
 is never read), and otherwise counts body bytes as the application receives them, raising the
 app's own "too large" error (``too_large(message)``, answered 413 by the app) the moment a
 streamed body (no ``Content-Length``) passes the limit. A body must also keep arriving: no chunk
-may take longer than ``body_timeout_s`` after the previous read (408, connection closed), or a
-client that sends all but the last byte of a large body and then waits would hold the buffered
-bytes and its connection for ever; a large upload on a slow link that keeps progressing is never
-cut off. A client that disconnects before its body arrived is counted under 499 (nginx's "client
-closed request"), not as a server error.
+may take longer than ``body_timeout_s`` after the previous read, and after its first
+``body_timeout_s`` the body must average ``min_body_rate`` (1 KiB/s: each byte received buys
+1/``min_body_rate`` s more, as Apache's ``mod_reqtimeout`` MinRate), else 408 and the connection
+closed. Without the first rule a client that sends all but the last byte of a large body and then
+waits would hold the buffered bytes and its connection for ever; without the second, one that
+sends a byte every 59 s would (a few thousand such connections exhaust the server's file
+descriptors). An upload on a slow link that keeps above the rate is never cut off. A client
+that disconnects before its body arrived is counted under 499 (nginx's "client closed
+request"), not as a server error.
 
 With ``max_bytes_in_flight``, the bodies of all requests being received or served at once share
 one budget: a request whose body would take it past the budget is answered 503 with Retry-After
@@ -108,6 +112,22 @@ class ServingStats:
 
 
 DEFAULT_BODY_TIMEOUT_S = 60.0
+DEFAULT_MIN_BODY_RATE = 1024.0  # bytes/s a request body must average after its first body_timeout_s
+
+
+def body_read_timeout(
+    first_read: float, received: int, now: float, *, idle_s: float, min_rate: float
+) -> float:
+    """How long the next read of a request body may wait (<= 0: the body is already too slow).
+
+    At most ``idle_s`` after the previous read, and no later than ``idle_s`` after the first read
+    plus 1/``min_rate`` s for every byte received so far.
+    """
+    return min(idle_s, first_read + idle_s + received / min_rate - now)
+
+
+def body_timeout_message(idle_s: float, min_rate: float) -> str:
+    return f"request body too slow (a chunk every {idle_s:g} s, then {min_rate:g} bytes/s on average)"
 
 
 class _BodyTimeout(Exception):
@@ -142,16 +162,20 @@ class LimitAndCount:
         max_request_bytes: int,
         too_large: Callable[[str], Exception],
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+        min_body_rate: float = DEFAULT_MIN_BODY_RATE,
         max_bytes_in_flight: int | None = None,
     ) -> None:
         if max_bytes_in_flight is not None and max_bytes_in_flight < max_request_bytes:
             raise ConfigurationError("max_bytes_in_flight must be at least max_request_bytes")
+        if not min_body_rate > 0:
+            raise ConfigurationError("min_body_rate must be > 0")
         self.app = app
         self._too_large = too_large
         self._stats = stats
         self._routes = routes
         self.max_request_bytes = max_request_bytes
         self.body_timeout_s = body_timeout_s
+        self.min_body_rate = min_body_rate
         self.max_bytes_in_flight = max_bytes_in_flight
         self.bytes_in_flight = 0  # held by the requests now in this app (one event loop: no lock)
 
@@ -166,13 +190,15 @@ class LimitAndCount:
         limit = self.max_request_bytes
         # The body deadline: no body chunk may take longer than body_timeout_s to arrive (an idle
         # timeout, as nginx's client_body_timeout: a large upload on a slow link keeps going while
-        # it progresses), counted from the first read, so the server's own work before reading
+        # it progresses) and the body must keep min_body_rate on average after its first
+        # body_timeout_s, counted from the first read, so the server's own work before reading
         # (a lock, a check) is not charged to the client. One timer per request, moved with each
         # chunk (a timeout around each read would cost a task per chunk), cancels the request
         # task if it is still waiting for the body; the cancellation is taken back exactly once.
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         timer: asyncio.TimerHandle | None = None
+        first_read: float | None = None
         expired = body_done = False
         held = 0  # this request's share of bytes_in_flight
         budget = self.max_bytes_in_flight
@@ -205,12 +231,17 @@ class LimitAndCount:
             return task.uncancel() == 0
 
         async def counting_receive() -> Message:
-            nonlocal received, body_done, timer
+            nonlocal received, body_done, timer, first_read
             if body_done:  # after the body, receive() waits for a disconnect: no deadline
                 return await receive()
             if timer is not None:
                 timer.cancel()
-            timer = loop.call_later(self.body_timeout_s, expire)
+            now = loop.time()
+            first_read = now if first_read is None else first_read
+            wait = body_read_timeout(
+                first_read, received, now, idle_s=self.body_timeout_s, min_rate=self.min_body_rate
+            )
+            timer = loop.call_later(max(wait, 0.0), expire)
             try:
                 message = await receive()
             except asyncio.CancelledError:
@@ -267,7 +298,7 @@ class LimitAndCount:
                     if responded or not timed_out:
                         raise
                     status = 408
-                    await _reject(send, 408, f"request body not received within {self.body_timeout_s:g} s")
+                    await _reject(send, 408, body_timeout_message(self.body_timeout_s, self.min_body_rate))
         finally:
             self.bytes_in_flight -= held
             if timer is not None:

@@ -11,12 +11,17 @@ the tests start uvicorn the same way, so it lives here once:
   (:class:`~enclaveml._web._protocol.DeadlineHttpProtocol`);
 - :func:`attestation_hook` is the ``/attestation?nonce=`` handler of every RA-TLS server: fresh
   evidence bound to the client's nonce and the server's TLS key;
-- :func:`serve_ratls_app` puts the three together and returns a :class:`RunningServer`.
+- :func:`serve_ratls_app` puts the three together and returns a :class:`RunningServer`;
+- :func:`raise_open_file_limit` lifts the process's soft limit on open files to its hard limit
+  (as nginx's ``worker_rlimit_nofile``): the common default of 1024 lets a thousand slow clients
+  take every connection a server can hold; :func:`uvicorn_config` calls it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import resource
 import socket
 import threading
 import time
@@ -38,6 +43,7 @@ __all__ = [
     "RunningServer",
     "ServerThread",
     "attestation_hook",
+    "raise_open_file_limit",
     "serve_ratls_app",
     "start_in_thread",
     "uvicorn_config",
@@ -86,11 +92,30 @@ def start_in_thread(
     return ServerThread(f"{scheme}://{url_host(host)}:{port}", server, thread)
 
 
+_log = logging.getLogger(__name__)
+_MAX_OPEN_FILES = 1 << 20  # where the hard limit is unlimited (the kernel's default nr_open)
+
+
+def raise_open_file_limit() -> int:
+    """Raise ``RLIMIT_NOFILE``'s soft limit to the hard limit; return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:  # e.g. above the kernel's nr_open
+            _log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
+            return soft
+        return target
+    return soft
+
+
 @contextlib.contextmanager
 def uvicorn_config(
     app: FastAPI, ratls: RatlsCertificate, *, host: str, port: int
 ) -> Iterator[uvicorn.Config]:
     """A uvicorn config serving ``app`` with the RA-TLS certificate; the key stays in memory files."""
+    raise_open_file_limit()
     with in_memory_key_files(ratls.certificate_pem, ratls.private_key_pem()) as (certfile, keyfile):
         yield uvicorn.Config(
             app,

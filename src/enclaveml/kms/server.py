@@ -54,7 +54,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from enclaveml._web import DEFAULT_BODY_TIMEOUT_S, DeadlineHttpProtocol
+from enclaveml._web import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MIN_BODY_RATE,
+    DeadlineHttpProtocol,
+    body_read_timeout,
+    body_timeout_message,
+    raise_open_file_limit,
+)
 from enclaveml.attestation import Verifier
 from enclaveml.errors import (
     AuthorizationError,
@@ -253,9 +260,16 @@ class _BodyLimit:
             return
         chunks: list[bytes] = []
         total = 0
+        loop = asyncio.get_running_loop()
+        first_read = loop.time()
         while True:
-            try:  # no chunk may stall longer than the deadline (the inference server's rule too)
-                async with asyncio.timeout(DEFAULT_BODY_TIMEOUT_S):
+            # No chunk may stall longer than the deadline and the body must keep its minimum rate
+            # (the inference server's rules too): a trickled body would hold a connection for ever.
+            wait = body_read_timeout(
+                first_read, total, loop.time(), idle_s=DEFAULT_BODY_TIMEOUT_S, min_rate=DEFAULT_MIN_BODY_RATE
+            )
+            try:
+                async with asyncio.timeout(max(wait, 0.0)):
                     message = await receive()
             except TimeoutError:
                 await _send_json(send, 408, self.limit)
@@ -287,7 +301,8 @@ async def _send_json(send: _Send, status: int, limit: int) -> None:
     if status == 413:
         payload = f'{{"error":"too_large","message":"request body exceeds {limit} bytes"}}'
     elif status == 408:
-        payload = f'{{"error":"timeout","message":"request body stalled for {DEFAULT_BODY_TIMEOUT_S:g} s"}}'
+        message = body_timeout_message(DEFAULT_BODY_TIMEOUT_S, DEFAULT_MIN_BODY_RATE)
+        payload = f'{{"error":"timeout","message":"{message}"}}'
     else:
         payload = '{"error":"bad_request","message":"invalid Content-Length"}'
     body = payload.encode()
@@ -351,6 +366,7 @@ def run_broker(
     if not _is_memfd(keyfile) and os.stat(keyfile).st_mode & 0o004:
         _log.warning("broker TLS private key %s is world-readable; chmod 600 it", keyfile)
     app = create_app(config)  # in the parent too: a wrong root key fails before any fork
+    raise_open_file_limit()  # the workers inherit it
 
     def server_config(served: FastAPI) -> uvicorn.Config:
         def tls_context(cfg: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:

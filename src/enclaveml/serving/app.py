@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from enclaveml import __version__
-from enclaveml._web import DEFAULT_BODY_TIMEOUT_S, LimitAndCount, ServingStats
+from enclaveml._web import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MIN_BODY_RATE, LimitAndCount, ServingStats
 from enclaveml.errors import AttestationError, ConfigurationError
 from enclaveml.serving._batching import (
     BatcherClosedError,
@@ -140,6 +140,7 @@ def create_app(
     queue: RequestQueue | None = None,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     max_body_bytes_in_flight: int | None = None,
+    min_body_rate: float = DEFAULT_MIN_BODY_RATE,
 ) -> FastAPI:
     """Build the OIP inference app.
 
@@ -150,14 +151,17 @@ def create_app(
     ``instances`` batches of a model may run at once (see :class:`DynamicBatcher`).
     With ``queue`` (scale-out), inference is not run here: parsed inputs go through the queue to
     workers (:func:`enclaveml.serving.worker.run_worker`), which batch and run them. A request
-    body may not stall for ``body_timeout_s`` between chunks (408 otherwise), so slow senders
+    body may not stall for ``body_timeout_s`` between chunks, nor average less than
+    ``min_body_rate`` bytes/s after its first ``body_timeout_s`` (408 otherwise), so slow senders
     cannot hold buffered bodies and connections indefinitely. All requests in flight together
     hold at most ``max_body_bytes_in_flight`` bytes of bodies (and their decompressed copies;
     default 32 x ``max_request_bytes``): a request past it is answered 503 with Retry-After,
     so many clients sending at once, or a queue full of large requests, cannot exhaust memory.
     """
-    if max_request_bytes < 1 or request_timeout_s <= 0 or not body_timeout_s > 0:
-        raise ConfigurationError("max_request_bytes must be >= 1, request_timeout_s and body_timeout_s > 0")
+    if max_request_bytes < 1 or request_timeout_s <= 0 or not body_timeout_s > 0 or not min_body_rate > 0:
+        raise ConfigurationError(
+            "max_request_bytes must be >= 1, request_timeout_s, body_timeout_s and min_body_rate > 0"
+        )
     if max_body_bytes_in_flight is None:
         max_body_bytes_in_flight = 32 * max_request_bytes
     if max_body_bytes_in_flight < max_request_bytes:
@@ -213,6 +217,7 @@ def create_app(
         max_request_bytes=max_request_bytes,
         too_large=RequestTooLargeError,
         body_timeout_s=body_timeout_s,
+        min_body_rate=min_body_rate,
         max_bytes_in_flight=max_body_bytes_in_flight,
     )
     # Our errors are answered by ExceptionMiddleware; a handler for bare Exception would sit in
