@@ -312,7 +312,7 @@ def test_a_token_revoked_with_the_cli_is_refused_by_the_running_broker(served: S
     assert {"name": "ops", "scopes": ["keys:read"], "revoked": True} in listed["tokens"]
     with sqlite3.connect(served.db) as conn:
         events = [row[0] for row in conn.execute("SELECT detail FROM audit WHERE event = 'token.revoke'")]
-    assert events == ["ops (by cli)"]
+    assert events == ["by cli: ops"]
 
     assert _cli({}, "kbs", "token", "revoke", "nobody", "--db", db)[0] != 0
     assert _cli({}, "kbs", "token", "list", "--db", db + ".typo")[0] == 3  # no empty database made

@@ -25,6 +25,7 @@ from enclaveml.attestation import (
     UnsafeAllowSimulation,
 )
 from enclaveml.attestation._time import Instant
+from enclaveml.attestation.policy import dump_policy, policy_from_dict
 from enclaveml.attestation.simulation import SimulationKey, SimulationProvider, SimulationVerifier
 from enclaveml.crypto.keys import unwrap_key
 from enclaveml.errors import (
@@ -142,6 +143,28 @@ def test_rotation_keeps_old_versions_releasable(broker: KeyBroker, policy, sim_p
     assert info.policy == policy.to_dict()
 
 
+def test_policy_records_name_the_actor_and_the_whole_policy_however_long_it_is(
+    broker: KeyBroker, sim_provider
+) -> None:
+    # A policy over ~480 characters used to push "(by actor)" and its own end past the 500
+    # characters of a record: a policy:write token could add its workload unattributed.
+    allowed = [bytes([i]) * 32 for i in range(7)]
+    broker.create_key("k", UnsafeAllowSimulation(MeasurementAllowlist(allowed)), actor="owner")
+    widened = UnsafeAllowSimulation(MeasurementAllowlist([*allowed, sim_provider.measurement]))
+    broker.set_policy("k", widened, actor="mallory")
+    records = {r.event: r for r in broker.audit_records(limit=10)}
+    stored = dump_policy(policy_from_dict(broker.get_key("k").policy))
+    assert len(stored) > 500
+    for event, actor, policy_json in [
+        ("key.create", "owner", dump_policy(UnsafeAllowSimulation(MeasurementAllowlist(allowed)))),
+        ("policy.set", "mallory", stored),
+    ]:
+        detail = records[event].detail
+        digest = hashlib.sha256(policy_json.encode()).hexdigest()
+        assert detail.startswith(f"by {actor}: policy sha256:{digest} {policy_json[:100]}")
+        assert len(detail) == 500
+
+
 def test_retired_versions_are_not_released_until_the_minimum_is_lowered(
     broker: KeyBroker, policy, sim_provider
 ) -> None:
@@ -169,7 +192,7 @@ def test_retired_versions_are_not_released_until_the_minimum_is_lowered(
     assert unwrap_key(_release(broker, workload), wrapped_v2, b"") == b"model v2 key"  # the latest
     assert unwrap_key(_release(broker, workload, version=2), wrapped_v2, b"") == b"model v2 key"
     change = [r for r in broker.audit_records(limit=100) if r.event == "key.min_version"]
-    assert [(r.version, r.detail) for r in change] == [(2, "min_version 2 (by owner)")]
+    assert [(r.version, r.detail) for r in change] == [(2, "by owner: min_version 2")]
     broker.set_min_version("k", 1)  # the owner takes it back
     assert unwrap_key(_release(broker, workload, version=1), wrapped_v1, b"") == b"model v1 key"
     with pytest.raises(KeyNotFoundError, match="no version 3"):

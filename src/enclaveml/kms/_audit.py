@@ -30,7 +30,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-__all__ = ["GENESIS_HASH", "AuditEvent", "AuditRecord", "ChainVerdict", "chain_hash", "verify_chain"]
+__all__ = [
+    "GENESIS_HASH",
+    "AuditEvent",
+    "AuditRecord",
+    "ChainVerdict",
+    "attributed",
+    "chain_hash",
+    "policy_detail",
+    "verify_chain",
+]
 
 GENESIS_HASH = bytes(32)
 _MAX_DETAIL = 500
@@ -59,6 +68,23 @@ class AuditEvent:
         object.__setattr__(self, "time", round(float(self.time), 3))
         if len(self.detail) > _MAX_DETAIL:
             object.__setattr__(self, "detail", self.detail[: _MAX_DETAIL - 3] + "...")
+
+
+def attributed(actor: str | None, detail: str = "") -> str:
+    """``detail`` of an admin record: who did it first, so truncation never drops the actor."""
+    if not actor:
+        return detail
+    return f"by {actor}: {detail}" if detail else f"by {actor}"
+
+
+def policy_detail(policy_json: str) -> str:
+    """A release policy in a record: its SHA-256 (always within the 500 characters), then its text.
+
+    A long policy's text is cut at the limit; the hash still identifies exactly which policy was
+    set (compare it with the SHA-256 of the policy a key holds now).
+    """
+    digest = hashlib.sha256(policy_json.encode()).hexdigest()
+    return f"policy sha256:{digest} {policy_json}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ from enclaveml.errors import (
     KeyNotFoundError,
     KeyReleaseDeniedError,
 )
-from enclaveml.kms._audit import AuditEvent, AuditRecord, ChainVerdict
+from enclaveml.kms._audit import AuditEvent, AuditRecord, ChainVerdict, attributed, policy_detail
 from enclaveml.kms._metrics import BrokerMetrics
 from enclaveml.kms._release import (
     DEFAULT_KEM,
@@ -169,7 +169,11 @@ class KeyBroker:
         now = self._clock()
         wrapped = self._root.wrap(key_id, 1, os.urandom(KEY_SIZE))
         self.store.create_key(
-            key_id, policy_json, wrapped, now=now, audit=self._admin_event(now, "key.create", key_id, actor)
+            key_id,
+            policy_json,
+            wrapped,
+            now=now,
+            audit=self._admin_event(now, "key.create", key_id, actor, policy_detail(policy_json)),
         )
         _log.info("created key %r version 1", key_id)
         return 1
@@ -218,7 +222,7 @@ class KeyBroker:
             key_id,
             policy_json,
             now=now,
-            audit=self._admin_event(now, "policy.set", key_id, actor, policy_json),
+            audit=self._admin_event(now, "policy.set", key_id, actor, policy_detail(policy_json)),
         )
         _log.info("set the release policy of key %r", key_id)
 
@@ -266,9 +270,9 @@ class KeyBroker:
         kek = self._root.unwrap(key_id, version.version, version.wrapped)
         wrapped = wrap_key(kek, plaintext, aad)
         now = self._clock()
-        self.store.append_audit(
-            AuditEvent(now, "key.wrap", "ok", key_id=key_id, version=version.version, detail=_by(actor))
-        )
+        detail = attributed(actor)
+        event = AuditEvent(now, "key.wrap", "ok", key_id=key_id, version=version.version, detail=detail)
+        self.store.append_audit(event)
         return version.version, wrapped
 
     def wrap_data_key(self, key_id: str, data_key: bytes, aad: bytes) -> tuple[int, bytes]:
@@ -405,7 +409,7 @@ class KeyBroker:
     def _admin_event(
         self, now: float, event: str, key_id: str, actor: str | None, detail: str = ""
     ) -> AuditEvent:
-        return AuditEvent(now, event, "ok", key_id=key_id, detail=_by(actor, detail))
+        return AuditEvent(now, event, "ok", key_id=key_id, detail=attributed(actor, detail))
 
 
 def _info(key: StoredKey) -> KeyInfo:
@@ -433,9 +437,3 @@ def _refusal_rule(exc: KeyBrokerError) -> str:
 def _policy_json(policy: Policy | Mapping[str, Any]) -> str:
     """Validate and canonicalise a policy (ConfigurationError names what is wrong)."""
     return dump_policy(policy if isinstance(policy, Policy) else policy_from_dict(policy))
-
-
-def _by(actor: str | None, detail: str = "") -> str:
-    if not actor:
-        return detail
-    return f"{detail} (by {actor})" if detail else f"by {actor}"

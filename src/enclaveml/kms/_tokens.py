@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from enclaveml.errors import AuthorizationError, ConfigurationError
-from enclaveml.kms._audit import AuditEvent
+from enclaveml.kms._audit import AuditEvent, attributed
 from enclaveml.kms._storage import KeyStore, StoredToken
 
 __all__ = [
@@ -72,7 +72,7 @@ class TokenAuthority:
             wanted,
             now=now,
             audit=AuditEvent(
-                now, "token.create", "ok", detail=_by(actor, f"token {name!r} scopes {sorted(wanted)}")
+                now, "token.create", "ok", detail=attributed(actor, f"token {name!r} scopes {sorted(wanted)}")
             ),
         )
         return token
@@ -93,11 +93,8 @@ class TokenAuthority:
 
     def revoke_token(self, name: str, *, actor: str | None = None) -> None:
         now = self._clock()
-        self._store.revoke_token(name, audit=AuditEvent(now, "token.revoke", "ok", detail=_by(actor, name)))
+        event = AuditEvent(now, "token.revoke", "ok", detail=attributed(actor, name))
+        self._store.revoke_token(name, audit=event)
 
     def list_tokens(self) -> list[StoredToken]:
         return self._store.list_tokens()
-
-
-def _by(actor: str | None, detail: str) -> str:
-    return f"{detail} (by {actor})" if actor else detail
