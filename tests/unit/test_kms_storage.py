@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from enclaveml.errors import KeyDisabledError, KeyNotFoundError, KeyReleaseDeniedError, StorageError
+from enclaveml.errors import (
+    ConfigurationError,
+    KeyDisabledError,
+    KeyNotFoundError,
+    KeyReleaseDeniedError,
+    StorageError,
+)
 from enclaveml.kms._audit import AuditEvent, AuditRecord
 from enclaveml.kms._schema import SCHEMA_VERSION
 from enclaveml.kms._storage import KeyExistsError, KeyStore, NonceStatus, SqliteKeyStore, StoredKey
@@ -74,6 +80,43 @@ def test_root_key_binding(store: SqliteKeyStore) -> None:
     store.bind_root_key(b"a" * 32)
     with pytest.raises(StorageError, match="root key does not match"):
         store.bind_root_key(b"b" * 32)
+
+
+def test_a_database_holding_keys_without_its_root_key_record_binds_no_root_key(store: SqliteKeyStore) -> None:
+    # With the record gone (a lost row, a partial restore) any root key was accepted and new keys
+    # were wrapped under it beside the old ones, which then failed only at release.
+    store.bind_root_key(b"a" * 32)
+    store.create_key("k", POLICY, b"wrapped-1", now=1.0, audit=_event())
+    with _raw(store) as raw:
+        raw.execute("DELETE FROM meta WHERE name = 'root_key_check'")
+    for fingerprint in (b"b" * 32, b"a" * 32):
+        with pytest.raises(StorageError, match="no record of the root key"):
+            store.bind_root_key(fingerprint)
+    with _raw(store) as raw:
+        assert raw.execute("SELECT count(*) FROM meta WHERE name = 'root_key_check'").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
+@pytest.mark.parametrize("mode", [0o666, 0o620, 0o602])
+def test_a_database_file_others_may_write_is_refused(tmp_path: Path, suffix: str, mode: int) -> None:
+    # Its tokens table is the admin credential store: a restored or pre-created file keeps its mode.
+    path = tmp_path / "kbs.sqlite"
+    SqliteKeyStore(path).close()
+    target = path.with_name(path.name + suffix)
+    target.touch()
+    target.chmod(mode)
+    with pytest.raises(ConfigurationError, match="writable by other users"):
+        SqliteKeyStore(path)
+
+
+def test_a_database_file_others_may_read_is_opened_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "kbs.sqlite"
+    SqliteKeyStore(path).close()
+    path.chmod(0o644)
+    SqliteKeyStore(path).close()
+    assert "readable by others" in caplog.text
 
 
 def test_key_lifecycle_and_cascading_delete(store: SqliteKeyStore) -> None:

@@ -49,18 +49,21 @@ Pragmas and why:
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import stat
 from pathlib import Path
 from typing import Literal
 
-from enclaveml.errors import StorageError
+from enclaveml.errors import ConfigurationError, StorageError
 
 __all__ = ["SCHEMA_VERSION", "open_connection", "open_database"]
 
 SCHEMA_VERSION = 3
 _APPLICATION_ID = 0x656B4253
 _BUSY_TIMEOUT_MS = 10_000
+_log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
@@ -142,6 +145,7 @@ def open_database(path: Path) -> sqlite3.Connection:
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     except OSError as exc:
         raise StorageError(f"cannot create key broker database {path}: {exc.strerror}") from exc
+    _check_file_modes(path)
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
@@ -156,6 +160,29 @@ def open_database(path: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _check_file_modes(path: Path) -> None:
+    """Refuse a database (or its -wal/-shm) that others may write; warn when others may read it.
+
+    The database holds the admin tokens' hashes, the release policies and the audit log: whoever
+    can write it mints tokens and rewrites policies (a file restored from a backup, or created
+    beforehand, keeps its mode: only a file this function's caller creates is 0600).
+    """
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            mode = stat.S_IMODE(os.stat(file).st_mode)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StorageError(f"cannot stat key broker database file {file}: {exc.strerror}") from exc
+        if mode & 0o022:
+            raise ConfigurationError(
+                f"key broker database file {file} is writable by other users (mode {mode:o}): whoever "
+                "can write it can create admin tokens and change release policies; run chmod 600 on it"
+            )
+        if mode & 0o044:
+            _log.warning("key broker database file %s is readable by others (mode %o): chmod 600", file, mode)
 
 
 def open_connection(

@@ -253,6 +253,13 @@ class SqliteKeyStore:
         with self._tx("root key check") as db:
             row = db.execute("SELECT value FROM meta WHERE name = 'root_key_check'").fetchone()
             if row is None:
+                if db.execute("SELECT 1 FROM key_versions LIMIT 1").fetchone():
+                    # The record of its root key is gone (a lost row, a partial restore, an edit):
+                    # binding now would accept any root key and mix keys under two of them.
+                    raise StorageError(
+                        f"key broker database {self.path} holds keys but no record of the root key "
+                        "they were wrapped with; restore the database from a backup"
+                    )
                 db.execute("INSERT INTO meta(name, value) VALUES ('root_key_check', ?)", (fingerprint,))
             elif not hmac.compare_digest(bytes(row[0]), fingerprint):
                 raise StorageError(
