@@ -571,6 +571,9 @@ def test_malformed_requests_are_4xx_and_the_server_keeps_serving(http, env: Env,
     assert call(http, "POST", release, content=chunks()).status_code == 413
     assert call(http, "GET", "/healthz").json() == {"status": "ok"}
     assert "/v1/keys/{key_id}/release" in call(http, "GET", "/openapi.json").json()["paths"]
+    # No Swagger UI or ReDoc: both load a CDN's script into the page an operator pastes tokens into.
+    assert call(http, "GET", "/docs").status_code == 404
+    assert call(http, "GET", "/redoc").status_code == 404
 
 
 def test_metrics_expose_releases_denials_latency_and_keys(http, env: Env, main_db: Db) -> None:

@@ -372,6 +372,38 @@ def test_x25519_can_be_refused_by_configuration(
     store.close()
 
 
+def test_stored_material_that_does_not_decrypt_is_an_audited_storage_denial(
+    broker: KeyBroker, policy, sim_provider
+) -> None:
+    # The broker's own message calls this tampering: it must reach the audit log, not only a 500.
+    broker.create_key("k", policy)
+    with sqlite3.connect(broker.store.path) as raw:  # type: ignore[attr-defined]
+        raw.execute("UPDATE key_versions SET wrapped = ? WHERE key_id = 'k'", (os.urandom(60),))
+    workload = Workload(sim_provider)
+    c = broker.challenge()
+    with pytest.raises(StorageError, match="does not decrypt"):
+        broker.release("k", c.nonce, workload.evidence(c.nonce), workload.public)
+    record = broker.audit_records()[-1]
+    assert (record.event, record.verdict, record.rule, record.version) == ("release", "denied", "storage", 1)
+    assert record.measurement == sim_provider.measurement.hex()
+    assert broker.metrics.denials.labels(rule="storage")._value.get() == 1
+
+
+def test_what_an_unauthenticated_release_is_told_is_bounded(broker: KeyBroker, policy, sim_provider) -> None:
+    broker.create_key("k", policy)
+    broker.rotate_key("k")
+    workload = Workload(sim_provider)
+    c = broker.challenge()
+    with pytest.raises(KeyNotFoundError) as missing:  # not the list of versions (keys:read lists them)
+        broker.release("k", c.nonce, workload.evidence(c.nonce), workload.public, version=9)
+    assert "[1, 2]" not in str(missing.value)
+    c = broker.challenge()
+    with pytest.raises(KemNotAllowedError) as kem:  # a 200 KB kem was echoed whole, logged whole
+        broker.release("k", c.nonce, workload.evidence(c.nonce), workload.public, kem="K" * 200_000)
+    assert len(str(kem.value)) < 200
+    assert len(broker.audit_records()[-1].detail) < 200
+
+
 def test_wrong_root_key_fails_at_startup(tmp_path: Path, root_key, sim_key, policy) -> None:
     verifier = EvidenceVerifier(simulation=SimulationVerifier(sim_key.public_key()))
     store = SqliteKeyStore(tmp_path / "kbs.sqlite")

@@ -35,6 +35,7 @@ from enclaveml.errors import (
     KeyDisabledError,
     KeyNotFoundError,
     KeyReleaseDeniedError,
+    StorageError,
 )
 from enclaveml.kms._audit import AuditEvent, AuditRecord, ChainVerdict, attributed, policy_detail
 from enclaveml.kms._metrics import BrokerMetrics
@@ -70,7 +71,8 @@ class KemNotAllowedError(InvalidRequestError):
 
     def __init__(self, kem: str, allowed: frozenset[str]) -> None:
         self.allowed = allowed
-        super().__init__(f"KEM {kem!r} is not allowed here; use one of {sorted(allowed)}")
+        shown = kem if len(kem) <= 40 else f"{kem[:40]}... ({len(kem)} characters)"
+        super().__init__(f"KEM {shown!r} is not allowed here; use one of {sorted(allowed)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +355,15 @@ class KeyBroker:
         except (KeyReleaseDeniedError, KeyNotFoundError, KeyDisabledError, InvalidRequestError) as exc:
             rule = _refusal_rule(exc)
             self._deny(now, key_id, number, rule, recorder.measurement, str(exc))
+            raise
+        except StorageError as exc:
+            # Stored material that does not decrypt under the root key (an altered or copied row)
+            # is exactly what the audit log is for; a database that cannot be read or written
+            # cannot take the record either, and the release fails closed all the same.
+            try:
+                self._deny(now, key_id, number, "storage", recorder.measurement, str(exc))
+            except StorageError:
+                _log.error("could not audit the failed release of key %r: the database fails", key_id)
             raise
         measurement = claims.measurement.hex()
         # Audit first: if the audit write fails, no key leaves the broker. The write also checks

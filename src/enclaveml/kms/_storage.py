@@ -354,7 +354,8 @@ class SqliteKeyStore:
                 (key_id, number),
             ).fetchone()
         if row is None:
-            raise KeyNotFoundError(f"key {key_id!r} has no version {number} (versions: {list(key.versions)})")
+            # (Not the list of versions: releases ask this without a token, listing keys needs one.)
+            raise KeyNotFoundError(f"key {key_id!r} has no version {number}")
         return key, StoredVersion(key_id, number, bytes(row[0]), float(row[1]))
 
     def count_keys(self) -> int:

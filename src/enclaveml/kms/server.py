@@ -159,6 +159,10 @@ def create_app(config: BrokerConfig) -> FastAPI:
         version="1",
         description="Releases key-encryption keys to attested workloads (docs/kbs-protocol.md).",
         lifespan=lifespan,
+        # No Swagger UI or ReDoc: FastAPI loads them from a CDN, and an operator would paste an
+        # admin token into a page running that third party's script. /openapi.json stays.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.broker = broker
     router = build_router(broker, metrics, executor)
