@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,6 +153,32 @@ def test_demo_runs_as_a_real_process() -> None:
     accuracy = float(proc.stdout.split("held-out digits: ")[1].split()[0])
     assert accuracy > 0.9
     assert "where each secret lived" in proc.stdout
+
+
+def test_a_demo_stopped_with_sigterm_removes_its_working_directory(tmp_path: Path) -> None:
+    # SIGTERM (kill, timeout, docker stop) ended the process where it stood: the sealed model,
+    # the broker's database and certificate stayed in $TMPDIR.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from enclaveml.cli import main; main()", "demo"],
+        env={**os.environ, "TMPDIR": str(scratch)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(scratch.glob("enclaveml-demo-*/digits.sealed")):  # mid-run, broker up
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the demo did not get that far"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    # (ONNX Runtime writes $TMPDIR/.ses when imported: a timestamp and a random id, no data.)
+    assert [p.name for p in scratch.iterdir() if p.name != ".ses"] == []
 
 
 @pytest.mark.parametrize(

@@ -424,3 +424,34 @@ def test_a_model_onnx_runtime_cannot_shape_leaves_no_copy_in_the_working_directo
         quantize_model(model, tmp_path / "q.onnx", calibration=digits.calibration)
     assert list(workdir.iterdir()) == []
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_workspace_left_by_a_killed_quantisation_is_removed_by_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGKILL (the OOM killer) cannot unwind: the plaintext copies stayed in $TMPDIR for ever.
+    import fcntl
+    import tempfile
+
+    from enclaveml.serving._quant_workspace import private_workspace
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    abandoned, running = tmp_path / "enclaveml-quant-killed", tmp_path / "enclaveml-quant-running"
+    for directory in (abandoned, running):
+        directory.mkdir(mode=0o700)
+        (directory / ".running").touch()
+        (directory / "fp32.onnx").write_bytes(b"plaintext model")
+    other = tmp_path / "enclaveml-quant-older"  # without a lock file: not judged
+    other.mkdir()
+    held = os.open(running / ".running", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another process's quantisation, still running
+    try:
+        with private_workspace() as workspace:
+            assert not abandoned.exists()
+            assert running.exists()
+            assert other.exists()
+            assert Path(workspace).parent == tmp_path
+            assert tempfile.gettempdir() == workspace
+        assert not Path(workspace).exists()
+    finally:
+        os.close(held)

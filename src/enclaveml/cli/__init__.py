@@ -34,11 +34,13 @@ def demo(quiet: bool = typer.Option(False, help="Only print the final verdict.")
     """Show a simulated workload attesting end to end (collect, verify, appraise, RA-TLS)."""
     # Imported on use: the demo is built on the simulation backend, which nothing else loads.
     from enclaveml.cli._console import console
+    from enclaveml.cli._signals import unwind_on_sigterm
     from enclaveml.cli.demo import run_demo
 
     console.quiet = quiet
     try:
-        run_demo()
+        with unwind_on_sigterm():  # its working directory is removed on the way out
+            run_demo()
     finally:
         console.quiet = False
 

@@ -6,11 +6,7 @@ Exit codes: 0 written; 1 written, but INT8 accuracy fell by more than ``--max-dr
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +14,7 @@ import typer
 from rich.table import Table
 
 from enclaveml.cli._console import console, err_console
+from enclaveml.cli._signals import unwind_on_sigterm
 from enclaveml.errors import ConfigurationError
 
 EXIT_ACCURACY, EXIT_USAGE = 1, 3
@@ -62,7 +59,7 @@ def quantize(
     try:
         if max_drop is not None and evaluation is None:
             raise ConfigurationError("--max-drop needs --eval data to measure accuracy on")
-        with _cleanup_on_sigterm():
+        with unwind_on_sigterm():
             report = quantize_model(
                 model,
                 output,
@@ -92,24 +89,6 @@ def quantize(
             console.print(f"[bold red]accuracy fell by more than {max_drop:g} points[/bold red]")
     if too_low:
         raise typer.Exit(EXIT_ACCURACY)
-
-
-@contextlib.contextmanager
-def _cleanup_on_sigterm() -> Iterator[None]:
-    """SIGTERM (kill, timeout, systemd, docker stop) unwinds like Ctrl-C instead of ending the process
-    where it stands, so the temporary copies of the plaintext model are deleted on the way out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def unwind(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, unwind)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _report_table(result: dict[str, Any]) -> Table:

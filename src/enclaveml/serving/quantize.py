@@ -2,9 +2,10 @@
 
 Quantization runs where the plaintext model already is (the model owner's machine or the TEE),
 before sealing: the quantized model is written to ``dst`` only (mode 0600); intermediate files
-live in a private temporary directory that is deleted afterwards. (ORT's calibration step writes
-an FP32 copy augmented with min/max outputs into a private ``ort.quant.*`` temporary directory of
-its own, which it deletes too.)
+live in a private temporary directory that is deleted afterwards, or, after a SIGKILL, by the
+next quantisation (:mod:`._quant_workspace`). (ORT's calibration step writes an FP32 copy
+augmented with min/max outputs into a private ``ort.quant.*`` temporary directory of its own,
+inside that one.)
 
 Calibration and evaluation files (``.npy`` / ``.npz``, read with ``allow_pickle=False``)::
 
@@ -31,8 +32,6 @@ import hashlib
 import importlib
 import os
 import stat
-import tempfile
-import threading
 import time
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -46,6 +45,7 @@ from numpy.typing import NDArray
 
 from enclaveml._files import write_atomically
 from enclaveml.errors import ConfigurationError
+from enclaveml.serving._quant_workspace import private_workspace
 
 __all__ = [
     "ArrayInputs",
@@ -163,9 +163,9 @@ def quantize_model(
     fp32.ir_version = _loadable_ir_version(fp32)  # ORT's pre-processing runs the model: it must load
     fp32_bytes = fp32.SerializeToString()
     ort_q = _ort_quantization()
-    with _private_workspace() as tmp:
+    with private_workspace() as tmp:
         original, prepared, quantized = (Path(tmp) / n for n in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
-        original.write_bytes(fp32_bytes)
+        write_atomically(original, fp32_bytes, durable=False)  # 0600
         # ORT 1.31's per-channel bias check fails on 2-D Gemm biases (skl2onnx models): say what to try.
         hint = " with per-channel weights (try per-tensor)" if per_channel else ""
         with _translating(f"ONNX Runtime could not quantize {source}{hint}"):
@@ -419,28 +419,6 @@ def _quantized_op_counts(model: onnx.ModelProto) -> dict[str, int]:
         if node.op_type.startswith(_QUANT_OP_PREFIXES) or node.op_type.endswith("Integer"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
-
-
-_WORKSPACE_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _private_workspace() -> Iterator[str]:
-    """A temporary directory for the plaintext copies, where ORT's own temporary files go too.
-
-    ORT's quantisation tools take paths and make temporary directories of their own
-    (``pre.quant.*``: another copy of the model) in the system's; with ``tempfile.tempdir``
-    pointed at ours they are made inside it and deleted with it. That setting is process-wide:
-    quantisations in threads of one process take turns here, and while one runs, other threads'
-    ``tempfile`` files land in its directory too (quantisation is a tool, not a serving path).
-    """
-    with _WORKSPACE_LOCK, tempfile.TemporaryDirectory(prefix="enclaveml-quant-") as directory:
-        previous = tempfile.tempdir
-        tempfile.tempdir = directory
-        try:
-            yield directory
-        finally:
-            tempfile.tempdir = previous
 
 
 def _loadable_ir_version(model: onnx.ModelProto) -> int:

@@ -1,0 +1,70 @@
+"""Where quantisation keeps its plaintext copies of a model, and how they are removed.
+
+ORT's quantisation tools take paths and make temporary directories of their own (``pre.quant.*``:
+another copy of the model) in the system's; with ``tempfile.tempdir`` pointed at the workspace
+they are made inside it and removed with it. That setting is process-wide: quantisations in
+threads of one process take turns, and while one runs, other threads' ``tempfile`` files land in
+its directory too (quantisation is a tool, not a serving path).
+
+SIGINT and SIGTERM unwind and remove the workspace; SIGKILL (or the OOM killer) cannot. Each
+workspace therefore holds a lock file, locked (``flock``) while its quantisation runs, and every
+quantisation first removes the workspaces of ``$TMPDIR`` whose lock nobody holds: the copies of a
+killed run live until the next run, not for ever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["private_workspace"]
+
+_PREFIX = "enclaveml-quant-"
+_LOCK_FILE = ".running"
+_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def private_workspace() -> Iterator[str]:
+    """A private (0700) directory for one quantisation, ``tempfile.tempdir`` while it runs."""
+    with _LOCK:
+        _remove_abandoned(Path(tempfile.gettempdir()))
+        directory = tempfile.mkdtemp(prefix=_PREFIX)
+        lock = -1
+        try:
+            lock = os.open(os.path.join(directory, _LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            previous = tempfile.tempdir
+            tempfile.tempdir = directory
+            try:
+                yield directory
+            finally:
+                tempfile.tempdir = previous
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+            if lock >= 0:
+                os.close(lock)  # only now: a workspace is never seen unlocked while it exists
+
+
+def _remove_abandoned(temporary: Path) -> None:
+    """Remove this user's workspaces whose quantisation is gone (its lock free)."""
+    for candidate in temporary.glob(f"{_PREFIX}*"):
+        if candidate.is_symlink() or not candidate.is_dir() or candidate.stat().st_uid != os.geteuid():
+            continue
+        try:
+            lock = os.open(candidate / _LOCK_FILE, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue  # being created this instant, or not ours to judge
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(candidate, ignore_errors=True)
+        except OSError:
+            pass  # its quantisation is running
+        finally:
+            os.close(lock)
