@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -151,6 +152,7 @@ def test_psi_train_predict_with_logistic_regression(tmp_path: Path, served: Serv
     for name in PARTIES:
         table = pa_csv.read_csv(tmp_path / f"{name}.csv")
         rows = np.load(tmp_path / f"{name}.rows.npy")
+        assert stat.S_IMODE((tmp_path / f"{name}.rows.npy").stat().st_mode) == 0o600  # its own result
         aligned[name] = np.array(table.column("id").to_pylist())[rows]
     assert len(aligned["bank"]) == 600
     assert all(np.array_equal(aligned["bank"], aligned[p]) for p in PARTIES)
@@ -181,6 +183,7 @@ def test_psi_train_predict_with_logistic_regression(tmp_path: Path, served: Serv
     predict_args["bank"] += ["--output", str(tmp_path / "predictions.npy"), "--ignore-column", "y"]
     run_job(env, tmp_path, plan, registry, predict_args, "predict")
     predictions = np.load(tmp_path / "predictions.npy")
+    assert stat.S_IMODE((tmp_path / "predictions.npy").stat().st_mode) == 0o600
     index = {value: i for i, value in enumerate(truth["ids"])}  # type: ignore[arg-type]
     order = np.array([index[v] for v in aligned["bank"]])
     x, y = truth["x"][order], truth["y"][order]  # type: ignore[index]

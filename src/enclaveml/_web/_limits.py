@@ -24,9 +24,10 @@ buffers it derives from the body (a decompressed copy) through
 :func:`charge_body_bytes`. A request alone in the server is always admitted.
 
 :class:`ServingStats` records, per route template, the requests, the body bytes received and the
-response statuses. Tests use it to prove what a client did or did not send; ``/metrics`` exports
-the same numbers from a registry private to the app (so several apps in one process, as in tests,
-never collide). The inference server, the FL aggregator and the vertical-FL server all use them.
+response statuses. Tests use it to prove what a client did or did not send. The inference server,
+the FL aggregator and the vertical-FL server all count with them; the inference server also
+exports the numbers at ``/metrics`` from a registry private to the app (so several apps in one
+process, as in tests, never collide); the FL servers have no ``/metrics`` route.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ key release), 2 failed, 3 bad arguments or files.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +19,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+from enclaveml._files import write_atomically
 from enclaveml.cli._console import console, err_console
 from enclaveml.cli._options import Host, HttpsPort, Kbs, KbsCa, PrintMeasurement, Tee
 from enclaveml.cli.fl import _fail, _pairs, _read_json
@@ -341,10 +343,26 @@ def psi(
             name, table.ids or [], key=key, parties=len(expected.parties), max_ids=expected.psi_max_ids
         )
         _serve_party(endpoint, url, plan, credential_file, policy, simulation_key, wait)
-        np.save(output, np.asarray(endpoint.aligned_rows, dtype=np.int64))
+        written = _save_private(output, np.asarray(endpoint.aligned_rows, dtype=np.int64))
     except EnclaveMLError as exc:
         raise _fail("vfl psi", exc) from None
-    console.print(f"{endpoint.intersection_size} aligned rows written to {output}")
+    console.print(f"{endpoint.intersection_size} aligned rows written to {written}")
+
+
+def _save_private(output: Path, array: np.ndarray) -> Path:
+    """``np.save``'s file (``.npy`` appended where missing), written atomically with mode 0600.
+
+    The rows a party aligned and the predictions (computed from every party's features) are its
+    own results, not for other users of the machine; a failed write leaves no partial file.
+    """
+    path = output if output.suffix == ".npy" else output.with_name(output.name + ".npy")
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    try:
+        write_atomically(path, buffer.getvalue())
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write {path}: {exc.strerror}") from None
+    return path
 
 
 def _check_party(plan: Any, name: str, task: str) -> None:
@@ -455,7 +473,7 @@ def predict(
         if sink is not None and output is not None:
             if sink.predictions is None:
                 raise ConfigurationError("the job ended without predictions for this party")
-            np.save(output, sink.predictions)
-            console.print(f"{sink.predictions.shape[0]} predictions written to {output}")
+            written = _save_private(output, sink.predictions)
+            console.print(f"{sink.predictions.shape[0]} predictions written to {written}")
     except EnclaveMLError as exc:
         raise _fail("vfl predict", exc) from None
