@@ -398,7 +398,28 @@ def test_regression_labels_float32_cannot_hold_are_refused_before_training(huge:
     labels = {k: np.where(np.arange(len(v)) == 0, huge, v.astype(np.float64)) for k, v in data.y.items()}
     parties[0]._labels = {k: labels[k] for k in parties[0]._labels}  # the label party's own data
     channels = [InProcessChannel(p) for p in parties]
-    with pytest.raises(ProtocolError, match="too large for float32"):
+    with pytest.raises(ProtocolError, match="labels the objective cannot train on") as refused:
         train_boosting(
             channels[0], channels[1:], BoostingParams(n_estimators=2, objective="reg:squarederror")
         )
+    assert "float32" not in str(refused.value)  # every party sees this message: no fact about the labels
+    # An honest label party refuses them itself, before connecting, given the plan's objective.
+    with pytest.raises(ConfigurationError, match="too large for float32"):
+        BoostingParty("p0", {k: data.x[k] for k in labels}, labels=labels, objective="reg:squarederror")
+
+
+def test_a_label_party_refuses_labels_its_objective_cannot_train_on_before_connecting() -> None:
+    # It used to connect and let the server fail the job with "labels outside [0, 1]", a fact about
+    # its labels, sent to every passive party and logged on the host.
+    x = np.zeros((4, 2))
+    with pytest.raises(ConfigurationError, match=r"outside \[0, 1\]"):
+        BoostingParty("bank", {"train": x}, labels={"train": [0, 1, 3.0, 0]}, objective="binary:logistic")
+    BoostingParty("bank", {"train": x}, labels={"train": [0, 1, 3.0, 0]}, objective="reg:squarederror")
+    BoostingParty("bank", {"train": x}, labels={"train": [0, 1, 0.5, 0]}, objective="binary:logistic")
+    # The job helpers pass the plan's objective (binary:logistic by default).
+    from enclaveml.fl.vertical import jobs
+    from enclaveml.fl.vertical.plan import VerticalPlan
+
+    plan = VerticalPlan(task="train", parties=("bank", "insurer"), algorithm="boosting")
+    with pytest.raises(ConfigurationError, match=r"outside \[0, 1\]"):
+        jobs.party_for_training(plan, "bank", x, np.array([0, 1, 3.0, 0]))

@@ -7,13 +7,34 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from enclaveml.errors import ConfigurationError
 from enclaveml.fl.vertical._binning import MAX_MAX_BIN
 from enclaveml.fl.vertical._boost_grower import OBJECTIVES
 
-__all__ = ["METRICS", "BoostingParams"]
+__all__ = ["METRICS", "BoostingParams", "unfit_labels"]
 
 METRICS = ("logloss", "auc", "rmse")
+
+
+_MAX_LABEL_SUM = 1e18  # a sum of gradients below this squares to at most ~1e36, inside float32
+
+
+def unfit_labels(y: np.ndarray, objective: str) -> str | None:
+    """Why ``objective`` cannot train on the finite labels ``y``, or None if it can.
+
+    The label party checks its own labels with this before it connects (so a mistake is reported
+    to it alone); the server checks what it receives again, and tells the parties only that the
+    labels were refused (the reason is a fact about the labels).
+    """
+    if objective == "binary:logistic" and not ((y >= 0) & (y <= 1)).all():
+        return "labels outside [0, 1] for a classifier"
+    # Training runs in float32, where split gains square sums of gradients over the rows: labels
+    # whose sums could pass ~1e18 overflow there (wrong splits, or inf and a NaN model).
+    if len(y) and float(np.abs(y).max()) * len(y) > _MAX_LABEL_SUM:
+        return f"labels too large for float32 training (max |label| x rows > {_MAX_LABEL_SUM:g}): scale them"
+    return None
 
 
 def _fraction(value: float) -> bool:

@@ -16,6 +16,7 @@ from enclaveml.errors import ConfigurationError
 from enclaveml.fl.vertical._binning import MAX_MAX_BIN, BinEdges, goes_left, validate_features
 from enclaveml.fl.vertical._boost_grower import partition_rows
 from enclaveml.fl.vertical._boost_model import PartyThresholds
+from enclaveml.fl.vertical._boost_params import unfit_labels
 from enclaveml.fl.vertical._channel import PartyEndpoint, require
 from enclaveml.fl.vertical._codec import Payload
 from enclaveml.fl.vertical._errors import MessageError, ProtocolError
@@ -54,6 +55,7 @@ class BoostingParty(PartyEndpoint):
     to its feature matrices (rows x features, NaN = missing); the label party also has ``labels``.
 
     A party that only predicts is built with its saved ``thresholds`` and the datasets to score.
+    Given the plan's ``objective``, the label party checks its labels suit it before it connects.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class BoostingParty(PartyEndpoint):
         *,
         labels: Mapping[str, object] | None = None,
         thresholds: PartyThresholds | None = None,
+        objective: str | None = None,
     ) -> None:
         super().__init__(name)
         if thresholds is not None and thresholds.party != name:
@@ -79,6 +82,9 @@ class BoostingParty(PartyEndpoint):
                 raise ConfigurationError(f"labels of {key!r} must be 1-D, one per row of that dataset")
             if not np.isfinite(array).all():
                 raise ConfigurationError("labels must be finite")
+            reason = None if objective is None else unfit_labels(array, objective)
+            if reason is not None:  # here, before connecting: the other parties learn nothing of it
+                raise ConfigurationError(f"{objective} cannot train on these labels: {reason}")
             self._labels[key] = array
         self._edges: BinEdges | None = None
         self._train = ""

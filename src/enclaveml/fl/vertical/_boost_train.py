@@ -15,7 +15,7 @@ from enclaveml.errors import ConfigurationError
 from enclaveml.fl.vertical._binning import code_dtype, goes_left
 from enclaveml.fl.vertical._boost_grower import OBJECTIVES, CodesSource, GrowParams, grow_tree
 from enclaveml.fl.vertical._boost_model import BoostedTrees, Tree, split_table, walk
-from enclaveml.fl.vertical._boost_params import BoostingParams
+from enclaveml.fl.vertical._boost_params import BoostingParams, unfit_labels
 from enclaveml.fl.vertical._boost_sources import PartySource, check_array, unpack_bits
 from enclaveml.fl.vertical._channel import PartyChannel, call_all, require
 from enclaveml.fl.vertical._codec import Payload
@@ -78,24 +78,16 @@ def _setup(
     return _Setup(n_features, np.concatenate(n_bins), n_rows, joined if tee else {}, {})
 
 
-_MAX_LABEL_SUM = 1e18  # a sum of gradients below this squares to at most ~1e36, inside float32
-
-
 def _labels(channel: PartyChannel, params: BoostingParams, setup: _Setup, datasets: list[str]) -> None:
     answer = channel.call("boost.labels", {"datasets": datasets})
     labels = require(answer, "labels", dict)
     assert isinstance(labels, dict)
     for dataset in datasets:
         y = check_array(channel.name, "boost.labels", labels, dataset, np.float64, (setup.n_rows[dataset],))
-        if params.objective == "binary:logistic" and not ((y >= 0) & (y <= 1)).all():
-            raise ProtocolError(f"label party {channel.name!r} sent labels outside [0, 1] for a classifier")
-        # Training runs in float32, where split gains square sums of gradients over the rows: labels
-        # whose sums could pass ~1e18 overflow there (wrong splits, or inf and a NaN model).
-        if len(y) and float(np.abs(y).max()) * len(y) > _MAX_LABEL_SUM:
-            raise ProtocolError(
-                f"label party {channel.name!r} sent labels too large for float32 training "
-                f"(max |label| x rows above {_MAX_LABEL_SUM:g}): scale them"
-            )
+        if unfit_labels(y, params.objective) is not None:
+            # Every party and the host's log see this message: not which check failed (that is a
+            # fact about the labels). An honest label party has refused such labels itself.
+            raise ProtocolError(f"label party {channel.name!r} sent labels the objective cannot train on")
         setup.labels[dataset] = y
 
 

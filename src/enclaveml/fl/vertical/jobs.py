@@ -166,7 +166,8 @@ def party_for_training(
         datasets[plan.valid_dataset] = valid[0]
         if valid[1] is not None:
             label_sets[plan.valid_dataset] = valid[1]
-    booster = BoostingParty(name, datasets, labels=label_sets or None)
+    objective = BoostingParams.from_dict(plan.params).objective
+    booster = BoostingParty(name, datasets, labels=label_sets or None, objective=objective)
     return booster, lambda: booster.thresholds.to_bytes()
 
 
