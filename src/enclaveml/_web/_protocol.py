@@ -39,6 +39,7 @@ import fcntl
 import socket
 import struct
 import termios
+import weakref
 from typing import Any, ClassVar, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -211,7 +212,9 @@ class _CloseWhenDelivered:
 
     def __init__(self, transport: asyncio.Transport, protocol: DeadlineHttpProtocol) -> None:
         self._transport = transport
-        self._protocol = protocol
+        # Weak: the protocol holds this wrapper, and a cycle would keep every closed connection
+        # (SSL objects and buffers included) until the cycle collector ran.
+        self._protocol = weakref.ref(protocol)
         self._closing = False
 
     def __getattr__(self, name: str) -> Any:
@@ -224,5 +227,9 @@ class _CloseWhenDelivered:
         if self._closing:
             return
         self._closing = True
+        protocol = self._protocol()
+        if protocol is None:  # the connection is gone: nothing left to deliver
+            self._transport.close()
+            return
         self._transport.pause_reading()
-        self._protocol._close_when_delivered(self._transport)
+        protocol._close_when_delivered(self._transport)
