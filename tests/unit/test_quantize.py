@@ -455,3 +455,26 @@ def test_a_workspace_left_by_a_killed_quantisation_is_removed_by_the_next_one(
         assert not Path(workspace).exists()
     finally:
         os.close(held)
+
+
+def test_concurrent_quantisations_never_remove_each_others_live_workspace(tmp_path: Path) -> None:
+    # A workspace was visible to another run's clean-up between its creation and its lock (that
+    # run took the lock and removed it), and a workspace that vanished mid-scan raised.
+    loop = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from enclaveml.serving._quant_workspace import private_workspace\n"
+        "end, lost = time.monotonic() + 3, 0\n"
+        "while time.monotonic() < end:\n"
+        "    with private_workspace() as w:\n"
+        "        Path(w, 'fp32.onnx').write_bytes(b'model')\n"
+        "        lost += not Path(w, 'fp32.onnx').exists()\n"
+        "print(lost)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    pipe = subprocess.PIPE
+    runs = [subprocess.Popen([sys.executable, "-c", loop], env=env, stdout=pipe, stderr=pipe) for _ in range(3)]
+    results = [run.communicate(timeout=60) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], [err.decode()[-500:] for _, err in results]
+    assert [int(out) for out, _ in results] == [0, 0, 0]
+    assert [p.name for p in tmp_path.iterdir() if p.name != ".ses"] == []

@@ -9,7 +9,8 @@ its directory too (quantisation is a tool, not a serving path).
 SIGINT and SIGTERM unwind and remove the workspace; SIGKILL (or the OOM killer) cannot. Each
 workspace therefore holds a lock file, locked (``flock``) while its quantisation runs, and every
 quantisation first removes the workspaces of ``$TMPDIR`` whose lock nobody holds: the copies of a
-killed run live until the next run, not for ever.
+killed run live until the next run, not for ever. A workspace is locked before it gets the name
+the clean-up looks for.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ from pathlib import Path
 __all__ = ["private_workspace"]
 
 _PREFIX = "enclaveml-quant-"
+_NEW_PREFIX = ".enclaveml-quant-new-"  # being set up: not judged by the clean-up
 _LOCK_FILE = ".running"
 _LOCK = threading.Lock()
 
@@ -34,12 +37,18 @@ _LOCK = threading.Lock()
 def private_workspace() -> Iterator[str]:
     """A private (0700) directory for one quantisation, ``tempfile.tempdir`` while it runs."""
     with _LOCK:
-        _remove_abandoned(Path(tempfile.gettempdir()))
-        directory = tempfile.mkdtemp(prefix=_PREFIX)
+        temporary = tempfile.gettempdir()
+        _remove_abandoned(Path(temporary))
+        # Made and locked under a name the clean-up ignores, then renamed: another run's clean-up
+        # never sees this workspace unlocked (it would take the lock first and remove it).
+        directory = tempfile.mkdtemp(prefix=_NEW_PREFIX)
         lock = -1
         try:
             lock = os.open(os.path.join(directory, _LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             fcntl.flock(lock, fcntl.LOCK_EX)
+            named = os.path.join(temporary, _PREFIX + os.path.basename(directory)[len(_NEW_PREFIX) :])
+            os.rename(directory, named)
+            directory = named
             previous = tempfile.tempdir
             tempfile.tempdir = directory
             try:
@@ -55,12 +64,14 @@ def private_workspace() -> Iterator[str]:
 def _remove_abandoned(temporary: Path) -> None:
     """Remove this user's workspaces whose quantisation is gone (its lock free)."""
     for candidate in temporary.glob(f"{_PREFIX}*"):
-        if candidate.is_symlink() or not candidate.is_dir() or candidate.stat().st_uid != os.geteuid():
-            continue
         try:
+            status = candidate.lstat()
             lock = os.open(candidate / _LOCK_FILE, os.O_RDWR | os.O_NOFOLLOW)
         except OSError:
-            continue  # being created this instant, or not ours to judge
+            continue  # gone meanwhile (its run ended), or not a workspace
+        if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid():
+            os.close(lock)
+            continue
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             shutil.rmtree(candidate, ignore_errors=True)
