@@ -473,7 +473,8 @@ def test_concurrent_quantisations_never_remove_each_others_live_workspace(tmp_pa
     )
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     pipe = subprocess.PIPE
-    runs = [subprocess.Popen([sys.executable, "-c", loop], env=env, stdout=pipe, stderr=pipe) for _ in range(3)]
+    command = [sys.executable, "-c", loop]
+    runs = [subprocess.Popen(command, env=env, stdout=pipe, stderr=pipe) for _ in range(3)]
     results = [run.communicate(timeout=60) for run in runs]
     assert [run.returncode for run in runs] == [0, 0, 0], [err.decode()[-500:] for _, err in results]
     assert [int(out) for out, _ in results] == [0, 0, 0]
