@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import stat
 import threading
@@ -97,8 +98,8 @@ def test_a_database_holding_keys_without_its_root_key_record_binds_no_root_key(s
 
 
 @pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
-@pytest.mark.parametrize("mode", [0o666, 0o620, 0o602])
-def test_a_database_file_others_may_write_is_refused(tmp_path: Path, suffix: str, mode: int) -> None:
+@pytest.mark.parametrize("mode", [0o666, 0o602])
+def test_a_database_file_anyone_may_write_is_refused(tmp_path: Path, suffix: str, mode: int) -> None:
     # Its tokens table is the admin credential store: a restored or pre-created file keeps its mode.
     path = tmp_path / "kbs.sqlite"
     SqliteKeyStore(path).close()
@@ -109,14 +110,40 @@ def test_a_database_file_others_may_write_is_refused(tmp_path: Path, suffix: str
         SqliteKeyStore(path)
 
 
-def test_a_database_file_others_may_read_is_opened_with_a_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+@pytest.mark.parametrize("suffix", ["", "-wal"])
+def test_a_database_file_of_another_user_is_refused_even_at_mode_600(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / "kbs.sqlite"
     SqliteKeyStore(path).close()
-    path.chmod(0o644)
+    target = path.with_name(path.name + suffix)
+    target.touch(mode=0o600)
+    os.chown(target, 65534, 65534)  # nobody: may write it, hence mint admin tokens
+    with pytest.raises(ConfigurationError, match="belongs to user 65534"):
+        SqliteKeyStore(path)
+
+
+def test_a_directory_anyone_may_write_is_refused_unless_sticky(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could rename another database into place
+    with pytest.raises(ConfigurationError, match="writable by every user"):
+        SqliteKeyStore(shared / "kbs.sqlite")
+    shared.chmod(0o1777)  # as /tmp: others cannot rename or remove the broker's files
+    SqliteKeyStore(shared / "kbs.sqlite").close()
+
+
+@pytest.mark.parametrize("mode", [0o660, 0o644, 0o640])
+def test_the_brokers_own_database_file_with_group_or_other_access_is_made_private(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: int
+) -> None:
+    # Kubernetes' fsGroup makes volume files group-writable at every mount: refusing them stopped
+    # the broker at its next restart; the broker's own file is set to 0600 instead.
+    path = tmp_path / "kbs.sqlite"
     SqliteKeyStore(path).close()
-    assert "readable by others" in caplog.text
+    path.chmod(mode)
+    SqliteKeyStore(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert f"had mode {mode:o}" in caplog.text
 
 
 def test_key_lifecycle_and_cascading_delete(store: SqliteKeyStore) -> None:

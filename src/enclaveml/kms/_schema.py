@@ -163,25 +163,50 @@ def open_database(path: Path) -> sqlite3.Connection:
 
 
 def _check_file_modes(path: Path) -> None:
-    """Refuse a database (or its -wal/-shm) that others may write; warn when others may read it.
+    """Refuse a database others could have written; make the broker's own files private.
 
     The database holds the admin tokens' hashes, the release policies and the audit log: whoever
-    can write it mints tokens and rewrites policies (a file restored from a backup, or created
-    beforehand, keeps its mode: only a file this function's caller creates is 0600).
+    can write it mints tokens and rewrites policies. A file restored from a backup or created
+    beforehand keeps its owner and mode (only a file :func:`open_database` creates is 0600), and a
+    directory others may write lets them replace the file. Refused: a database file (or its
+    -wal/-shm) owned by another user than this process's or root, one anyone may write, and a
+    directory anyone may write that is not sticky. A file of the broker's own with group or
+    other access (Kubernetes' ``fsGroup`` makes volume files group-writable at every mount) is
+    set to 0600, with a warning.
     """
+    directory = path.parent
+    try:
+        info = os.stat(directory)
+    except OSError as exc:
+        raise StorageError(f"cannot stat key broker database directory {directory}: {exc.strerror}") from exc
+    if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
+        raise ConfigurationError(
+            f"key broker database directory {directory} is writable by every user: anyone could replace "
+            "the database; use a directory only the broker's user may write"
+        )
+    me = os.geteuid()
     for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         try:
-            mode = stat.S_IMODE(os.stat(file).st_mode)
+            info = os.stat(file)
         except FileNotFoundError:
             continue
         except OSError as exc:
             raise StorageError(f"cannot stat key broker database file {file}: {exc.strerror}") from exc
-        if mode & 0o022:
+        mode = stat.S_IMODE(info.st_mode)
+        if info.st_uid not in (me, 0):
+            raise ConfigurationError(
+                f"key broker database file {file} belongs to user {info.st_uid}, who can create admin "
+                "tokens and change release policies in it: chown it to the broker's user"
+            )
+        if mode & 0o002 or (mode & 0o020 and info.st_uid != me):
             raise ConfigurationError(
                 f"key broker database file {file} is writable by other users (mode {mode:o}): whoever "
                 "can write it can create admin tokens and change release policies; run chmod 600 on it"
             )
-        if mode & 0o044:
+        if mode & 0o077 and info.st_uid == me:
+            os.chmod(file, 0o600)
+            _log.warning("key broker database file %s had mode %o; set it to 600", file, mode)
+        elif mode & 0o077:
             _log.warning("key broker database file %s is readable by others (mode %o): chmod 600", file, mode)
 
 
