@@ -280,3 +280,61 @@ def test_a_tls_answer_closed_after_connection_close_is_delivered_to_a_slow_reade
         assert time.monotonic() - started > 31  # past uvloop's shutdown timeout
         reader.close()  # the server's close_notify came after the answer: it closed when delivered
         _wait_no_connections(running, 10)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_connections_past_the_per_client_limit_are_refused(tls: bool) -> None:
+    # A head finished every 25 s keeps a connection under both deadlines: a few hundred of them
+    # from one address filled the broker's file descriptors (review U).
+    class ThreePerClient(QuickDeadlines):
+        head_timeout_s = 30
+        max_connections_per_client = 3
+
+    with _serve(ThreePerClient, tls=tls) as (host, port, _, running):
+        held = [_connect(host, port, tls) for _ in range(3)]
+        try:
+            deadline = time.monotonic() + 10
+            while len(running.server.server_state.connections) < 3:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            with contextlib.suppress(OSError):  # refused: reset, or closed during the handshake
+                extra = _connect(host, port, tls)
+                extra.settimeout(5)
+                with contextlib.suppress(OSError):
+                    extra.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert extra.recv(4096) == b""
+                extra.close()
+            assert len(running.server.server_state.connections) == 3
+            held.pop().close()
+            _wait_until_connections(running, 2)
+            with httpx.Client(base_url=f"{'https' if tls else 'http'}://{host}:{port}", verify=False) as http:
+                assert http.get("/small").status_code == 200  # a slot is free again
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def _wait_until_connections(running: ServerThread, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while len(running.server.server_state.connections) != count:
+        assert time.monotonic() < deadline, "the server did not see the connection end"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("5", "5"), ("0", "0"), ("", "256"), ("lots", "error")])
+def test_the_per_client_limit_comes_from_the_environment(value: str, expected: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from enclaveml.errors import ConfigurationError\n"
+        "try:\n"
+        "    from enclaveml._web import DeadlineHttpProtocol\n"
+        "    print(DeadlineHttpProtocol.max_connections_per_client)\n"
+        "except ConfigurationError as exc:\n"
+        "    print('error', exc)\n"
+    )
+    env = {**os.environ, "ENCLAVEML_MAX_CONNECTIONS_PER_CLIENT": value}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.split()[0] == expected

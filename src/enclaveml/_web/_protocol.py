@@ -20,10 +20,18 @@ nginx does:
   very large receive buffer read very slowly may acknowledge less often, as with nginx) is not
   cut off by these deadlines, and uvicorn's keep-alive close waits until its answer is delivered.
 - Over TLS, a close while an answer is still going out (after a ``Connection: close`` or HTTP/1.0
-  request, an app error mid-answer, or at shutdown) waits until the client has taken the answer:
-  uvloop starts its 30 s TLS shutdown timer at the close and then drops what the kernel still
-  holds, which cut a slow download short (the client saw a clean end after a third of a 32 MiB
-  answer). Plain TCP needs no such wait: the kernel delivers after the close.
+  request, or an app error mid-answer) waits until the client has taken the answer: uvloop
+  starts its 30 s TLS shutdown timer at the close and then drops what its transport still
+  buffers, which cut a slow download short (the client saw a clean end after a third of a
+  32 MiB answer). Plain TCP needs no such wait: the kernel delivers after the close. At server
+  shutdown the wait is bounded by the graceful-shutdown timeout (30 s) all the same.
+
+Both deadlines bound what one connection holds, not how many a client opens: one that finishes a
+head every 25 s keeps its connection, and a few hundred of them fill a server's file descriptors.
+``max_connections_per_client`` (256 by default, ``ENCLAVEML_MAX_CONNECTIONS_PER_CLIENT``; 0 for no
+limit) caps the connections open at once from one IP address: a connection past it is aborted at
+once (nginx's ``limit_conn``). Behind a reverse proxy every client is the proxy's address: raise it
+there, or set 0 and limit at the proxy.
 
 At shutdown an idle connection is aborted rather than closed: over TLS a close waits for the
 client's close_notify (uvloop: up to 30 s), and uvicorn's shutdown waits for every connection.
@@ -35,7 +43,10 @@ Both are one timer per connection at a time, armed with the events (the send dea
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
+import logging
+import os
 import socket
 import struct
 import termios
@@ -43,8 +54,20 @@ import weakref
 from typing import Any, ClassVar, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from enclaveml.errors import ConfigurationError
 
 __all__ = ["DeadlineHttpProtocol"]
+
+
+def _limit_from_env(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ConfigurationError(f"{name} must be a whole number (0: no limit), not {value!r}")
+    return int(value)
 
 
 class DeadlineHttpProtocol(HttpToolsProtocol):
@@ -54,17 +77,22 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
     send_timeout_s: ClassVar[float] = 60.0
     min_send_rate: ClassVar[float] = 1024.0  # bytes/s an answer's reader must average
     close_poll_s: ClassVar[float] = 0.25  # how often a deferred TLS close looks at the delivery
+    max_connections_per_client: ClassVar[int] = _limit_from_env("ENCLAVEML_MAX_CONNECTIONS_PER_CLIENT", 256)
 
     _head_timer: asyncio.TimerHandle | None = None
     _send_timer: asyncio.TimerHandle | None = None
     _acked = 0  # what _delivery() counted as taken when the send deadline was last armed
     _stretch: tuple[float, int] | None = None  # (loop time, taken) when this stretch of sending began
     _lost = False
+    _client: str | None = None  # the address counted against max_connections_per_client
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if transport.get_extra_info("sslcontext") is not None:
             transport = cast(asyncio.Transport, _CloseWhenDelivered(transport, self))
         super().connection_made(transport)
+        if not self._admit():
+            self.transport.abort()
+            return
         self._arm_head_deadline()
 
     def on_headers_complete(self) -> None:
@@ -84,6 +112,12 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self._client is not None:
+            counts = _CLIENTS[self.server_state]
+            counts[self._client] -= 1
+            if not counts[self._client]:
+                del counts[self._client]
+            self._client = None
         self._cancel_head_deadline()
         if self._send_timer is not None:
             self._send_timer.cancel()
@@ -109,6 +143,28 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
             self.transport.abort()
         else:
             super().shutdown()  # an answer still going out is finished (under the send deadline)
+
+    # -- connections per client ----------------------------------------------------------------
+
+    def _admit(self) -> bool:
+        """Count this connection against its client's address; False past the limit."""
+        limit = self.max_connections_per_client
+        peer = self.transport.get_extra_info("peername")
+        if limit <= 0 or not isinstance(peer, tuple) or not peer:
+            return True  # no limit, or a Unix socket
+        client = str(peer[0])
+        counts = _CLIENTS.setdefault(self.server_state, collections.Counter())
+        if counts[client] >= limit:
+            now = self.loop.time()
+            if now - _WARNED.get(client, -60.0) >= 60:  # at most one line a minute per client
+                if len(_WARNED) > 10_000:
+                    _WARNED.clear()
+                _WARNED[client] = now
+                _log.warning("refusing connections from %s: it has %d open (the limit)", client, limit)
+            return False
+        counts[client] += 1
+        self._client = client
+        return True
 
     # -- the head deadline ---------------------------------------------------------------------
 
@@ -197,6 +253,11 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
 _TCP_INFO_SIZE = 256
 _TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux's struct tcp_info
+
+
+_CLIENTS: weakref.WeakKeyDictionary[ServerState, collections.Counter[str]] = weakref.WeakKeyDictionary()
+_WARNED: dict[str, float] = {}  # event-loop time of the last warning per refused client
+_log = logging.getLogger(__name__)
 
 
 class _CloseWhenDelivered:
