@@ -737,6 +737,21 @@ def test_canary_key_material_never_in_database_logs_or_error_bodies(
             assert form not in bodies
 
 
+@contextlib.contextmanager
+def _challenge_upload(env: Env, broker: InProcessBroker, first: bytes) -> Iterator[ssl.SSLSocket]:
+    """A raw TLS connection that sent the head of a 100-byte ``POST /v1/challenge`` and ``first``."""
+    host, port = broker.url.removeprefix("https://").split(":")
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        env.trust().wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        tls.sendall(
+            b"POST /v1/challenge HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + first
+        )
+        yield tls
+
+
 def test_a_trickled_request_body_gets_408_once_below_the_minimum_rate(
     env: Env, strict: InProcessBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -745,15 +760,7 @@ def test_a_trickled_request_body_gets_408_once_below_the_minimum_rate(
 
     monkeypatch.setattr(kms_server, "DEFAULT_BODY_TIMEOUT_S", 0.5)
     monkeypatch.setattr(kms_server, "DEFAULT_MIN_BODY_RATE", 100.0)
-    host, port = strict.url.removeprefix("https://").split(":")
-    with (
-        socket.create_connection((host, int(port)), timeout=10) as raw,
-        env.trust().wrap_socket(raw, server_hostname=host) as tls,
-    ):
-        tls.sendall(
-            b"POST /v1/challenge HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 100\r\n\r\n"
-        )
+    with _challenge_upload(env, strict, b"") as tls:
         started = time.monotonic()
         tls.settimeout(0.2)
         answer = b""
@@ -774,15 +781,7 @@ def test_a_stalled_request_body_gets_408_and_its_connection_closed(
     from enclaveml.kms import server as kms_server
 
     monkeypatch.setattr(kms_server, "DEFAULT_BODY_TIMEOUT_S", 0.5)
-    host, port = strict.url.removeprefix("https://").split(":")
-    with (
-        socket.create_connection((host, int(port)), timeout=10) as raw,
-        env.trust().wrap_socket(raw, server_hostname=host) as tls,
-    ):
-        tls.sendall(
-            b"POST /v1/challenge HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 100\r\n\r\n{"
-        )
+    with _challenge_upload(env, strict, b"{") as tls:
         started = time.monotonic()
         answer = b""
         while chunk := tls.recv(4096):
