@@ -338,3 +338,25 @@ def test_the_per_client_limit_comes_from_the_environment(value: str, expected: s
     env = {**os.environ, "ENCLAVEML_MAX_CONNECTIONS_PER_CLIENT": value}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert run.stdout.split()[0] == expected
+
+
+def test_websocket_upgrade_requests_are_plain_http_and_give_their_connection_back() -> None:
+    # An upgrade handed the connection to uvicorn's WebSocket protocol, which never gave back its
+    # place in the per-client count: a few hundred upgrade requests locked the address out.
+    class ThreePerClient(QuickDeadlines):
+        head_timeout_s = 30
+        max_connections_per_client = 3
+
+    upgrade = (
+        b"GET /small HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    with _serve(ThreePerClient) as (host, port, _, running):
+        for _ in range(6):
+            with socket.create_connection((host, port)) as sock:
+                sock.sendall(upgrade)
+                answer = sock.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:100]  # served as plain HTTP
+            _wait_until_connections(running, 0)
+        with httpx.Client(base_url=f"http://{host}:{port}") as http:
+            assert http.get("/small").status_code == 200

@@ -86,6 +86,17 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
     _lost = False
     _client: str | None = None  # the address counted against max_connections_per_client
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # No enclaveml server serves WebSockets. An upgrade would hand the connection to another
+        # protocol, beyond these deadlines and the per-client count (which it never gave back:
+        # 256 upgrade requests locked an address out for good); a request asking for one is
+        # answered as plain HTTP instead.
+        self.ws_protocol_class = None
+
+    def _unsupported_upgrade_warning(self) -> None:
+        pass  # uvicorn logs two warnings per such request: anyone could fill the log with them
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if transport.get_extra_info("sslcontext") is not None:
             transport = cast(asyncio.Transport, _CloseWhenDelivered(transport, self))
