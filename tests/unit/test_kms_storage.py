@@ -97,7 +97,7 @@ def test_a_database_holding_keys_without_its_root_key_record_binds_no_root_key(s
         assert raw.execute("SELECT count(*) FROM meta WHERE name = 'root_key_check'").fetchone()[0] == 0
 
 
-@pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
+@pytest.mark.parametrize("suffix", ["", "-journal", "-wal", "-shm"])
 @pytest.mark.parametrize("mode", [0o666, 0o602])
 def test_a_database_file_anyone_may_write_is_refused(tmp_path: Path, suffix: str, mode: int) -> None:
     # Its tokens table is the admin credential store: a restored or pre-created file keeps its mode.
@@ -111,7 +111,7 @@ def test_a_database_file_anyone_may_write_is_refused(tmp_path: Path, suffix: str
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
-@pytest.mark.parametrize("suffix", ["", "-wal"])
+@pytest.mark.parametrize("suffix", ["", "-journal", "-wal"])
 def test_a_database_file_of_another_user_is_refused_even_at_mode_600(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / "kbs.sqlite"
     SqliteKeyStore(path).close()
@@ -122,14 +122,29 @@ def test_a_database_file_of_another_user_is_refused_even_at_mode_600(tmp_path: P
         SqliteKeyStore(path)
 
 
-def test_a_directory_anyone_may_write_is_refused_unless_sticky(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [0o777, 0o1777])
+def test_a_directory_anyone_may_write_is_refused_sticky_or_not(tmp_path: Path, mode: int) -> None:
+    # Sticky or not, anyone may create kbs.sqlite-journal there, and SQLite replays a hot journal
+    # into the database at the next open: the reviewer replaced the token table through /tmp.
     shared = tmp_path / "shared"
     shared.mkdir()
-    shared.chmod(0o777)  # anyone could rename another database into place
-    with pytest.raises(ConfigurationError, match="writable by every user"):
+    shared.chmod(mode)
+    with pytest.raises(ConfigurationError, match="may be written by other users"):
         SqliteKeyStore(shared / "kbs.sqlite")
-    shared.chmod(0o1777)  # as /tmp: others cannot rename or remove the broker's files
-    SqliteKeyStore(shared / "kbs.sqlite").close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user or group needs root")
+def test_a_directory_group_writable_is_accepted_only_for_the_brokers_own_group(tmp_path: Path) -> None:
+    directory = tmp_path / "db"
+    directory.mkdir(mode=0o770)
+    directory.chmod(0o2770)  # as a Kubernetes fsGroup volume: the broker's own group
+    SqliteKeyStore(directory / "kbs.sqlite").close()
+    os.chown(directory, 0, 65534)  # another group may write it
+    with pytest.raises(ConfigurationError, match="may be written by other users"):
+        SqliteKeyStore(directory / "kbs.sqlite")
+    os.chown(directory, 65534, os.getegid())  # another user owns it
+    with pytest.raises(ConfigurationError, match="may be written by other users"):
+        SqliteKeyStore(directory / "kbs.sqlite")
 
 
 @pytest.mark.parametrize("mode", [0o660, 0o644, 0o640])

@@ -167,25 +167,33 @@ def _check_file_modes(path: Path) -> None:
 
     The database holds the admin tokens' hashes, the release policies and the audit log: whoever
     can write it mints tokens and rewrites policies. A file restored from a backup or created
-    beforehand keeps its owner and mode (only a file :func:`open_database` creates is 0600), and a
-    directory others may write lets them replace the file. Refused: a database file (or its
-    -wal/-shm) owned by another user than this process's or root, one anyone may write, and a
-    directory anyone may write that is not sticky. A file of the broker's own with group or
-    other access (Kubernetes' ``fsGroup`` makes volume files group-writable at every mount) is
-    set to 0600, with a warning.
+    beforehand keeps its owner and mode (only a file :func:`open_database` creates is 0600), and
+    whoever may write the directory may replace the file or plant a journal. Refused: a
+    directory others may write (other than the broker's own groups), and a database file (or its
+    -journal/-wal/-shm) owned by another user than this process's or root, or one anyone may
+    write. A file of the broker's own with group or other access (Kubernetes' ``fsGroup`` makes
+    volume files group-writable at every mount) is set to 0600, with a warning.
     """
     directory = path.parent
     try:
         info = os.stat(directory)
     except OSError as exc:
         raise StorageError(f"cannot stat key broker database directory {directory}: {exc.strerror}") from exc
-    if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
-        raise ConfigurationError(
-            f"key broker database directory {directory} is writable by every user: anyone could replace "
-            "the database; use a directory only the broker's user may write"
-        )
     me = os.geteuid()
-    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+    # Whoever may create files there can plant a -journal (SQLite replays a hot journal into the
+    # database at the next open) or -wal, sticky bit or not: only the broker's user, root, and
+    # the broker's own groups (Kubernetes' fsGroup) may write the directory.
+    if (
+        info.st_uid not in (me, 0)
+        or info.st_mode & 0o002
+        or (info.st_mode & 0o020 and info.st_gid not in {os.getegid(), *os.getgroups()})
+    ):
+        raise ConfigurationError(
+            f"key broker database directory {directory} may be written by other users (owner "
+            f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):o}): they could plant a journal that "
+            "SQLite replays into the database; use a directory only the broker's user may write"
+        )
+    for file in (path, *(path.with_name(path.name + suffix) for suffix in ("-journal", "-wal", "-shm"))):
         try:
             info = os.stat(file)
         except FileNotFoundError:
