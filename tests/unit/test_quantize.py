@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -443,11 +444,17 @@ def test_a_workspace_left_by_a_killed_quantisation_is_removed_by_the_next_one(
         (directory / "fp32.onnx").write_bytes(b"plaintext model")
     other = tmp_path / "enclaveml-quant-older"  # without a lock file: not judged
     other.mkdir()
+    killed_in_set_up, setting_up = tmp_path / ".enclaveml-quant-new-a", tmp_path / ".enclaveml-quant-new-b"
+    killed_in_set_up.mkdir()
+    setting_up.mkdir()
+    os.utime(killed_in_set_up, (time.time() - 120, time.time() - 120))  # a run killed 2 minutes ago
     held = os.open(running / ".running", os.O_RDWR)
     fcntl.flock(held, fcntl.LOCK_EX)  # another process's quantisation, still running
     try:
         with private_workspace() as workspace:
             assert not abandoned.exists()
+            assert not killed_in_set_up.exists()
+            assert setting_up.exists()  # may be another run's, about to lock
             assert running.exists()
             assert other.exists()
             assert Path(workspace).parent == tmp_path

@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import shutil
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,9 +48,7 @@ def private_workspace() -> Iterator[str]:
         try:
             lock = os.open(os.path.join(directory, _LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             fcntl.flock(lock, fcntl.LOCK_EX)
-            named = os.path.join(temporary, _PREFIX + os.path.basename(directory)[len(_NEW_PREFIX) :])
-            os.rename(directory, named)
-            directory = named
+            directory = _rename_fresh(directory, temporary)
             previous = tempfile.tempdir
             tempfile.tempdir = directory
             try:
@@ -61,16 +61,37 @@ def private_workspace() -> Iterator[str]:
                 os.close(lock)  # only now: a workspace is never seen unlocked while it exists
 
 
+def _rename_fresh(directory: str, temporary: str) -> str:
+    """Give the locked set-up directory a fresh random workspace name (not derived from its own:
+    another user could take a name they can predict first)."""
+    for _ in range(8):
+        named = os.path.join(temporary, _PREFIX + secrets.token_hex(8))
+        try:
+            os.rename(directory, named)
+        except OSError:  # the name exists (someone took it): draw another
+            continue
+        return named
+    raise OSError(f"could not name a quantisation workspace in {temporary}")
+
+
 def _remove_abandoned(temporary: Path) -> None:
-    """Remove this user's workspaces whose quantisation is gone (its lock free)."""
-    for candidate in temporary.glob(f"{_PREFIX}*"):
+    """Remove this user's workspaces whose quantisation is gone (its lock free), and set-up
+    directories of killed runs (unlocked and over a minute old: a fresh one may not be locked yet)."""
+    now = time.time()
+    for candidate in [*temporary.glob(f"{_PREFIX}*"), *temporary.glob(f"{_NEW_PREFIX}*")]:
         try:
             status = candidate.lstat()
+        except OSError:
+            continue  # gone meanwhile (its run ended)
+        if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid():
+            continue
+        if candidate.name.startswith(_NEW_PREFIX) and now - status.st_mtime < 60:
+            continue
+        try:
             lock = os.open(candidate / _LOCK_FILE, os.O_RDWR | os.O_NOFOLLOW)
         except OSError:
-            continue  # gone meanwhile (its run ended), or not a workspace
-        if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid():
-            os.close(lock)
+            if candidate.name.startswith(_NEW_PREFIX):  # killed before its lock file existed
+                shutil.rmtree(candidate, ignore_errors=True)
             continue
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
