@@ -31,7 +31,9 @@ head every 25 s keeps its connection, and a few hundred of them fill a server's 
 ``max_connections_per_client`` (256 by default, ``ENCLAVEML_MAX_CONNECTIONS_PER_CLIENT``; 0 for no
 limit) caps the connections open at once from one IP address: a connection past it is aborted at
 once (nginx's ``limit_conn``). Behind a reverse proxy every client is the proxy's address: raise it
-there, or set 0 and limit at the proxy.
+there, or set 0 and limit at the proxy. Over TLS a connection is counted once its handshake is
+complete (uvloop calls ``connection_made`` then); until then only uvloop's 60 s handshake timeout
+bounds it, which uvicorn gives no way to shorten.
 
 At shutdown an idle connection is aborted rather than closed: over TLS a close waits for the
 client's close_notify (uvloop: up to 30 s), and uvicorn's shutdown waits for every connection.
