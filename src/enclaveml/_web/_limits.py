@@ -119,12 +119,12 @@ DEFAULT_MIN_BODY_RATE = 1024.0  # bytes/s a request body must average after its 
 def body_read_timeout(
     first_read: float, received: int, now: float, *, idle_s: float, min_rate: float
 ) -> float:
-    """How long the next read of a request body may wait (<= 0: the body is already too slow).
+    """How long the next read of a request body may wait (0: the body is already too slow).
 
     At most ``idle_s`` after the previous read, and no later than ``idle_s`` after the first read
     plus 1/``min_rate`` s for every byte received so far.
     """
-    return min(idle_s, first_read + idle_s + received / min_rate - now)
+    return max(0.0, min(idle_s, first_read + idle_s + received / min_rate - now))
 
 
 def body_timeout_message(idle_s: float, min_rate: float) -> str:
@@ -242,7 +242,7 @@ class LimitAndCount:
             wait = body_read_timeout(
                 first_read, received, now, idle_s=self.body_timeout_s, min_rate=self.min_body_rate
             )
-            timer = loop.call_later(max(wait, 0.0), expire)
+            timer = loop.call_later(wait, expire)
             try:
                 message = await receive()
             except asyncio.CancelledError:

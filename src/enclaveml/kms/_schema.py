@@ -145,7 +145,7 @@ def open_database(path: Path) -> sqlite3.Connection:
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     except OSError as exc:
         raise StorageError(f"cannot create key broker database {path}: {exc.strerror}") from exc
-    _check_file_modes(path)
+    _check_database_files(path)
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
@@ -162,7 +162,7 @@ def open_database(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _check_file_modes(path: Path) -> None:
+def _check_database_files(path: Path) -> None:
     """Refuse a database others could have written; make the broker's own files private.
 
     The database holds the admin tokens' hashes, the release policies and the audit log: whoever

@@ -273,7 +273,7 @@ class _BodyLimit:
                 first_read, total, loop.time(), idle_s=DEFAULT_BODY_TIMEOUT_S, min_rate=DEFAULT_MIN_BODY_RATE
             )
             try:
-                async with asyncio.timeout(max(wait, 0.0)):
+                async with asyncio.timeout(wait):
                     message = await receive()
             except TimeoutError:
                 await _send_json(send, 408, self.limit)
