@@ -9,8 +9,9 @@ its directory too (quantisation is a tool, not a serving path).
 SIGINT and SIGTERM unwind and remove the workspace; SIGKILL (or the OOM killer) cannot. Each
 workspace therefore holds a lock file, locked (``flock``) while its quantisation runs, and every
 quantisation first removes the workspaces of ``$TMPDIR`` whose lock nobody holds: the copies of a
-killed run live until the next run, not for ever. A workspace is locked before it gets the name
-the clean-up looks for.
+killed run live until the next run, not for ever. A workspace is set up and locked under another
+name, then renamed to a fresh random one, so the clean-up never finds a live workspace unlocked;
+set-up directories of runs killed meanwhile are swept once a minute old.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 __all__ = ["private_workspace"]
 
 _PREFIX = "enclaveml-quant-"
-_NEW_PREFIX = ".enclaveml-quant-new-"  # being set up: not judged by the clean-up
+_NEW_PREFIX = ".enclaveml-quant-new-"  # being set up: swept only once unlocked and a minute old
 _LOCK_FILE = ".running"
 _LOCK = threading.Lock()
 
@@ -41,8 +42,8 @@ def private_workspace() -> Iterator[str]:
     with _LOCK:
         temporary = tempfile.gettempdir()
         _remove_abandoned(Path(temporary))
-        # Made and locked under a name the clean-up ignores, then renamed: another run's clean-up
-        # never sees this workspace unlocked (it would take the lock first and remove it).
+        # Made and locked under a set-up name (swept only when a minute old), then renamed: another
+        # run's clean-up never sees this workspace unlocked (it would take the lock and remove it).
         directory = tempfile.mkdtemp(prefix=_NEW_PREFIX)
         lock = -1
         try:
